@@ -1,0 +1,60 @@
+# vlp: set-up, tests and the demo. Every target installs what it needs on a fresh Debian machine with Python 3.11.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
+DEMO_DATA := data/demo
+
+.PHONY: help install debian-data test lint demo demo-data bench clean
+
+help:
+	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
+	@echo "make demo   set up, build the demo shards from the Debian data sets, check and stream them"
+	@echo "make lint   ruff"
+	@echo "make bench  run the benchmarks (python -m bench.<name>)"
+
+install: $(STAMP)
+
+# torch/torchvision are pinned (pyproject.toml); every other package is pinned by requirements.lock.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+debian-data:
+	@missing=""; \
+	for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "error: the Debian packages$$missing are needed and apt-get is not available on this machine" >&2; exit 1; fi; \
+	  SUDO=""; \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else \
+	      echo "error: installing$$missing needs root: run 'apt-get update && apt-get install -y$$missing' as root" >&2; exit 1; fi; \
+	  fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+test: install debian-data
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check vlp tests bench eval
+
+demo-data: install debian-data
+	$(BIN)/vlp data demo --out $(DEMO_DATA)
+	$(BIN)/vlp shards check $(DEMO_DATA)/fashion_mnist/train --world-size 1 --workers 2 --no-decode
+	$(BIN)/vlp shards check $(DEMO_DATA)/tuxpaint/train --world-size 1 --workers 2
+
+demo: demo-data
+	$(BIN)/vlp data stream --config configs/pretrain/demo.yaml --batches 200
+
+bench: install
+	$(BIN)/python -m bench.data
+
+clean:
+	rm -rf $(VENV) $(DEMO_DATA) runs

@@ -1,0 +1,147 @@
+"""The streaming loader: round trip, exactly-once epochs, exact resume, determinism, mixing."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from shard_factory import write_dataset
+
+from vlp.config import DataConfig, SourceConfig
+from vlp.data.counters import SkipCounters
+from vlp.data.pipeline import ShardLoader
+from vlp.data.stream import Slot, SlotStream, StreamSettings
+from vlp.data.urls import DataSourceError, ShardSource, expand_urls
+
+
+def _config(*specs: str, weights: tuple[float, ...] = (), **overrides) -> DataConfig:
+    weights = weights or (1.0,) * len(specs)
+    sources = tuple(SourceConfig(urls=s, weight=w) for s, w in zip(specs, weights, strict=True))
+    values = {"sources": sources, "batch_size": 4, "workers": 0, "shuffle_buffer": 8, "augment": "open_clip"}
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def _take(loader: ShardLoader, batches: int) -> list:
+    return list(itertools.islice(iter(loader), batches))
+
+
+def _epoch_keys(source: ShardSource, slot: Slot, settings: StreamSettings) -> list[str]:
+    """Every key one slot yields in epoch 0."""
+    stream = SlotStream([source], slot, settings, SkipCounters())
+    keys = []
+    while True:
+        item = next(stream)
+        if item.epoch > 0:
+            return keys
+        keys.append(item.raw.key)
+
+
+def test_round_trip_images_captions_labels(tmp_path: Path) -> None:
+    keys = write_dataset(tmp_path / "ds", [5, 5, 3])
+    loader = ShardLoader(_config(str(tmp_path / "ds"), shuffle_buffer=0, augment="none", batch_size=13),
+                         image_size=16, context_length=12)
+    (batch,) = _take(loader, 1)
+    assert sorted(batch.keys) == sorted(keys)
+    assert batch.images.shape == (13, 3, 16, 16) and batch.images.dtype == torch.float32
+    assert batch.text_ids.shape == (13, 12) and batch.text_mask.dtype == torch.bool
+    values = [keys.index(k) for k in batch.keys]
+    assert batch.labels.tolist() == [v % 10 for v in values]
+    # the caption "caption {v}" is tokenized: every row starts with the start token and has real tokens
+    assert (batch.text_mask.sum(1) >= 4).all()
+    assert len(set(batch.sample_ids.tolist())) == 13
+    assert loader.skip_counts() == {}
+
+
+@pytest.mark.parametrize("shards", [[7, 5, 6, 4, 9, 3, 8, 5], [11, 13, 9]])
+def test_exactly_once_per_epoch_across_ranks_and_workers(tmp_path: Path, shards: list[int]) -> None:
+    # 8 shards split by shard; 3 shards (< 2 ranks x 2 workers) split by sample inside each shard
+    keys = write_dataset(tmp_path / "ds", shards)
+    source = ShardSource.from_spec(str(tmp_path / "ds"))
+    settings = StreamSettings("epoch", seed=3, shuffle_buffer=5)
+    seen: list[str] = []
+    for rank, worker in itertools.product(range(2), range(2)):
+        seen += _epoch_keys(source, Slot(rank, 2, worker, 2), settings)
+    assert Counter(seen) == Counter(keys)
+
+
+def test_epochs_reshuffle_and_seed_is_deterministic(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [6] * 6)
+    source = ShardSource.from_spec(str(tmp_path / "ds"))
+    slot = Slot(0, 1, 0, 1)
+    first = _epoch_keys(source, slot, StreamSettings("epoch", 1, 10))
+    again = _epoch_keys(source, slot, StreamSettings("epoch", 1, 10))
+    other = _epoch_keys(source, slot, StreamSettings("epoch", 2, 10))
+    assert first == again and first != other and sorted(first) == sorted(other)
+    stream = SlotStream([source], slot, StreamSettings("epoch", 1, 10), SkipCounters())
+    epoch0 = [next(stream).raw.key for _ in range(36)]
+    epoch1 = [next(stream).raw.key for _ in range(36)]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_resume_mid_epoch_yields_the_same_remaining_stream(tmp_path: Path, workers: int, mode: str) -> None:
+    write_dataset(tmp_path / "ds", [9, 7, 8, 6, 5])
+    config = _config(str(tmp_path / "ds"), workers=workers, mode=mode, batch_size=3, seed=5)
+    uninterrupted = _take(ShardLoader(config, image_size=16, context_length=8), 30)
+
+    first = ShardLoader(config, image_size=16, context_length=8)
+    head = _take(first, 11)
+    state = first.state_dict()
+    resumed = ShardLoader(config, image_size=16, context_length=8)
+    resumed.load_state_dict(state)
+    tail = _take(resumed, 19)
+    for expected, got in zip(uninterrupted, head + tail, strict=True):
+        assert expected.keys == got.keys
+        assert torch.equal(expected.images, got.images)  # augmentation replays too
+        assert torch.equal(expected.text_ids, got.text_ids)
+
+
+def test_resume_refuses_a_changed_stream(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [5, 5])
+    loader = ShardLoader(_config(str(tmp_path / "ds")), image_size=16, context_length=8)
+    _take(loader, 2)
+    other = ShardLoader(_config(str(tmp_path / "ds"), seed=9), image_size=16, context_length=8)
+    with pytest.raises(ValueError, match="seed"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_two_sources_mix_by_weight(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "a", [40] * 2)
+    write_dataset(tmp_path / "b", [40] * 2)
+    sources = [ShardSource.from_spec(str(tmp_path / "a"), 3.0), ShardSource.from_spec(str(tmp_path / "b"), 1.0)]
+    stream = SlotStream(sources, Slot(), StreamSettings("epoch", 0, 4), SkipCounters())
+    picks = Counter(next(stream).source_index for _ in range(2000))
+    assert 0.70 < picks[0] / 2000 < 0.80
+
+
+def test_url_specs(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [1, 1, 1])
+    directory = expand_urls(str(tmp_path / "ds"))
+    braces = expand_urls(str(tmp_path / "ds" / "{00000..00002}.tar"))
+    assert directory == braces and len(braces) == 3
+    joined = expand_urls(f"{braces[0]}::{braces[2]}")
+    assert joined == [braces[0], braces[2]]
+    with pytest.raises(DataSourceError, match="no .tar shards"):
+        expand_urls(str(tmp_path))
+    assert ShardSource.from_spec(str(tmp_path / "ds")).expected == {u: 1 for u in braces}
+
+
+def test_pipe_urls(tmp_path: Path) -> None:
+    keys = write_dataset(tmp_path / "ds", [4, 4])
+    spec = f"pipe:cat {tmp_path / 'ds'}/{{00000..00001}}.tar"
+    loader = ShardLoader(_config(spec, batch_size=8, shuffle_buffer=0), image_size=16, context_length=8)
+    (batch,) = _take(loader, 1)
+    assert sorted(batch.keys) == sorted(keys)
+
+
+def test_too_few_samples_for_the_slots_is_a_clear_error(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [1])
+    source = ShardSource.from_spec(str(tmp_path / "ds"))
+    stream = SlotStream([source], Slot(1, 2, 0, 1), StreamSettings(), SkipCounters())
+    with pytest.raises(DataSourceError, match="gave no samples to rank 1 worker 0"):
+        next(stream)

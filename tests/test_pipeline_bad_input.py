@@ -1,0 +1,166 @@
+"""Bad samples and damaged shards never crash the loader and are never silent: each is counted by reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+from shard_factory import png_bytes, standard_members, write_dataset, write_shard
+
+from vlp.config import DataConfig, SourceConfig
+from vlp.data import counters as reasons
+from vlp.data.counters import SkipCounters
+from vlp.data.pipeline import ShardLoader
+from vlp.data.tar_stream import iter_shard
+from vlp.data.urls import ShardSource
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A valid-looking PNG whose header claims ``width x height`` pixels (a decompression bomb's signature)."""
+    data = png_bytes(1, size=(1, 1))
+    ihdr_start = 8
+    length = struct.unpack(">I", data[ihdr_start: ihdr_start + 4])[0]
+    body = bytearray(data[ihdr_start + 4: ihdr_start + 8 + length])  # b"IHDR" + fields
+    body[4:12] = struct.pack(">II", width, height)
+    crc = struct.pack(">I", zlib.crc32(bytes(body)))
+    return data[:ihdr_start + 4] + bytes(body) + crc + data[ihdr_start + 12 + length:]
+
+
+def _good(prefix: str, count: int, start: int = 0) -> list[tuple[str, bytes]]:
+    members = []
+    for i in range(count):
+        members += standard_members(f"{prefix}{start + i:04d}", start + i)
+    return members
+
+
+def _load_all_good(shard: Path, good: int, **overrides) -> tuple[list[str], dict[str, int]]:
+    """One batch holding exactly the ``good`` samples of a single shard read in order; and the skip counts."""
+    values = {"sources": (SourceConfig(str(shard)),), "batch_size": good, "workers": 0, "shuffle_buffer": 0,
+              "augment": "none"}
+    values.update(overrides)
+    loader = ShardLoader(DataConfig(**values), image_size=16, context_length=8)
+    batch = next(iter(loader))
+    return batch.keys, loader.skip_counts()
+
+
+@pytest.mark.parametrize(
+    ("bad_members", "reason"),
+    [
+        ([("bad00.png", b"this is not an image"), ("bad00.txt", b"garbage image")], reasons.UNDECODABLE_IMAGE),
+        ([("bad00.png", png_bytes(3))], reasons.MISSING_CAPTION),
+        ([("bad00.png", png_bytes(3)), ("bad00.txt", b"  \n ")], reasons.EMPTY_CAPTION),
+        ([("bad00.png", png_bytes(3)), ("bad00.txt", b"x" * 5000)], reasons.CAPTION_TOO_LONG),
+        ([("bad00.txt", b"caption without an image")], reasons.MISSING_IMAGE),
+        ([("bad00.png", _huge_png_header(30000, 30000)), ("bad00.txt", b"a bomb")], reasons.IMAGE_TOO_LARGE),
+        ([("bad00.png", png_bytes(3)), ("bad00.json", b"{not json")], reasons.BAD_JSON),
+    ],
+)
+def test_each_bad_sample_is_skipped_and_counted(tmp_path: Path, bad_members: list, reason: str) -> None:
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, _good("a", 3) + bad_members + _good("c", 3, start=3))
+    keys, counts = _load_all_good(shard, 6)
+    assert keys == ["a0000", "a0001", "a0002", "c0003", "c0004", "c0005"]
+    assert counts == {reason: 1}
+
+
+def test_pixel_cap_from_config(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    big = [("big0.png", png_bytes(1, size=(40, 40))), ("big0.txt", b"big")]
+    write_shard(shard, _good("a", 2) + big + _good("c", 1, start=2))
+    keys, counts = _load_all_good(shard, 3, max_image_pixels=1000)
+    assert keys == ["a0000", "a0001", "c0002"] and counts == {reasons.IMAGE_TOO_LARGE: 1}
+
+
+def test_unsafe_member_names_are_skipped(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    evil = [("../evil.png", png_bytes(1)), ("../evil.txt", b"escape"), ("/abs.txt", b"absolute")]
+    write_shard(shard, _good("a", 2) + evil + _good("c", 2, start=2))
+    keys, counts = _load_all_good(shard, 4)
+    assert keys == ["a0000", "a0001", "c0002", "c0003"]
+    assert counts == {reasons.UNSAFE_MEMBER_NAME: 3}
+
+
+def test_pickle_members_are_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "payload_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = pickle.dumps(Payload())
+    shard = tmp_path / "00000.tar"
+    members = _good("a", 2) + [("a0002.pyd", payload), ("a0002.png", png_bytes(2)), ("a0002.txt", b"ok"),
+                               ("a0003.pth", payload), ("a0003.pkl", payload)] + _good("c", 1, start=4)
+    write_shard(shard, members)
+    keys, counts = _load_all_good(shard, 4)
+    assert keys == ["a0000", "a0001", "a0002", "c0004"]
+    assert counts == {reasons.IGNORED_MEMBER: 3, reasons.MISSING_IMAGE: 1}
+    assert not marker.exists()
+
+
+def _read_epoch(directory: Path) -> tuple[int, dict[str, int]]:
+    source = ShardSource.from_spec(str(directory))
+    counters = SkipCounters()
+    count = sum(1 for url in source.urls for _ in iter_shard(url, counters, expected_samples=source.expected.get(url)))
+    return count, counters.as_dict()
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9, 0.999])
+def test_truncated_shard_is_detected_and_losses_reconciled(tmp_path: Path, fraction: float) -> None:
+    write_dataset(tmp_path / "ds", [10, 10])
+    shard = tmp_path / "ds" / "00001.tar"
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+        data_end = last.offset_data + (last.size + 511) // 512 * 512  # where the zero padding begins
+    shard.write_bytes(shard.read_bytes()[: int(data_end * fraction)])
+    read, counts = _read_epoch(tmp_path / "ds")
+    assert counts[reasons.CORRUPT_SHARD] == 1
+    assert read + counts.get(reasons.LOST_IN_CORRUPT_SHARD, 0) == 20
+    assert read < 20
+
+
+def test_corrupt_header_that_stops_tarfile_quietly_is_detected(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [10], manifest=False)  # no manifest: detection must not rely on it
+    shard = tmp_path / "ds" / "00000.tar"
+    data = bytearray(shard.read_bytes())
+    members = _good("x", 10)
+    offset = 0
+    for _name, content in members[:15]:  # skip 5 samples' members: header + padded content each
+        offset += 512 + (len(content) + 511) // 512 * 512
+    data[offset: offset + 512] = os.urandom(512)
+    shard.write_bytes(bytes(data))
+    read, counts = _read_epoch(tmp_path / "ds")
+    assert read == 5
+    assert counts == {reasons.CORRUPT_SHARD: 1}
+
+
+def test_unreadable_and_empty_shards(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "ds", [4, 4])
+    (tmp_path / "ds" / "00001.tar").write_bytes(b"")
+    read, counts = _read_epoch(tmp_path / "ds")
+    assert read == 4
+    assert counts == {reasons.CORRUPT_SHARD: 1, reasons.LOST_IN_CORRUPT_SHARD: 4}
+    counters = SkipCounters()
+    assert list(iter_shard(str(tmp_path / "missing.tar"), counters)) == []
+    assert counters.as_dict() == {reasons.UNREADABLE_SHARD: 1}
+
+
+def test_counts_reach_the_main_process_from_workers(tmp_path: Path) -> None:
+    directory = tmp_path / "ds"
+    directory.mkdir()
+    for shard_id in range(2):
+        bad = [(f"b{shard_id}000.png", b"junk"), (f"b{shard_id}000.txt", b"junk image")]
+        write_shard(directory / f"{shard_id:05d}.tar", _good(f"s{shard_id}", 4) + bad)
+    (directory / "meta.json").write_text(json.dumps({}))
+    config = DataConfig(sources=(SourceConfig(str(directory)),), batch_size=4, workers=2, shuffle_buffer=0)
+    loader = ShardLoader(config, image_size=16, context_length=8)
+    iterator = iter(loader)
+    for _ in range(4):  # two batches per worker: each worker passes its bad sample
+        next(iterator)
+    assert loader.skip_counts() == {reasons.UNDECODABLE_IMAGE: 2}

@@ -1,0 +1,74 @@
+"""``vlp data ...``: data set commands. ``vlp data demo --out DIR`` builds the embedded real demo shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command and its sub-commands to the top-level parser."""
+    data_parser = subparsers.add_parser("data", help="build data sets (demo shards from installed packages)")
+    data_commands = data_parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_parser.set_defaults(func=lambda args: _print_help(data_parser))
+    _register_demo(data_commands)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _register_demo(data_commands: argparse._SubParsersAction) -> None:
+    from vlp.data.demo_fashion import FASHION_DEFAULT_ROOT
+    from vlp.data.demo_tuxpaint import TUXPAINT_DEFAULT_ROOT
+
+    parser = data_commands.add_parser(
+        "demo",
+        help="write Fashion-MNIST and Tux Paint stamp shards (from Debian packages) under --out",
+        description="Build webdataset shards of Fashion-MNIST (train/test) and Tux Paint stamps (train/test) "
+                    "from the Debian packages dataset-fashion-mnist and tuxpaint-stamps-default. Splits whose "
+                    "output already matches are reused unless --overwrite is given.",
+    )
+    parser.add_argument("--out", required=True, help="output directory (DIR/fashion_mnist/train, ..., DIR/demo.json)")
+    parser.add_argument("--workers", type=_positive_int, default=2, help="image-processing workers (default: 2)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild every split even if its output exists")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="at most N samples per split (smoke runs)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--fashion-root", default=str(FASHION_DEFAULT_ROOT),
+                        help=f"Fashion-MNIST idx files (default: {FASHION_DEFAULT_ROOT})")
+    parser.add_argument("--tuxpaint-root", default=str(TUXPAINT_DEFAULT_ROOT),
+                        help=f"Tux Paint stamps tree (default: {TUXPAINT_DEFAULT_ROOT})")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Build the demo data and print the summary table; exit code 1 if a source is missing or output clashes."""
+    from vlp.data.demo import DemoDataMissingError, build_demo_data
+
+    try:
+        summary = build_demo_data(
+            args.out,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=args.progress,
+            fashion_root=args.fashion_root,
+            tuxpaint_root=args.tuxpaint_root,
+            limit=args.limit,
+        )
+    except (DemoDataMissingError, FileExistsError) as err:
+        print(f"vlp data demo: error: {err}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    print(f"wrote {summary.out_dir / 'demo.json'}")
+    return 0

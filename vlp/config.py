@@ -1,0 +1,291 @@
+"""Typed, frozen configuration: one dataclass per section, strict YAML loading and dotted overrides.
+
+A YAML file is an instance of :class:`Config`. Unknown or mistyped keys fail with their dotted name and the
+closest valid names. Overrides use ``section.key=value`` where ``value`` is parsed as YAML and then checked
+against the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One shard source: a url spec (brace-expanded, ``::``-separated lists allowed) and a mixing weight."""
+
+    urls: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model preset to build and the sizes the data pipeline must match."""
+
+    name: str = "tiny"
+    image_size: int = 64
+    context_length: int = 32
+    embed_dim: int = 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Streaming webdataset input.
+
+    ``mode='epoch'`` visits every sample exactly once per epoch across all ranks and workers;
+    ``mode='resampled'`` draws shards with replacement (for data far larger than a run).
+    """
+
+    sources: tuple[SourceConfig, ...] = ()
+    mode: Literal["epoch", "resampled"] = "epoch"
+    seed: int = 0
+    batch_size: int = 32
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    augment: Literal["open_clip", "timm", "none"] = "open_clip"
+    tokenizer: str = "open_clip"
+    max_image_pixels: int = 4096 * 4096
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_caption_chars: int = 2000
+    prefetch_factor: int = 4
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW hyper-parameters and gradient clipping."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule as a pure function of the optimizer step."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run length, precision, accumulation, checkpointing and logging."""
+
+    steps: int = 1000
+    output_dir: str = "runs/default"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1
+    checkpoint_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluations run during training and by ``vlp eval``."""
+
+    every_steps: int = 0
+    zeroshot_urls: str = ""
+    retrieval_urls: str = ""
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of a run; saved as ``config.yaml`` in every output directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------- typed building
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _dotted_names(cls: type, prefix: str = "") -> list[str]:
+    """Every valid dotted key under ``cls``, e.g. ``data.batch_size``."""
+    names: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for name in _field_names(cls):
+        dotted = f"{prefix}{name}"
+        names.append(dotted)
+        if dataclasses.is_dataclass(hints[name]):
+            names.extend(_dotted_names(hints[name], dotted + "."))
+    return names
+
+
+def _unknown_key(dotted: str, valid: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(dotted, list(valid), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {dotted!r}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (lists to tuples, dicts to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for section {_type_name(tp)}, got {value!r}")
+        return _build(tp, value, where + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if item_type is SourceConfig and isinstance(value, str):  # shorthand: one source, weight 1
+            value = [{"urls": value}]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value))
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, bool) or value is None or isinstance(value, list | dict):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(f"{prefix}{key}", [f"{prefix}{n}" for n in _field_names(cls)])
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain, YAML-ready dict of a config dataclass (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from nested mappings, failing on unknown keys and wrong types."""
+    return _build(Config, values)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key.sub=value`` into the dotted key and the YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    valid = _dotted_names(Config)
+    if dotted not in valid:
+        raise _unknown_key(dotted, valid)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {dotted!r}: cannot parse value {raw!r}: {err}") from err
+    return dotted, value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        dotted, value = parse_override(text)
+        _set_dotted(tree, dotted, value)
+    try:
+        return from_dict(tree)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

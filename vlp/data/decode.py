@@ -1,0 +1,109 @@
+"""Stage 3 of the loader: raw bytes -> PIL image and caption, with every safety cap applied before decoding.
+
+Only whitelisted members reach this stage (images: jpg/jpeg/png/webp; text: txt/json), and json is parsed
+with :func:`json.loads`: nothing from a shard is ever unpickled or passed to ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image
+
+from vlp.data import counters as reasons
+
+
+class SampleError(ValueError):
+    """A sample that must be skipped; ``reason`` is one of the counters' sample reasons."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Caps applied before any decoding or tokenizing."""
+
+    max_image_pixels: int = 4096 * 4096
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_caption_chars: int = 2000
+    draft_size: int | None = None  # JPEG: let libjpeg decode at the smallest scale >= this on both sides
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (clip-art stamps would otherwise turn black)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Decode image bytes to RGB after checking byte size and header pixel count."""
+    if len(data) > limits.max_image_bytes:
+        raise SampleError(reasons.IMAGE_TOO_LARGE, f"{len(data)} bytes > cap {limits.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise SampleError(reasons.IMAGE_TOO_LARGE,
+                                  f"{width}x{height} pixels > cap {limits.max_image_pixels}")
+            if limits.draft_size and image.format == "JPEG":
+                image.draft("RGB", (limits.draft_size, limits.draft_size))
+            image.load()
+            return _flatten_alpha(image)
+    except SampleError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SampleError(reasons.IMAGE_TOO_LARGE, str(err)) from err
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise SampleError(reasons.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from err
+
+
+def decode_metadata(data: bytes | None) -> dict:
+    """The sample's json (a dict) or ``{}``; malformed json is a skip reason."""
+    if data is None:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SampleError(reasons.BAD_JSON, str(err)) from err
+    if not isinstance(value, dict):
+        raise SampleError(reasons.BAD_JSON, "json member is not an object")
+    return value
+
+
+def decode_caption(txt: bytes | None, metadata: dict, limits: DecodeLimits) -> str:
+    """The caption from ``.txt`` (preferred) or the json's ``caption``; length-capped before tokenizing."""
+    if txt is not None:
+        if len(txt) > 4 * limits.max_caption_chars:
+            raise SampleError(reasons.CAPTION_TOO_LONG, f"{len(txt)} bytes")
+        caption = txt.decode("utf-8", errors="replace")
+    elif isinstance(metadata.get("caption"), str):
+        caption = metadata["caption"]
+    else:
+        raise SampleError(reasons.MISSING_CAPTION, "no .txt member and no caption in .json")
+    caption = caption.strip()
+    if not caption:
+        raise SampleError(reasons.EMPTY_CAPTION, "caption is empty")
+    if len(caption) > limits.max_caption_chars:
+        raise SampleError(reasons.CAPTION_TOO_LONG, f"{len(caption)} chars > cap {limits.max_caption_chars}")
+    return caption
+
+
+def decode_label(metadata: dict) -> int:
+    """Integer class label from the json (``label`` or ``cls``), -1 when absent or not an integer."""
+    for name in ("label", "cls"):
+        value = metadata.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return -1

@@ -1,0 +1,112 @@
+"""The on-disk shard layout shared by the writer, the checker and the loader (img2dataset conventions).
+
+A shard directory holds ``00000.tar, 00001.tar, ...``; each sample is ``{key}.{jpg|png|webp}``,
+``{key}.txt`` (caption) and ``{key}.json`` (caption, label, original size, source path, sha256). Keys have
+9 digits: a 5-digit shard id then a 4-digit index. ``sizes.json`` maps shard file names to sample counts
+(open_clip's convention) and ``manifest.json`` records per shard the sample count, byte size and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXTENSIONS = ("txt", "json")
+MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"
+MANIFEST_VERSION = 1
+SHARD_DIGITS = 5
+INDEX_DIGITS = 4
+MAX_SAMPLES_PER_SHARD = 10**INDEX_DIGITS
+
+
+def shard_name(shard_id: int) -> str:
+    """``00042.tar`` for shard 42."""
+    if not 0 <= shard_id < 10**SHARD_DIGITS:
+        raise ValueError(f"shard id {shard_id} does not fit in {SHARD_DIGITS} digits")
+    return f"{shard_id:0{SHARD_DIGITS}d}.tar"
+
+
+def sample_key(shard_id: int, index: int) -> str:
+    """The 9-digit key of sample ``index`` in shard ``shard_id``: ``000420007``."""
+    if not 0 <= index < MAX_SAMPLES_PER_SHARD:
+        raise ValueError(f"sample index {index} does not fit in {INDEX_DIGITS} digits")
+    return f"{shard_id:0{SHARD_DIGITS}d}{index:0{INDEX_DIGITS}d}"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is everything before the first dot of the basename, the rest the extension.
+
+    ``dir/000010002.jpg -> ("dir/000010002", "jpg")``; ``a.b.jpg -> ("a", "b.jpg")`` (such a name splits a
+    sample, which the checker reports).
+    """
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def is_unsafe_member_name(name: str) -> bool:
+    """True for absolute paths, ``..`` components or backslashes: never valid in our shards."""
+    return name.startswith(("/", "\\")) or "\\" in name or ".." in name.split("/") or name == ""
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard's entry in ``manifest.json``."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    """Write JSON under a temporary name, fsync, then rename: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def write_manifest(directory: str | Path, records: list[ShardRecord]) -> None:
+    """Write ``manifest.json`` and open_clip's ``sizes.json`` for ``records``."""
+    directory = Path(directory)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "total_samples": sum(r.samples for r in records),
+        "shards": [asdict(r) for r in records],
+    }
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+    write_json_atomic(directory / SIZES_NAME, {r.name: r.samples for r in records})
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` exists but cannot be parsed."""
+
+
+def read_manifest(directory: str | Path) -> dict[str, ShardRecord] | None:
+    """The shard records of ``directory/manifest.json`` by shard file name, or None when there is none."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        return {s["name"]: ShardRecord(**s) for s in payload["shards"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ManifestError(f"{path}: unreadable manifest: {err}") from err

@@ -1,0 +1,228 @@
+"""The training/evaluation loader: webdataset shards -> :class:`~vlp.types.Batch`, resumable to the sample.
+
+Stages, in order (what the iterator holds after each):
+
+1. ``SlotStream``   (stream.py)     raw samples of this (rank, worker): shard order, split, shuffle buffer, mix
+2. ``decode``       (decode.py)     PIL RGB image + caption + label; bad samples skipped and counted by reason
+3. ``transform``                    (3, H, W) tensor, augmentation seeded by the sample's stream position
+4. ``tokenize``     (tokenizer.py)  (B, L) ids and mask for a whole batch at once
+5. ``collate``                      Batch + a report (logical worker, stream position, skip counts)
+
+Batching happens inside the loader workers, so each batch comes from one worker together with that worker's
+position after it. The main process keeps the position of the last batch it handed out for every worker;
+on restore, workers are rotated so the next batch comes from the worker whose turn it was, and each worker
+fast-forwards its raw stream (no decoding) to its saved position: the remaining stream is exactly what an
+uninterrupted run would have produced. Streams are endless (epoch after epoch), so no rank ever runs dry.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.config import DataConfig
+from vlp.data import counters as reasons
+from vlp.data.counters import SkipCounters, sum_counts
+from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_image, decode_label, decode_metadata
+from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
+from vlp.data.tokenizer import TextTokenizer
+from vlp.data.transforms import ImageTransform, build_image_transform
+from vlp.data.urls import ShardSource
+from vlp.distributed import get_rank, get_world_size
+from vlp.types import Batch
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader worker needs to rebuild its stream (plain, picklable values)."""
+
+    sources: tuple[ShardSource, ...]
+    settings: StreamSettings
+    limits: DecodeLimits
+    augment: str
+    train: bool
+    image_size: int
+    tokenizer: str
+    context_length: int
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int
+
+
+@dataclass
+class WorkerReport:
+    """Travels with each batch from a worker: who made it and where that worker's stream now stands."""
+
+    worker: int
+    stream_state: dict
+    counts: dict[str, int]
+    epoch: int
+
+
+@dataclass
+class _Prepared:
+    image: torch.Tensor
+    caption: str
+    label: int
+    sample_id: int
+    key: str
+
+
+class _BatchMaker:
+    """Stages 2-5 for one worker: pulls from the slot stream until a batch of good samples is full."""
+
+    def __init__(self, spec: LoaderSpec, slot: Slot, stream: SlotStream, counters: SkipCounters) -> None:
+        self.spec, self.slot, self.stream, self.counters = spec, slot, stream, counters
+        self.transform: ImageTransform = build_image_transform(spec.augment, spec.image_size, train=spec.train)
+        self.tokenizer = TextTokenizer(spec.tokenizer, spec.context_length)
+        self.epoch = 0
+
+    def _prepare(self, item: StreamItem) -> _Prepared:
+        raw = item.raw
+        if raw.image is None:
+            raise SampleError(reasons.MISSING_IMAGE, "no jpg/jpeg/png/webp member")
+        metadata = decode_metadata(raw.json)
+        caption = decode_caption(raw.txt, metadata, self.spec.limits)
+        image = decode_image(raw.image, self.spec.limits)
+        if self.spec.train and self.spec.augment != "none":
+            seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
+            random.seed(seed)
+            torch.manual_seed(seed)
+        return _Prepared(self.transform(image), caption, decode_label(metadata), derive_seed(raw.url, raw.key),
+                         raw.key)
+
+    def next_batch(self) -> tuple[Batch, WorkerReport]:
+        samples: list[_Prepared] = []
+        while len(samples) < self.spec.batch_size:
+            item = next(self.stream)
+            self.epoch = item.epoch
+            try:
+                samples.append(self._prepare(item))
+            except SampleError as err:
+                self.counters.add(err.reason, f"{item.raw.url}:{item.raw.key}", detail=str(err))
+        text_ids, text_mask = self.tokenizer([s.caption for s in samples])
+        batch = Batch(
+            images=torch.stack([s.image for s in samples]),
+            text_ids=text_ids,
+            text_mask=text_mask,
+            sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
+            labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
+            keys=[s.key for s in samples],
+        )
+        report = WorkerReport(self.slot.worker, self.stream.state(), self.counters.as_dict(), self.epoch)
+        return batch, report
+
+
+class ShardDataset(IterableDataset):
+    """Worker side of :class:`ShardLoader`: an endless iterator of ``(Batch, WorkerReport)``."""
+
+    def __init__(self, spec: LoaderSpec, states: dict[int, dict], counts: dict[int, dict], rotation: int) -> None:
+        super().__init__()
+        self.spec, self.states, self.counts, self.rotation = spec, states, counts, rotation
+
+    def __iter__(self) -> Iterator[tuple[Batch, WorkerReport]]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (physical + self.rotation) % self.spec.num_workers
+        slot = Slot(self.spec.rank, self.spec.world_size, logical, self.spec.num_workers)
+        counters = SkipCounters()
+        stream = SlotStream(list(self.spec.sources), slot, self.spec.settings, counters, self.states.get(logical))
+        counters.counts.clear()
+        counters.counts.update(self.counts.get(logical, {}))  # counts up to the saved position, decode included
+        maker = _BatchMaker(self.spec, slot, stream, counters)
+        while True:
+            if info is None:  # in the main process: keep the caller's RNG streams untouched
+                python_state = random.getstate()
+                with torch.random.fork_rng(devices=[]):
+                    item = maker.next_batch()
+                random.setstate(python_state)
+                yield item
+            else:
+                yield maker.next_batch()
+
+
+class ShardLoader:
+    """Endless, resumable batches from webdataset shards for this rank.
+
+    Iterating continues from the current position (a fresh loader starts at epoch 0). ``state_dict()`` after
+    consuming a batch, fed to ``load_state_dict()`` of a new loader, makes it yield exactly the batches that
+    would have followed. ``skip_counts()`` sums the per-reason counts of dropped samples over workers.
+    """
+
+    def __init__(self, config: DataConfig, *, image_size: int, context_length: int, train: bool = True,
+                 rank: int | None = None, world_size: int | None = None, batch_size: int | None = None) -> None:
+        sources = tuple(ShardSource.from_spec(s.urls, s.weight) for s in config.sources)
+        self.num_workers = config.workers
+        self.spec = LoaderSpec(
+            sources=sources,
+            settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0),
+            limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars,
+                                draft_size=image_size),
+            augment=config.augment, train=train, image_size=image_size, tokenizer=config.tokenizer,
+            context_length=context_length, batch_size=batch_size or config.batch_size,
+            rank=get_rank() if rank is None else rank,
+            world_size=get_world_size() if world_size is None else world_size,
+            num_workers=max(1, config.workers),
+        )
+        self.prefetch_factor = config.prefetch_factor
+        self._states: dict[int, dict] = {}
+        self._counts: dict[int, dict[str, int]] = {}
+        self._epochs: dict[int, int] = {}
+        self._next_worker = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = ShardDataset(self.spec, dict(self._states), dict(self._counts), rotation=self._next_worker)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch, report in loader:
+            self._states[report.worker] = report.stream_state
+            self._counts[report.worker] = report.counts
+            self._epochs[report.worker] = report.epoch
+            self._next_worker = (report.worker + 1) % self.spec.num_workers
+            yield batch
+
+    @property
+    def epoch(self) -> int:
+        """The lowest epoch any worker of this rank is in."""
+        return min(self._epochs.values(), default=0)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Dropped samples, members and shards by reason, summed over this rank's workers."""
+        return sum_counts(self._counts.values())
+
+    def _fingerprint(self) -> dict:
+        return {"sources": [list(s.urls) for s in self.spec.sources], "weights": [s.weight for s in self.spec.sources],
+                "mode": self.spec.settings.mode, "seed": self.spec.settings.seed,
+                "shuffle_buffer": self.spec.settings.shuffle_buffer, "rank": self.spec.rank,
+                "world_size": self.spec.world_size, "workers": self.spec.num_workers}
+
+    def state_dict(self) -> dict:
+        """JSON-ready position of this rank's loader (after the last batch it yielded)."""
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "next_worker": self._next_worker,
+                "workers": {str(w): {"stream": self._states[w], "counts": self._counts[w], "epoch": self._epochs[w]}
+                            for w in sorted(self._states)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position; the data, seed, mode, ranks and workers must match."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        saved, current = state["fingerprint"], self._fingerprint()
+        changed = [name for name in current if saved.get(name) != current[name]]
+        if changed:
+            raise ValueError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
+                             f"checkpoint (saved {[saved.get(n) for n in changed]}, now {[current[n] for n in changed]})")
+        self._next_worker = int(state["next_worker"])
+        workers = {int(w): v for w, v in state["workers"].items()}
+        self._states = {w: v["stream"] for w, v in workers.items()}
+        self._counts = {w: dict(v["counts"]) for w, v in workers.items()}
+        self._epochs = {w: int(v["epoch"]) for w, v in workers.items()}

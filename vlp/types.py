@@ -1,0 +1,42 @@
+"""Typed containers passed between the data pipeline, the models and the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One training or evaluation batch.
+
+    Attributes:
+        images: (B, 3, H, W) float32, normalised.
+        text_ids: (B, L) int64 token ids, padded.
+        text_mask: (B, L) bool, True on real tokens.
+        sample_ids: (B,) int64 stable ids (same image -> same id), used to treat duplicates as positives.
+        labels: (B,) int64 class labels from the sample json, -1 when absent.
+        keys: the B sample keys, for tracing a sample back to its shard.
+    """
+
+    images: torch.Tensor
+    text_ids: torch.Tensor
+    text_mask: torch.Tensor
+    sample_ids: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device``."""
+        return Batch(
+            images=self.images.to(device, non_blocking=non_blocking),
+            text_ids=self.text_ids.to(device, non_blocking=non_blocking),
+            text_mask=self.text_mask.to(device, non_blocking=non_blocking),
+            sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            keys=self.keys,
+        )
