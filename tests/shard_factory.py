@@ -36,7 +36,8 @@ def standard_members(key: str, value: int) -> list[tuple[str, bytes]]:
     """The members of one good sample: image, caption, json with a label."""
     caption = f"caption {value}"
     meta = {"key": key, "caption": caption, "label": value % 10}
-    return [(f"{key}.png", png_bytes(value)), (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps(meta).encode())]
+    return [(f"{key}.png", png_bytes(value)), (f"{key}.txt", caption.encode()),
+            (f"{key}.json", json.dumps(meta).encode())]
 
 
 def write_dataset(directory: Path, samples_per_shard: list[int], manifest: bool = True) -> list[str]:

@@ -28,11 +28,13 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm import tqdm
 
 from vlp.data import layout
-from vlp.data.writer import DEFAULT_MAX_IMAGE_PIXELS, SkipSample, load_image, open_image_header
+from vlp.data.images import SkipSample, load_image, open_image_header
+from vlp.data.writer import DEFAULT_MAX_IMAGE_PIXELS
 
 KNOWN_EXTENSIONS = (*layout.IMAGE_EXTENSIONS, "txt", "json", "cls")
 MAX_PROBLEMS_PER_SHARD = 20
@@ -109,7 +111,7 @@ class _Problems:
 class _HashingReader:
     """A read-only file wrapper that hashes and counts every byte read through it."""
 
-    def __init__(self, handle) -> None:
+    def __init__(self, handle: BinaryIO) -> None:
         self.handle, self.digest, self.count = handle, hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
@@ -208,17 +210,19 @@ def _samples(tar: tarfile.TarFile, problems: _Problems) -> Iterator[tuple[str, d
         yield key, fields
 
 
-def _end_of_archive_problem(handle, end_offset: int, file_size: int) -> str | None:
+def _end_of_archive_problem(handle: BinaryIO, end_offset: int, file_size: int) -> str | None:
     """The tar stopped at ``end_offset``: what follows must be zeros, at least :data:`END_OF_ARCHIVE_BYTES`."""
     if end_offset > file_size:
         return f"truncated: a member needs data up to byte {end_offset} but the file has {file_size} bytes"
     handle.seek(end_offset)
     position = end_offset
     while block := handle.read(1 << 20):
-        nonzero = len(block) - len(block.lstrip(b"\0"))
-        if nonzero < len(block):
-            return (f"corrupt: tar reading stopped at byte {end_offset} (bad header) but data follows at byte "
-                    f"{position + nonzero}; the samples after that point are lost")
+        zeros = len(block) - len(block.lstrip(b"\0"))
+        if zeros < len(block) and file_size - end_offset < tarfile.BLOCKSIZE:
+            return f"truncated: the file ends inside a member header at byte {end_offset}"
+        if zeros < len(block):
+            return (f"corrupt header at byte {end_offset}: tar reading stopped there but data follows (byte "
+                    f"{position + zeros}); the samples after that point are lost")
         position += len(block)
     if file_size - end_offset < END_OF_ARCHIVE_BYTES:
         return (f"truncated: no end-of-archive marker ({file_size - end_offset} zero bytes after the last member, "
@@ -231,31 +235,34 @@ def check_shard(path: str | Path, *, decode: bool = True, max_image_pixels: int 
     """Check one local tar shard: its stats (samples, members, bytes, sha256) and its problem messages."""
     stats, problems = ShardStats(name=str(path)), _Problems(str(path))
     try:
-        handle = open(path, "rb")  # noqa: SIM115
+        with open(path, "rb") as handle:
+            _scan_shard(handle, stats, problems, decode, max_image_pixels)
     except OSError as err:
-        problems.add(f"cannot open: {err.strerror or err}")
-        return stats, problems.final()
-    with handle:
-        if handle.read(6).startswith((_GZIP_MAGIC, _BZIP2_MAGIC, _XZ_MAGIC)):
-            problems.add("compressed tar: only uncompressed .tar shards are supported")
-            return stats, problems.final()
-        handle.seek(0)
-        reader, end_offset = _HashingReader(handle), None
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for key, fields in _samples(tar, problems):
-                    stats.samples += 1
-                    for message in sample_problems(fields, decode, max_image_pixels):
-                        problems.add(f"{key}: {message}")
-                end_offset = tar.offset
-        except tarfile.ReadError as err:
-            problems.add(f"unreadable tar after {stats.samples} samples (truncated or corrupt): {err}")
-        reader.drain()
-        stats.bytes, stats.sha256 = reader.count, reader.digest.hexdigest()
-        if end_offset is not None and (issue := _end_of_archive_problem(handle, end_offset, stats.bytes)):
-            problems.add(issue)
+        problems.add(f"cannot read: {err.strerror or err}")
     stats.problems = problems.count
     return stats, problems.final()
+
+
+def _scan_shard(handle: BinaryIO, stats: ShardStats, problems: _Problems, decode: bool, max_image_pixels: int) -> None:
+    """Read the whole shard once: members, samples, sha256 and size, end-of-archive padding."""
+    if handle.read(6).startswith((_GZIP_MAGIC, _BZIP2_MAGIC, _XZ_MAGIC)):
+        problems.add("compressed tar: only uncompressed .tar shards are supported")
+        return
+    handle.seek(0)
+    reader, end_offset = _HashingReader(handle), None
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for key, fields in _samples(tar, problems):
+                stats.samples += 1
+                for message in sample_problems(fields, decode, max_image_pixels):
+                    problems.add(f"{key}: {message}")
+            end_offset = tar.offset
+    except tarfile.ReadError as err:
+        problems.add(f"unreadable tar after {stats.samples} samples (truncated or corrupt): {err}")
+    reader.drain()
+    stats.bytes, stats.sha256 = reader.count, reader.digest.hexdigest()
+    if end_offset is not None and (issue := _end_of_archive_problem(handle, end_offset, stats.bytes)):
+        problems.add(issue)
 
 
 def resolve_shards(urls_or_dir: str | Path | Sequence[str]) -> tuple[list[Path], bool]:
@@ -284,13 +291,16 @@ def _reconcile_manifest(directory: Path, stats: list[ShardStats], whole_dir: boo
         return
     for shard in stats:
         record = manifest.get(Path(shard.name).name)
+        if not Path(shard.name).is_file():
+            continue  # already reported as unreadable
         if record is None:
             report.problems.append(f"{shard.name}: not listed in {directory / layout.MANIFEST_NAME}")
             continue
         for what, found, expected in (("samples", shard.samples, record.samples), ("bytes", shard.bytes, record.bytes),
                                       ("sha256", shard.sha256, record.sha256)):
-            if found != expected and Path(shard.name).is_file():
-                report.problems.append(f"{shard.name}: {what} {found} does not match the manifest ({expected})")
+            if found != expected:
+                report.problems.append(f"{shard.name}: {what} mismatch with the manifest: found {found}, "
+                                       f"manifest says {expected}")
     missing = sorted(set(manifest) - {Path(shard.name).name for shard in stats})
     if missing and whole_dir:
         report.problems += [f"{directory / name}: listed in the manifest but missing" for name in missing]
@@ -329,8 +339,8 @@ def check_shards(
         return report
     check = functools.partial(check_shard, decode=decode, max_image_pixels=max_image_pixels)
     with multiprocessing.get_context().Pool(jobs) if jobs > 1 else _NoPool() as pool:
-        for stats, problems in tqdm(pool.imap(check, paths), total=len(paths), disable=not progress, unit="shard",
-                                      desc="checking shards"):
+        results = pool.imap(check, paths)
+        for stats, problems in tqdm(results, total=len(paths), disable=not progress, desc="checking shards"):
             report.shards.append(stats)
             report.problems += problems
     for directory in sorted({path.parent for path in paths}):

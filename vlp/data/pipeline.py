@@ -17,6 +17,7 @@ uninterrupted run would have produced. Streams are endless (epoch after epoch), 
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,12 +31,13 @@ from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_image, decode_label, decode_metadata
 from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import ImageTransform, build_image_transform
+from vlp.data.transforms import ImageTransform, build_image_transform, collate_images
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
 from vlp.types import Batch
 
 STATE_VERSION = 1
+logger = logging.getLogger("vlp.data")
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class _BatchMaker:
                 self.counters.add(err.reason, f"{item.raw.url}:{item.raw.key}", detail=str(err))
         text_ids, text_mask = self.tokenizer([s.caption for s in samples])
         batch = Batch(
-            images=torch.stack([s.image for s in samples]),
+            images=collate_images([s.image for s in samples]),
             text_ids=text_ids,
             text_mask=text_mask,
             sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
@@ -172,10 +174,19 @@ class ShardLoader:
             num_workers=max(1, config.workers),
         )
         self.prefetch_factor = config.prefetch_factor
+        self._warn_about_small_sources()
         self._states: dict[int, dict] = {}
         self._counts: dict[int, dict[str, int]] = {}
         self._epochs: dict[int, int] = {}
         self._next_worker = 0
+
+    def _warn_about_small_sources(self) -> None:
+        slots = self.spec.world_size * self.spec.num_workers
+        for source in self.spec.sources:
+            if self.spec.settings.mode == "epoch" and len(source.urls) < slots:
+                logger.warning("source %r has %d shards for %d ranks x %d workers: every worker reads every shard "
+                               "and keeps its share of the samples (more I/O); write more, smaller shards",
+                               source.spec, len(source.urls), self.spec.world_size, self.spec.num_workers)
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = ShardDataset(self.spec, dict(self._states), dict(self._counts), rotation=self._next_worker)
@@ -219,8 +230,9 @@ class ShardLoader:
         saved, current = state["fingerprint"], self._fingerprint()
         changed = [name for name in current if saved.get(name) != current[name]]
         if changed:
+            before, now = [saved.get(n) for n in changed], [current[n] for n in changed]
             raise ValueError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
-                             f"checkpoint (saved {[saved.get(n) for n in changed]}, now {[current[n] for n in changed]})")
+                             f"checkpoint (saved {before}, now {now})")
         self._next_worker = int(state["next_worker"])
         workers = {int(w): v for w, v in state["workers"].items()}
         self._states = {w: v["stream"] for w, v in workers.items()}

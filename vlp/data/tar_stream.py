@@ -149,7 +149,7 @@ def iter_shard(
     seen = 0
     error: str | None = None
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|*")  # type: ignore[arg-type]
+        tar = tarfile.open(fileobj=reader, mode="r|*")  # type: ignore[arg-type]  # noqa: SIM115 - closed below
         for sample in _group(_members(tar, url, counters), url):
             seen += 1
             if keep is None or keep(sample.index):

@@ -6,12 +6,13 @@ Each sample becomes three tar members, always in this order: ``{key}.{jpg|png|we
 ``{key}.txt`` (the caption, stripped, utf-8). Members carry mtime 0, uid/gid 0 and mode 0644, so the same
 inputs always give byte-identical shards, whatever the number of workers.
 
-Images: ``image_format="keep"`` stores the original bytes of a
-JPEG/PNG/WEBP that needs no resizing (after checking that it decodes); anything else is re-encoded, other
-source formats (GIF, BMP, TIFF, ...) as PNG. An explicit format (``jpg``/``png``/``webp``) always re-encodes,
-so ``quality`` always applies. Re-encoding to JPEG composites transparent images onto white; grayscale stays
-grayscale (mode ``L``). WEBP output is RGB or RGBA. The pixel count is checked against ``max_image_pixels``
-from the header, before any decoding (decompression bombs).
+Images: ``image_format="keep"`` stores the original bytes of a JPEG/PNG/WEBP that needs no resizing (after
+checking that it decodes); anything else is re-encoded, other source formats (GIF, BMP, TIFF, ...) as PNG.
+An explicit format (``jpg``/``png``/``webp``) always re-encodes, so ``quality`` always applies. Resizing
+(``max_side``) uses LANCZOS and never upscales. Re-encoding to JPEG composites transparent images onto
+white; grayscale stays grayscale (mode ``L``); WEBP output is RGB or RGBA. The pixel count is checked
+against ``max_image_pixels`` from the header, before any decoding (decompression bombs); PIL's own limit
+(``2 * Image.MAX_IMAGE_PIXELS``) applies as well.
 
 Bad inputs never stop a run: they are skipped, counted by reason in the :class:`WriteReport`, and the first
 :data:`MAX_LOGGED_SKIPS` are logged with their source and reason.
@@ -24,21 +25,20 @@ import io
 import json
 import logging
 import multiprocessing
+import operator
 import os
 import shutil
 import tarfile
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import numpy
-from PIL import Image
 from tqdm import tqdm
 
 from vlp.data import layout
+from vlp.data.images import ImageOptions, SkipSample, encode_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ MAX_LOGGED_SKIPS = 20
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096 * 4
 _CHUNKSIZE = 16
 _MEMBER_MODE = 0o644
-_EXT_BY_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)
@@ -107,129 +106,6 @@ class Skipped:
     message: str
 
 
-class SkipSample(Exception):
-    """Raised for an input that cannot become a sample; ``reason`` is the short category it is counted under."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How images are stored: ``image_format`` keep|jpg|png|webp, ``max_side`` None (no resize) or pixels."""
-
-    max_side: int | None
-    image_format: str
-    quality: int
-    max_image_pixels: int
-
-
-def open_image_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse only the header of encoded image bytes; :class:`SkipSample` if undecodable or over ``max_pixels``."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise SkipSample("too many pixels", str(err)) from None
-    except Image.UnidentifiedImageError:
-        raise SkipSample("undecodable image", "not a recognized image format") from None
-    except Exception as err:  # PIL raises many exception types on garbage input
-        raise SkipSample("undecodable image", f"{type(err).__name__}: {err}") from None
-    if image.width * image.height > max_pixels:
-        raise SkipSample("too many pixels", f"{image.width}x{image.height} exceeds {max_pixels} pixels")
-    return image
-
-
-def load_image(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode the pixels (JPEG: at the smallest DCT scale still >= ``draft_size``); :class:`SkipSample` if corrupt."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if draft_size and image.format == "JPEG":
-                image.draft(None, draft_size)
-            image.load()
-    except Exception as err:
-        raise SkipSample("undecodable image", f"{type(err).__name__}: {err}") from None
-    return image
-
-
-def encode_image(data: bytes, options: ImageOptions) -> tuple[bytes, str, int, int]:
-    """``(stored bytes, extension, original width, original height)`` for one encoded input image."""
-    image = open_image_header(data, options.max_image_pixels)
-    width, height = image.size
-    source_ext = _EXT_BY_PIL_FORMAT.get(image.format)
-    target = _target_size(width, height, options.max_side)
-    if options.image_format == "keep" and source_ext and target is None:
-        load_image(image, draft_size=(max(1, width // 8), max(1, height // 8)))
-        return data, source_ext, width, height
-    out_ext = (source_ext or "png") if options.image_format == "keep" else options.image_format
-    source_mode = image.mode
-    icc_profile = image.info.get("icc_profile")
-    image = load_image(image, draft_size=target)
-    try:
-        image = _to_basic_mode(image)
-        if target is not None:
-            image = image.resize(target, Image.Resampling.LANCZOS)
-        encoded = _encode(image, out_ext, options.quality, icc_profile, source_mode)
-    except Exception as err:
-        raise SkipSample("unencodable image", f"{type(err).__name__}: {err}") from None
-    return encoded, out_ext, width, height
-
-
-def _target_size(width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
-    """The size with the longest side ``max_side`` (aspect kept), or None when no downscaling is needed."""
-    if max_side is None or max(width, height) <= max_side:
-        return None
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _to_basic_mode(image: Image.Image) -> Image.Image:
-    """Convert to L, LA, RGB or RGBA; 16-bit and float grayscale are scaled to 8 bits."""
-    mode = image.mode
-    if mode in ("L", "LA", "RGB", "RGBA"):
-        return image
-    if mode == "1":
-        return image.convert("L")
-    if mode in ("P", "PA"):
-        return image.convert("RGBA" if image.has_transparency_data else "RGB")
-    if mode.startswith("I") or mode == "F":
-        pixels = numpy.asarray(image, dtype=numpy.float64)
-        if mode.startswith("I;16") or pixels.max(initial=0) > 255:
-            pixels = pixels / 257.0
-        return Image.fromarray(numpy.clip(numpy.rint(pixels), 0, 255).astype(numpy.uint8))
-    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
-
-
-def _color_space(mode: str) -> str:
-    if mode in ("1", "L", "LA", "F") or mode.startswith("I"):
-        return "gray"
-    return "rgb" if mode in ("RGB", "RGBA", "P", "PA") else "other"
-
-
-def _flatten_on_white(image: Image.Image) -> Image.Image:
-    """Composite a transparent L/RGB image onto white; grayscale stays grayscale."""
-    background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    flat = Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-    return flat.convert("L") if image.mode == "LA" else flat
-
-
-def _encode(image: Image.Image, ext: str, quality: int, icc_profile: bytes | None, source_mode: str) -> bytes:
-    """Encode an L/LA/RGB/RGBA image; the ICC profile is kept when the color space did not change."""
-    if ext == "jpg" and image.mode in ("LA", "RGBA"):
-        image = _flatten_on_white(image)
-    elif ext == "webp" and image.mode in ("L", "LA"):
-        image = image.convert("RGBA" if image.mode == "LA" else "RGB")
-    params: dict = {"quality": quality} if ext in ("jpg", "webp") else {}
-    if icc_profile and _color_space(source_mode) == _color_space(image.mode) != "other":
-        params["icc_profile"] = icc_profile
-    buffer = io.BytesIO()
-    image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[ext], **params)
-    return buffer.getvalue()
-
-
 def prepare_sample(sample: SourceSample, options: ImageOptions) -> PreparedSample | Skipped:
     """Validate and encode one sample (runs in pool workers); never raises for a bad input."""
     try:
@@ -244,12 +120,11 @@ def _prepare(sample: SourceSample, options: ImageOptions) -> PreparedSample:
     caption = sample.caption.strip() if isinstance(sample.caption, str) else ""
     if not caption:
         raise SkipSample("missing caption")
-    if sample.label is not None and (not isinstance(sample.label, int) or isinstance(sample.label, bool)):
-        raise SkipSample("invalid label", f"label must be an integer or None, got {sample.label!r}")
+    label = _integer_label(sample.label)
     image, ext, width, height = encode_image(_read_image_bytes(sample), options)
     core = {
         "caption": caption,
-        "label": sample.label,
+        "label": label,
         "width": width,
         "height": height,
         "source": sample.source or sample.image_path or "",
@@ -261,6 +136,18 @@ def _prepare(sample: SourceSample, options: ImageOptions) -> PreparedSample:
     except (TypeError, ValueError) as err:
         raise SkipSample("invalid extra fields", str(err)) from None
     return PreparedSample(image=image, ext=ext, caption=caption, metadata=metadata)
+
+
+def _integer_label(label: object) -> int | None:
+    """``label`` as a Python int (numpy integers accepted), None for None; :class:`SkipSample` otherwise."""
+    if label is None:
+        return None
+    try:
+        if isinstance(label, bool):
+            raise TypeError
+        return operator.index(label)
+    except TypeError:
+        raise SkipSample("invalid label", f"label must be an integer or None, got {label!r}") from None
 
 
 def _read_image_bytes(sample: SourceSample) -> bytes:

@@ -1,0 +1,1 @@
+"""Data: shard layout, writer, checker, streaming loader, transforms, tokenizers, demo data sets."""
