@@ -179,11 +179,24 @@ def test_rerun_reuses_complete_output(demo_dir: Path) -> None:
 
 def test_changed_request_needs_overwrite(tmp_path: Path) -> None:
     build_demo_data(tmp_path, progress=False, limit=3)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match="--overwrite"):
         build_demo_data(tmp_path, progress=False, limit=4)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
     summary = build_demo_data(tmp_path, progress=False, limit=4, overwrite=True)
     assert not any(split.reused for split in summary.splits)
     assert [split.samples for split in summary.splits] == [4, 4, 4, 4]
+    assert json.loads((tmp_path / "demo.json").read_text())["limit"] == 4
+
+
+def test_damaged_split_is_not_reused(tmp_path: Path) -> None:
+    build_demo_data(tmp_path, progress=False, limit=3)
+    shard = tmp_path / "tuxpaint/test/00000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # a truncated shard must not pass as complete
+    with pytest.raises(FileExistsError, match="tuxpaint/test holds shards"):
+        build_demo_data(tmp_path, progress=False, limit=3)
+    summary = build_demo_data(tmp_path, progress=False, limit=3, overwrite=True)
+    assert summary.split("tuxpaint", "test").samples == 3 and not summary.split("tuxpaint", "test").reused
 
 
 def test_missing_sources_name_the_debian_package(tmp_path: Path) -> None:
@@ -210,3 +223,20 @@ def test_licences_quote_the_installed_copyright_files() -> None:
         assert licence["upstream"] in copyright_text
         words = [word for word in copyright_text.split() if word != "."]  # "." lines separate paragraphs
         assert " ".join(licence["notice"].split()) in " ".join(words)
+
+
+def test_stamp_scan_counts_skips_by_reason(tmp_path: Path) -> None:
+    folder = tmp_path / "animals" / "birds"
+    folder.mkdir(parents=True)
+    png = io.BytesIO()
+    Image.new("RGBA", (8, 8)).save(png, format="PNG")
+    for name in ("robin", "robin_mirror", "lonely", "blank"):
+        (folder / f"{name}.png").write_bytes(png.getvalue())
+    (folder / "robin.txt").write_text("A robin.\nfr.utf8=Un rouge-gorge.\n")
+    (folder / "blank.txt").write_text("\nfr.utf8=Vide.\n")
+    (folder / "vector.txt").write_text("An SVG-only stamp.\n")
+    scan = scan_stamps(tmp_path)
+    assert [(s.relative_path, s.caption, s.category) for s in scan.stamps] == [
+        ("animals/birds/robin.png", "A robin.", "animals/birds")
+    ]
+    assert dict(scan.skipped) == {"mirror_variant": 1, "no_txt": 1, "empty_caption": 1, "no_png": 1}

@@ -145,3 +145,19 @@ def test_too_few_samples_for_the_slots_is_a_clear_error(tmp_path: Path) -> None:
     stream = SlotStream([source], Slot(1, 2, 0, 1), StreamSettings(), SkipCounters())
     with pytest.raises(DataSourceError, match="gave no samples to rank 1 worker 0"):
         next(stream)
+
+
+def test_loader_reads_what_the_writer_wrote(tmp_path: Path) -> None:
+    from shard_factory import jpeg_bytes
+
+    from vlp.data.writer import SourceSample, write_shards
+
+    samples = [SourceSample(caption=f"a picture number {i}", image_bytes=jpeg_bytes(i * 20, size=(80, 60)), label=i)
+               for i in range(10)]
+    write_shards(samples, tmp_path / "shards", samples_per_shard=3, progress=False)
+    config = _config(str(tmp_path / "shards"), batch_size=10, shuffle_buffer=0, augment="none")
+    loader = ShardLoader(config, image_size=32, context_length=16)
+    (batch,) = _take(loader, 1)
+    assert sorted(batch.labels.tolist()) == list(range(10))
+    assert loader.skip_counts() == {}
+    assert loader.source_epochs() == [0]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-logger = logging.getLogger(__name__)
+from vlp.cli.data_stream import register_stream
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data_commands = data_parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data_parser.set_defaults(func=lambda args: _print_help(data_parser))
     _register_demo(data_commands)
+    register_stream(data_commands)
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
@@ -30,9 +30,6 @@ def _positive_int(text: str) -> int:
 
 
 def _register_demo(data_commands: argparse._SubParsersAction) -> None:
-    from vlp.data.demo_fashion import FASHION_DEFAULT_ROOT
-    from vlp.data.demo_tuxpaint import TUXPAINT_DEFAULT_ROOT
-
     parser = data_commands.add_parser(
         "demo",
         help="write Fashion-MNIST and Tux Paint stamp shards (from Debian packages) under --out",
@@ -45,28 +42,26 @@ def _register_demo(data_commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="rebuild every split even if its output exists")
     parser.add_argument("--limit", type=_positive_int, default=None, help="at most N samples per split (smoke runs)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    parser.add_argument("--fashion-root", default=str(FASHION_DEFAULT_ROOT),
-                        help=f"Fashion-MNIST idx files (default: {FASHION_DEFAULT_ROOT})")
-    parser.add_argument("--tuxpaint-root", default=str(TUXPAINT_DEFAULT_ROOT),
-                        help=f"Tux Paint stamps tree (default: {TUXPAINT_DEFAULT_ROOT})")
+    # Defaults live in the library (imported lazily so that `vlp --help` stays fast).
+    parser.add_argument("--fashion-root", default=None,
+                        help="Fashion-MNIST idx files (default: where dataset-fashion-mnist installs them)")
+    parser.add_argument("--tuxpaint-root", default=None,
+                        help="Tux Paint stamps tree (default: where tuxpaint-stamps-default installs it)")
     parser.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Build the demo data and print the summary table; exit code 1 if a source is missing or output clashes."""
+    """Build the demo data and print the summary table; exit 1 if a source is missing/broken or output clashes."""
     from vlp.data.demo import DemoDataMissingError, build_demo_data
+    from vlp.data.demo_fashion import IdxFormatError
 
+    roots = {name: value for name, value in (("fashion_root", args.fashion_root),
+                                              ("tuxpaint_root", args.tuxpaint_root)) if value is not None}
     try:
         summary = build_demo_data(
-            args.out,
-            workers=args.workers,
-            overwrite=args.overwrite,
-            progress=args.progress,
-            fashion_root=args.fashion_root,
-            tuxpaint_root=args.tuxpaint_root,
-            limit=args.limit,
+            args.out, workers=args.workers, overwrite=args.overwrite, progress=args.progress, limit=args.limit, **roots
         )
-    except (DemoDataMissingError, FileExistsError) as err:
+    except (DemoDataMissingError, FileExistsError, IdxFormatError) as err:
         print(f"vlp data demo: error: {err}", file=sys.stderr)
         return 1
     print(summary.table())

@@ -52,10 +52,12 @@ def run_stream(args: argparse.Namespace) -> int:
     for index, batch in enumerate(loader):
         if index == args.warmup:
             samples, start = 0, time.perf_counter()
-        samples += len(batch)
+        if index >= args.warmup:
+            samples += len(batch)
         bar.update(1)
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(samples_per_s=f"{samples / max(elapsed, 1e-9):.0f}", epoch=loader.epoch)
+        if index >= args.warmup:
+            rate = samples / max(time.perf_counter() - start, 1e-3)
+            bar.set_postfix(samples_per_s=f"{rate:.0f}", epochs=loader.source_epochs(), refresh=False)
         if index + 1 >= args.batches:
             break
     bar.close()
@@ -63,14 +65,14 @@ def run_stream(args: argparse.Namespace) -> int:
     report = {
         "batches": args.batches, "batch_size": config.data.batch_size, "workers": config.data.workers,
         "samples_per_s": round(samples / (time.perf_counter() - start), 1) if timed else None,
-        "epoch": loader.epoch, "skipped": loader.skip_counts(),
+        "epoch": loader.epoch, "source_epochs": loader.source_epochs(), "skipped": loader.skip_counts(),
     }
     if args.json:
         print(json.dumps(report))
     else:
         rate = f"{report['samples_per_s']} samples/s" if timed else "not timed (all batches were warm-up)"
         print(f"streamed {args.batches} batches of {config.data.batch_size} with {config.data.workers} workers: "
-              f"{rate}, epoch {loader.epoch}")
+              f"{rate}, epochs per source {loader.source_epochs()}")
         skipped = report["skipped"] or {"(nothing)": 0}
         print("skipped: " + ", ".join(f"{reason}={count}" for reason, count in skipped.items()))
     return 0

@@ -46,7 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEMO_JSON_NAME = "demo.json"
-DEMO_JSON_VERSION = 1
+DEMO_JSON_VERSION = 1  # bump when captions, templates or the sample format change: old output is then rebuilt
 FASHION_SAMPLES_PER_SHARD = 5000  # train: 12 shards, enough for 2 ranks x 2 loader workers with slack
 TUXPAINT_SAMPLES_PER_SHARD = 128  # train: about 6 shards
 TUXPAINT_MAX_SIDE = 224
@@ -218,8 +218,12 @@ def _read_demo_json(out_dir: Path) -> dict:
 def _reusable_split(out_dir: Path, job: _SplitJob, previous: dict) -> SplitSummary | None:
     """The recorded summary of ``job`` if its manifest, shard files and demo.json entry match, else None."""
     entry = previous.get("sources", {}).get(job.directory)
+    if previous.get("version") != DEMO_JSON_VERSION or not entry:
+        return None
+    if entry.get("inputs") != job.inputs or entry.get("writer_options") != job.writer_options:
+        return None
     records = read_manifest(out_dir / job.directory)
-    if not entry or records is None or entry.get("inputs") != job.inputs:
+    if records is None:
         return None
     if sum(r.samples for r in records.values()) != entry.get("samples") or len(records) != entry.get("shards"):
         return None
@@ -231,17 +235,19 @@ def _reusable_split(out_dir: Path, job: _SplitJob, previous: dict) -> SplitSumma
                         dict(entry.get("skipped", {})), reused=True)
 
 
-def _has_output(directory: Path) -> bool:
-    return directory.is_dir() and any(directory.iterdir())
+def _check_no_clash(out_dir: Path, jobs: list[_SplitJob]) -> None:
+    """Before writing anything: every split to (re)write must be empty unless we may overwrite it."""
+    for job in jobs:
+        directory = out_dir / job.directory
+        if directory.is_dir() and any(directory.iterdir()):
+            raise FileExistsError(
+                f"{directory} holds shards that do not match this build ({job.inputs} input samples): "
+                "pass overwrite=True (`--overwrite`) to rebuild it"
+            )
 
 
 def _write_split(out_dir: Path, job: _SplitJob, *, workers: int, overwrite: bool, progress: bool) -> SplitSummary:
     directory = out_dir / job.directory
-    if _has_output(directory) and not overwrite:
-        raise FileExistsError(
-            f"{directory} holds shards that do not match this build ({job.inputs} input samples): "
-            "pass overwrite=True (`--overwrite`) to rebuild it"
-        )
     logger.info("writing %s (%d samples)", job.directory, job.inputs)
     start = time.perf_counter()
     report = write_shards(job.samples(), directory, workers=workers, progress=progress, total=job.inputs,
@@ -250,14 +256,14 @@ def _write_split(out_dir: Path, job: _SplitJob, *, workers: int, overwrite: bool
                         dict(sorted(report.skipped_by_reason.items())), seconds=time.perf_counter() - start)
 
 
-def _demo_json(summary: DemoSummary, limit: int | None) -> dict:
+def _demo_json(summary: DemoSummary, jobs: list[_SplitJob], limit: int | None) -> dict:
     sources = {}
-    for s in summary.splits:
+    for s, job in zip(summary.splits, jobs, strict=True):
         entry = asdict(s)
         entry["dir"] = entry.pop("directory")
         for transient in ("reused", "seconds"):
             entry.pop(transient)
-        sources[s.directory] = entry
+        sources[s.directory] = {**entry, "writer_options": job.writer_options}
     return {
         "version": DEMO_JSON_VERSION,
         "sources": sources,
@@ -304,14 +310,16 @@ def build_demo_data(
     scan = demo_tuxpaint.scan_stamps(tuxpaint_root)
     jobs = _fashion_jobs(fashion_root, limit) + _tuxpaint_jobs(scan, limit)
     previous = {} if overwrite else _read_demo_json(out_dir)
+    reusable = [_reusable_split(out_dir, job, previous) for job in jobs]
+    if not overwrite:
+        _check_no_clash(out_dir, [job for job, reused in zip(jobs, reusable, strict=True) if reused is None])
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = []
-    for job in jobs:
-        reused = _reusable_split(out_dir, job, previous)
+    for job, reused in zip(jobs, reusable, strict=True):
         if reused is not None:
             logger.info("reusing %s: %d samples in %d shards", job.directory, reused.samples, reused.shards)
         splits.append(reused or _write_split(out_dir, job, workers=workers, overwrite=overwrite, progress=progress))
     summary = DemoSummary(out_dir, tuple(splits), {"tuxpaint": dict(sorted(scan.skipped.items()))},
                           time.perf_counter() - start)
-    write_json_atomic(out_dir / DEMO_JSON_NAME, _demo_json(summary, limit))
+    write_json_atomic(out_dir / DEMO_JSON_NAME, _demo_json(summary, jobs, limit))
     return summary

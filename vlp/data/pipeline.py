@@ -65,7 +65,6 @@ class WorkerReport:
     worker: int
     stream_state: dict
     counts: dict[str, int]
-    epoch: int
 
 
 @dataclass
@@ -84,7 +83,6 @@ class _BatchMaker:
         self.spec, self.slot, self.stream, self.counters = spec, slot, stream, counters
         self.transform: ImageTransform = build_image_transform(spec.augment, spec.image_size, train=spec.train)
         self.tokenizer = TextTokenizer(spec.tokenizer, spec.context_length)
-        self.epoch = 0
 
     def _prepare(self, item: StreamItem) -> _Prepared:
         raw = item.raw
@@ -104,7 +102,6 @@ class _BatchMaker:
         samples: list[_Prepared] = []
         while len(samples) < self.spec.batch_size:
             item = next(self.stream)
-            self.epoch = item.epoch
             try:
                 samples.append(self._prepare(item))
             except SampleError as err:
@@ -118,7 +115,7 @@ class _BatchMaker:
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             keys=[s.key for s in samples],
         )
-        report = WorkerReport(self.slot.worker, self.stream.state(), self.counters.as_dict(), self.epoch)
+        report = WorkerReport(self.slot.worker, self.stream.state(), self.counters.as_dict())
         return batch, report
 
 
@@ -177,7 +174,6 @@ class ShardLoader:
         self._warn_about_small_sources()
         self._states: dict[int, dict] = {}
         self._counts: dict[int, dict[str, int]] = {}
-        self._epochs: dict[int, int] = {}
         self._next_worker = 0
 
     def _warn_about_small_sources(self) -> None:
@@ -198,14 +194,18 @@ class ShardLoader:
         for batch, report in loader:
             self._states[report.worker] = report.stream_state
             self._counts[report.worker] = report.counts
-            self._epochs[report.worker] = report.epoch
             self._next_worker = (report.worker + 1) % self.spec.num_workers
             yield batch
 
+    def source_epochs(self) -> list[int]:
+        """Per source, the lowest epoch any worker of this rank is in (small sources cycle faster)."""
+        return [min((state["sources"][i]["epoch"] for state in self._states.values()), default=0)
+                for i in range(len(self.spec.sources))]
+
     @property
     def epoch(self) -> int:
-        """The lowest epoch any worker of this rank is in."""
-        return min(self._epochs.values(), default=0)
+        """Complete passes over the slowest source by every worker of this rank."""
+        return min(self.source_epochs())
 
     def skip_counts(self) -> dict[str, int]:
         """Dropped samples, members and shards by reason, summed over this rank's workers."""
@@ -220,7 +220,7 @@ class ShardLoader:
     def state_dict(self) -> dict:
         """JSON-ready position of this rank's loader (after the last batch it yielded)."""
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "next_worker": self._next_worker,
-                "workers": {str(w): {"stream": self._states[w], "counts": self._counts[w], "epoch": self._epochs[w]}
+                "workers": {str(w): {"stream": self._states[w], "counts": self._counts[w]}
                             for w in sorted(self._states)}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -237,4 +237,3 @@ class ShardLoader:
         workers = {int(w): v for w, v in state["workers"].items()}
         self._states = {w: v["stream"] for w, v in workers.items()}
         self._counts = {w: dict(v["counts"]) for w, v in workers.items()}
-        self._epochs = {w: int(v["epoch"]) for w, v in workers.items()}
