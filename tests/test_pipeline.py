@@ -161,3 +161,15 @@ def test_loader_reads_what_the_writer_wrote(tmp_path: Path) -> None:
     assert sorted(batch.labels.tolist()) == list(range(10))
     assert loader.skip_counts() == {}
     assert loader.source_epochs() == [0]
+
+
+def test_uint8_images_normalise_to_the_default_batches(tmp_path: Path) -> None:
+    from vlp.data.transforms import normalize_batch
+
+    write_dataset(tmp_path / "ds", [6, 6])
+    config = _config(str(tmp_path / "ds"), workers=2, batch_size=4)
+    default = _take(ShardLoader(config, image_size=16, context_length=8), 3)
+    raw = _take(ShardLoader(config, image_size=16, context_length=8, uint8_images=True), 3)
+    for expected, got in zip(default, raw, strict=True):
+        assert got.images.dtype == torch.uint8 and expected.images.dtype == torch.float32
+        assert torch.equal(normalize_batch(got.images), expected.images)

@@ -12,7 +12,7 @@ class Batch:
     """One training or evaluation batch.
 
     Attributes:
-        images: (B, 3, H, W) float32, normalised.
+        images: (B, 3, H, W) float32, normalised (uint8 pixels when the loader was built with uint8_images=True).
         text_ids: (B, L) int64 token ids, padded.
         text_mask: (B, L) bool, True on real tokens.
         sample_ids: (B,) int64 stable ids (same image -> same id), used to treat duplicates as positives.

@@ -31,7 +31,7 @@ from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_image, decode_label, decode_metadata
 from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import ImageTransform, build_image_transform, collate_images
+from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
 from vlp.types import Batch
@@ -94,7 +94,7 @@ class _BatchMaker:
         if self.spec.train and self.spec.augment != "none":
             seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
             random.seed(seed)
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # CPU generator only: ~1 us, not ~200 us
         return _Prepared(self.transform(image), caption, decode_label(metadata), derive_seed(raw.url, raw.key),
                          raw.key)
 
@@ -108,7 +108,7 @@ class _BatchMaker:
                 self.counters.add(err.reason, f"{item.raw.url}:{item.raw.key}", detail=str(err))
         text_ids, text_mask = self.tokenizer([s.caption for s in samples])
         batch = Batch(
-            images=collate_images([s.image for s in samples]),
+            images=torch.stack([s.image for s in samples]),  # uint8 (B, 3, S, S) travels 4x lighter than float
             text_ids=text_ids,
             text_mask=text_mask,
             sample_ids=torch.tensor([s.sample_id for s in samples], dtype=torch.int64),
@@ -153,10 +153,15 @@ class ShardLoader:
     Iterating continues from the current position (a fresh loader starts at epoch 0). ``state_dict()`` after
     consuming a batch, fed to ``load_state_dict()`` of a new loader, makes it yield exactly the batches that
     would have followed. ``skip_counts()`` sums the per-reason counts of dropped samples over workers.
+
+    Workers ship uint8 images (a quarter of the bytes of float32 through shared memory); they are normalised
+    here, in the main process, unless ``uint8_images=True``: then ``Batch.images`` stays uint8 and the caller
+    normalises on the device with :func:`vlp.data.transforms.normalize_batch` (4x less host-to-device traffic).
     """
 
     def __init__(self, config: DataConfig, *, image_size: int, context_length: int, train: bool = True,
-                 rank: int | None = None, world_size: int | None = None, batch_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, batch_size: int | None = None,
+                 uint8_images: bool = False) -> None:
         sources = tuple(ShardSource.from_spec(s.urls, s.weight) for s in config.sources)
         self.num_workers = config.workers
         self.spec = LoaderSpec(
@@ -171,6 +176,7 @@ class ShardLoader:
             num_workers=max(1, config.workers),
         )
         self.prefetch_factor = config.prefetch_factor
+        self.uint8_images = uint8_images
         self._warn_about_small_sources()
         self._states: dict[int, dict] = {}
         self._counts: dict[int, dict[str, int]] = {}
@@ -195,6 +201,8 @@ class ShardLoader:
             self._states[report.worker] = report.stream_state
             self._counts[report.worker] = report.counts
             self._next_worker = (report.worker + 1) % self.spec.num_workers
+            if batch.images.dtype == torch.uint8 and not self.uint8_images:
+                batch.images = normalize_batch(batch.images)
             yield batch
 
     def source_epochs(self) -> list[int]:
