@@ -47,21 +47,16 @@ def run_stream(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.warmup < 0:
         print("error: --batches must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 1
-    samples, start = 0, time.perf_counter()
     bar = tqdm(total=args.batches, unit="batch", disable=not args.progress, dynamic_ncols=True)
-    for index, batch in enumerate(loader):
-        if index == args.warmup:
-            samples, start = 0, time.perf_counter()
-        if index >= args.warmup:
-            samples += len(batch)
-        bar.update(1)
-        if index >= args.warmup:
-            rate = samples / max(time.perf_counter() - start, 1e-3)
-            bar.set_postfix(samples_per_s=f"{rate:.0f}", epochs=loader.source_epochs(), refresh=False)
-        if index + 1 >= args.batches:
-            break
+    try:
+        samples, start = _pull(loader, args, bar)
+    except DataSourceError as err:
+        bar.close()
+        print(f"error: {_original_message(err)}", file=sys.stderr)
+        return 1
     bar.close()
     timed = max(args.batches - args.warmup, 0)
+
     report = {
         "batches": args.batches, "batch_size": config.data.batch_size, "workers": config.data.workers,
         "samples_per_s": round(samples / (time.perf_counter() - start), 1) if timed else None,
@@ -76,3 +71,26 @@ def run_stream(args: argparse.Namespace) -> int:
         skipped = report["skipped"] or {"(nothing)": 0}
         print("skipped: " + ", ".join(f"{reason}={count}" for reason, count in skipped.items()))
     return 0
+
+
+def _pull(loader, args: argparse.Namespace, bar: tqdm) -> tuple[int, float]:  # noqa: ANN001 - a ShardLoader
+    """Pull ``args.batches`` batches; the sample count and start time of the timed part."""
+    samples, start = 0, time.perf_counter()
+    for index, batch in enumerate(loader):
+        if index == args.warmup:
+            samples, start = 0, time.perf_counter()
+        if index >= args.warmup:
+            samples += len(batch)
+        bar.update(1)
+        if index >= args.warmup:
+            rate = samples / max(time.perf_counter() - start, 1e-3)
+            bar.set_postfix(samples_per_s=f"{rate:.0f}", epochs=loader.source_epochs(), refresh=False)
+        if index + 1 >= args.batches:
+            break
+    return samples, start
+
+
+def _original_message(err: Exception) -> str:
+    """The message of an error re-raised from a loader worker (torch prefixes the worker's traceback)."""
+    last = [line for line in str(err).strip().splitlines() if line.strip()][-1]
+    return last.split("Error: ", 1)[1] if last.startswith(("vlp.", "DataSourceError")) and "Error: " in last else last

@@ -69,4 +69,7 @@ class ShardSource:
         if weight <= 0:
             raise DataSourceError(f"source {spec!r}: weight must be > 0, got {weight}")
         urls = expand_urls(spec)
+        local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if _is_local(u)]
+        if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
+            raise DataSourceError(f"source {spec!r}: none of its {len(urls)} shards exist (first: {urls[0]})")
         return cls(spec=spec, urls=tuple(urls), weight=weight, expected=manifest_counts(urls))
