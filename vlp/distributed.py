@@ -112,3 +112,73 @@ def _collective_device() -> torch.device:
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ feature gathers
+
+
+def group_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the default process group, ``(0, 1)`` without one.
+
+    Unlike :func:`get_rank` / :func:`get_world_size` this never reads ``RANK`` / ``WORLD_SIZE`` from the
+    environment: losses use it to decide which rows they own, which must agree with what the gathers return.
+    """
+    if is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order, without gradient.
+
+    Args:
+        tensor: (B, ...) with the same shape and dtype on every rank.
+    Returns:
+        (W * B, ...), detached; ``tensor`` itself at world size 1.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.detach().contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward SUMS the incoming gradients over ranks and returns this rank's
+    slice (a reduce-scatter): each rank's features receive the gradient of the sum of all ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.rank = dist.get_rank()
+        ctx.rows = tensor.shape[0]
+        return all_gather_tensor(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+            return out
+        total = grad.clone()  # gloo has no reduce-scatter: all-reduce, then keep our slice
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.narrow(0, ctx.rank * ctx.rows, ctx.rows).clone()
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0 in rank order, differentiably.
+
+    Backward sums the gradient of the gathered tensor over ranks and hands each rank the slice of its own
+    rows, so rank r's ``tensor`` gets ``d(sum over ranks of their losses) / d tensor_r``. With DDP, which
+    averages parameter gradients over ranks, that is exactly the gradient of the mean of the ranks' losses.
+    Every rank must call it (and run backward) with the same shape; a no-op at world size 1.
+
+    Args:
+        tensor: (B, ...) on every rank.
+    Returns:
+        (W * B, ...), rows ``r * B : (r + 1) * B`` from rank r.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _AllGatherWithGrad.apply(tensor)

@@ -1,0 +1,143 @@
+"""DualEncoder: an image tower and a text tower, injected, projected into one embedding space.
+
+A tower is any ``nn.Module`` with
+
+* ``output_dim: int``: the width of its pooled output;
+* ``forward``: images (B, 3, H, W) -> (B, output_dim) for the image tower,
+  (text_ids (B, L) int64, text_mask (B, L) bool) -> (B, output_dim) for the text tower;
+* ``has_projection: bool`` (optional, default False): True when the tower already ends with its own learned
+  projection (open_clip towers). Such a tower is used as is when ``output_dim == embed_dim``; every other
+  tower gets a bias-free ``nn.Linear(output_dim, embed_dim)``;
+* ``set_grad_checkpointing(enable: bool)`` and ``no_weight_decay() -> set[str]`` (both optional).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.types import ModelOutput
+
+
+def _projection(tower: nn.Module, embed_dim: int) -> nn.Module:
+    """Identity when the tower already projects to ``embed_dim``, else a bias-free linear map (CLIP init)."""
+    output_dim = int(tower.output_dim)
+    if getattr(tower, "has_projection", False) and output_dim == embed_dim:
+        return nn.Identity()
+    projection = nn.Linear(output_dim, embed_dim, bias=False)
+    nn.init.normal_(projection.weight, std=output_dim**-0.5)
+    return projection
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style dual encoder: ``forward(images, text_ids, text_mask) -> ModelOutput``.
+
+    Args:
+        image_encoder: image tower, (B, 3, H, W) -> (B, image_encoder.output_dim).
+        text_encoder: text tower, (text_ids (B, L), text_mask (B, L) bool) -> (B, text_encoder.output_dim).
+        embed_dim: D, the width of the shared embedding space.
+        init_logit_scale: initial temperature in log space (``log(1 / 0.07)`` for CLIP, ``log(10)`` for SigLIP).
+        max_logit_scale: ``exp(logit_scale)`` is clamped to this value when used.
+        init_logit_bias: initial SigLIP bias; None for no bias.
+
+    ``image_projection`` / ``text_projection`` map the towers' outputs to D (see the module docstring).
+    ``forward`` is a pure function of its tensors: no loss, no tokenization, no state change.
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        embed_dim: int,
+        *,
+        init_logit_scale: float,
+        max_logit_scale: float,
+        init_logit_bias: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.embed_dim = embed_dim
+        self.image_projection = _projection(image_encoder, embed_dim)
+        self.text_projection = _projection(text_encoder, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.max_logit_scale = max_logit_scale
+        self.image_locked = False
+        self.text_locked = False
+
+    # ------------------------------------------------------------------------------------------------ encoding
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images (B, 3, H, W) -> image features (B, D), L2-normalised when ``normalize``."""
+        with torch.no_grad() if self.image_locked else nullcontext():
+            pooled = self.image_encoder(images)  # (B, image_encoder.output_dim)
+        features = self.image_projection(pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """text_ids (B, L) int64, text_mask (B, L) bool -> text features (B, D), L2-normalised when ``normalize``."""
+        with torch.no_grad() if self.text_locked else nullcontext():
+            pooled = self.text_encoder(text_ids, text_mask)  # (B, text_encoder.output_dim)
+        features = self.text_projection(pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def temperature(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(exp(logit_scale) clamped to ``max_logit_scale``, logit_bias or None), both scalars."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale), self.logit_bias
+
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> ModelOutput:
+        """images (B, 3, H, W), text_ids (B, L), text_mask (B, L) -> normalised features (B, D) + temperature."""
+        logit_scale, logit_bias = self.temperature()
+        return ModelOutput(
+            image_features=self.encode_image(images, normalize=True),
+            text_features=self.encode_text(text_ids, text_mask, normalize=True),
+            logit_scale=logit_scale,
+            logit_bias=logit_bias,
+        )
+
+    # ------------------------------------------------------------------------------------ locking, checkpointing
+
+    def lock_image_tower(self) -> None:
+        """Freeze the image tower (LiT): no gradients, always in eval mode; ``image_projection`` stays trainable."""
+        self.image_encoder.requires_grad_(False)
+        self.image_locked = True
+        self.image_encoder.eval()
+
+    def lock_text_tower(self) -> None:
+        """Freeze the text tower: no gradients, always in eval mode; ``text_projection`` stays trainable."""
+        self.text_encoder.requires_grad_(False)
+        self.text_locked = True
+        self.text_encoder.eval()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        """Like ``nn.Module.train`` but a locked tower stays in eval mode (no dropout, frozen norm statistics)."""
+        super().train(mode)
+        if self.image_locked:
+            self.image_encoder.eval()
+        if self.text_locked:
+            self.text_encoder.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute tower activations in the backward pass (both towers) to save memory."""
+        for tower in (self.image_encoder, self.text_encoder):
+            if hasattr(tower, "set_grad_checkpointing"):
+                tower.set_grad_checkpointing(enable)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups over the trainable parameters (see ``vlp.models.factory.param_groups``)."""
+        from vlp.models.factory import param_groups
+
+        return param_groups(self, weight_decay)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the towers themselves exclude from weight decay (prefixed with the tower's name)."""
+        names = {"logit_scale", "logit_bias"}
+        for prefix, tower in (("image_encoder.", self.image_encoder), ("text_encoder.", self.text_encoder)):
+            if hasattr(tower, "no_weight_decay"):
+                names.update(prefix + name for name in tower.no_weight_decay())
+        return names

@@ -1,0 +1,96 @@
+"""Image towers: timm backbones and open_clip vision towers behind one small interface.
+
+Every tower maps images (B, 3, H, W) to pooled features (B, output_dim) and exposes ``output_dim``,
+``has_projection``, ``set_grad_checkpointing`` and ``no_weight_decay`` (see ``vlp.models.dual_encoder``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlp.registry import ModelError
+
+
+class TimmImageTower(nn.Module):
+    """A timm model created with ``num_classes=0``: its ``forward`` returns pooled pre-logits features.
+
+    Args:
+        model: a timm model without classifier head; images (B, 3, H, W) -> (B, output_dim).
+    """
+
+    has_projection = False
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.output_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)  # (B, output_dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{name}" for name in names}
+
+
+class OpenClipImageTower(nn.Module):
+    """An open_clip vision tower (``open_clip.create_model(...).visual``), which ends with its own projection.
+
+    Args:
+        visual: images (B, 3, H, W) -> (B, output_dim), ``output_dim`` being the open_clip ``embed_dim``.
+    """
+
+    has_projection = True
+
+    def __init__(self, visual: nn.Module, output_dim: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.output_dim = int(getattr(visual, "output_dim", None) or output_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)  # (B, output_dim)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = set(self.visual.no_weight_decay()) if hasattr(self.visual, "no_weight_decay") else set()
+        return {f"visual.{name}" for name in names} | {"visual.class_embedding", "visual.positional_embedding"}
+
+
+def create_timm_tower(name: str, image_size: int, **overrides: Any) -> TimmImageTower:
+    """``timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **overrides)``.
+
+    ``img_size`` is passed only to models that accept it (ViT-like); convolutional models take any size.
+    Nothing is downloaded: timm image towers always start from random init (load weights with ``pretrained``).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ModelError(f"unknown timm model {name!r} (see timm.list_models())")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **overrides)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        model = timm.create_model(name, pretrained=False, num_classes=0, **overrides)
+    return TimmImageTower(model)
+
+
+def create_image_tower(spec: str, image_size: int) -> nn.Module:
+    """An image tower from ``timm:<model name>`` or ``open_clip:<ARCH>`` (the vision tower of that arch)."""
+    kind, _, name = spec.partition(":")
+    if kind == "timm" and name:
+        return create_timm_tower(name, image_size)
+    if kind == "open_clip" and name:
+        from vlp.models.open_clip_model import create_open_clip
+
+        clip, embed_dim = create_open_clip(name, image_size=image_size)
+        return OpenClipImageTower(clip.visual, output_dim=embed_dim)
+    raise ModelError(f"model.image_tower={spec!r}: use 'timm:<model name>' or 'open_clip:<ARCH>'")

@@ -1,0 +1,123 @@
+"""Built-in model presets, registered in ``vlp.registry``.
+
+| name              | image tower                          | text tower                                | tokenizer  |
+|-------------------|--------------------------------------|-------------------------------------------|------------|
+| tiny              | timm ViT, patch 8, 64 wide, depth 2  | open_clip TextTransformer, 64 wide, 2 deep | open_clip  |
+| small             | timm ViT, patch 8, 128 wide, depth 4 | open_clip TextTransformer, 128 wide, 3 deep| open_clip  |
+| minilm-lit        | the tiny ViT                         | pretrained all-MiniLM-L6-v2 (384 wide)    | minilm     |
+| open_clip:<ARCH>  | open_clip's whole model, see ``vlp.models.open_clip_model``               | open_clip  |
+| custom            | ``image_tower``                      | ``text_tower``                            | from tower |
+
+Image sizes must be multiples of the patch size (8) for the ViT presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from vlp.config import ModelConfig
+from vlp.models.dual_encoder import DualEncoder
+from vlp.models.image_encoder import create_image_tower, create_timm_tower
+from vlp.models.open_clip_model import build_open_clip_dual_encoder, open_clip_arch_config
+from vlp.models.text_encoder import create_clip_text_transformer, create_text_tower
+from vlp.registry import ModelError, register_model
+
+
+@dataclass(frozen=True)
+class TowerSizes:
+    """Widths and depths of a ViT image tower and an open_clip text transformer."""
+
+    image_width: int
+    image_depth: int
+    image_heads: int
+    text_width: int
+    text_depth: int
+    text_heads: int
+    patch_size: int = 8
+
+
+TINY = TowerSizes(image_width=64, image_depth=2, image_heads=2, text_width=64, text_depth=2, text_heads=2)
+SMALL = TowerSizes(image_width=128, image_depth=4, image_heads=4, text_width=128, text_depth=3, text_heads=4)
+
+
+def vit_tower(config: ModelConfig, sizes: TowerSizes) -> nn.Module:
+    """A timm ViT (``vit_tiny_patch16_224`` resized) at ``config.image_size``, random init."""
+    if config.image_size % sizes.patch_size:
+        raise ModelError(f"model.image_size={config.image_size} must be a multiple of the patch size {sizes.patch_size}")
+    return create_timm_tower(
+        "vit_tiny_patch16_224", config.image_size, patch_size=sizes.patch_size, embed_dim=sizes.image_width,
+        depth=sizes.image_depth, num_heads=sizes.image_heads,
+    )
+
+
+def dual_encoder(config: ModelConfig, image_encoder: nn.Module, text_encoder: nn.Module) -> DualEncoder:
+    """Towers + projections to ``config.embed_dim`` + the configured temperature."""
+    return DualEncoder(
+        image_encoder, text_encoder, config.embed_dim, init_logit_scale=config.init_logit_scale,
+        max_logit_scale=config.max_logit_scale, init_logit_bias=config.init_logit_bias,
+    )
+
+
+def _vit_clip(config: ModelConfig, sizes: TowerSizes) -> DualEncoder:
+    text = create_clip_text_transformer(
+        config.context_length, width=sizes.text_width, layers=sizes.text_depth, heads=sizes.text_heads,
+        output_dim=config.embed_dim,
+    )
+    return dual_encoder(config, vit_tower(config, sizes), text)
+
+
+@register_model("tiny", tokenizer="open_clip")
+def build_tiny(config: ModelConfig) -> DualEncoder:
+    """Tiny ViT + tiny open_clip text transformer, for tests and smoke runs."""
+    return _vit_clip(config, TINY)
+
+
+@register_model("small", tokenizer="open_clip")
+def build_small(config: ModelConfig) -> DualEncoder:
+    """Small ViT + small open_clip text transformer, for CPU demos."""
+    return _vit_clip(config, SMALL)
+
+
+@register_model("minilm-lit", tokenizer="minilm")
+def build_minilm_lit(config: ModelConfig) -> DualEncoder:
+    """Tiny ViT + pretrained all-MiniLM-L6-v2 text tower (set lock_text for LiT-style training)."""
+    return dual_encoder(config, vit_tower(config, TINY), create_text_tower("minilm", config.context_length,
+                                                                           config.text_pooling))
+
+
+def open_clip_tokenizer(arch: str) -> str:
+    """``open_clip`` for architectures with the CLIP BPE tokenizer; others (HF, SigLIP) are not shipped offline."""
+    text_cfg = open_clip_arch_config(arch).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
+        raise ModelError(f"open_clip architecture {arch!r} uses the tokenizer {text_cfg.get('hf_tokenizer_name')!r}, "
+                         "which vlp cannot load offline; use an architecture with the CLIP BPE tokenizer")
+    return "open_clip"
+
+
+@register_model("open_clip:", tokenizer=lambda config: open_clip_tokenizer(config.name.partition(":")[2]))
+def build_open_clip(config: ModelConfig) -> DualEncoder:
+    """Any open_clip architecture; encode_image / encode_text equal open_clip's own (normalised) embeddings."""
+    return build_open_clip_dual_encoder(config)
+
+
+def _custom_tokenizer(config: ModelConfig) -> str:
+    spec = config.text_tower
+    if spec.startswith("open_clip:"):
+        return open_clip_tokenizer(spec.partition(":")[2])
+    if spec in ("minilm", "minilm-random"):
+        return "minilm"
+    if spec.startswith("hf:"):
+        return spec
+    raise ModelError(f"model.text_tower={spec!r}: use 'open_clip:<ARCH>', 'minilm', 'minilm-random' or 'hf:<dir>'")
+
+
+@register_model("custom", tokenizer=_custom_tokenizer)
+def build_custom(config: ModelConfig) -> DualEncoder:
+    """Towers from ``image_tower`` (timm:<name>, open_clip:<ARCH>) and ``text_tower`` strings."""
+    if not config.image_tower or not config.text_tower:
+        raise ModelError("model.name='custom' needs model.image_tower and model.text_tower")
+    image_encoder = create_image_tower(config.image_tower, config.image_size)
+    text_encoder = create_text_tower(config.text_tower, config.context_length, config.text_pooling)
+    return dual_encoder(config, image_encoder, text_encoder)

@@ -1,0 +1,164 @@
+"""Text towers: open_clip text transformers and Hugging Face encoders behind one small interface.
+
+Every tower maps (text_ids (B, L) int64, text_mask (B, L) bool) to pooled features (B, output_dim) and exposes
+``output_dim``, ``has_projection``, ``set_grad_checkpointing`` and ``no_weight_decay``.
+The ids must come from the matching tokenizer (``vlp.registry.tokenizer_for``): ``open_clip`` for open_clip
+towers, ``minilm`` / ``hf:<dir>`` for Hugging Face towers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlp.registry import ModelError
+
+Pooling = Literal["cls", "mean", "eos"]
+CLIP_VOCAB_SIZE = 49408  # the open_clip BPE tokenizer
+
+
+class OpenClipTextTower(nn.Module):
+    """An open_clip text transformer (``TextTransformer``: token_embedding, positional_embedding, transformer,
+    ln_final, text_projection, attn_mask) with its own pooling (eos: argmax of the ids) and projection.
+
+    ``text_mask`` is ignored: the tower attends with its causal mask and pools at the end-of-text token, as
+    open_clip does. ``text_ids`` must have exactly ``context_length`` columns (the tokenizer pads to it).
+    """
+
+    has_projection = True
+
+    def __init__(self, text: nn.Module) -> None:
+        super().__init__()
+        self.text = text
+        self.output_dim = int(getattr(text, "output_dim", None) or text.width)
+        self.context_length = int(text.context_length)
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text(text_ids)  # (B, output_dim); text_mask unused (causal mask + eos pooling)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        names = set(self.text.no_weight_decay()) if hasattr(self.text, "no_weight_decay") else set()
+        return {f"text.{name}" for name in names} | {"text.positional_embedding"}
+
+
+def create_clip_text_transformer(
+    context_length: int, width: int, layers: int, heads: int, output_dim: int, vocab_size: int = CLIP_VOCAB_SIZE
+) -> OpenClipTextTower:
+    """A fresh open_clip ``TextTransformer`` (causal, eos pooling, linear projection to ``output_dim``)."""
+    from open_clip.transformer import TextTransformer
+
+    text = TextTransformer(
+        context_length=context_length, vocab_size=vocab_size, width=width, heads=heads, layers=layers,
+        output_dim=output_dim,
+    )
+    return OpenClipTextTower(text)
+
+
+def pool_hidden_states(hidden: torch.Tensor, text_mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """hidden (B, L, H), text_mask (B, L) bool (right-padded) -> (B, H).
+
+    ``cls``: first token; ``mean``: mean over real tokens; ``eos``: last real token.
+    """
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        weights = text_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    if pooling == "eos":
+        last = (text_mask.long().sum(dim=1) - 1).clamp(min=0)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ModelError(f"text_pooling={pooling!r}: use 'cls', 'mean' or 'eos'")
+
+
+class HFTextTower(nn.Module):
+    """A Hugging Face encoder (BERT family): last hidden states pooled by ``pooling``.
+
+    Args:
+        model: a ``transformers`` base model; (input_ids (B, L), attention_mask (B, L)) -> last_hidden_state.
+        pooling: ``cls``, ``mean`` (masked mean, what sentence-transformers' MiniLM was trained with) or ``eos``.
+    """
+
+    has_projection = False
+
+    def __init__(self, model: nn.Module, pooling: Pooling) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean", "eos"):
+            raise ModelError(f"text_pooling={pooling!r}: use 'cls', 'mean' or 'eos'")
+        self.model = model
+        self.pooling: Pooling = pooling
+        self.output_dim = int(model.config.hidden_size)
+
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=text_ids, attention_mask=text_mask.long()).last_hidden_state  # (B, L, H)
+        return pool_hidden_states(hidden, text_mask, self.pooling)  # (B, H)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            enable_fn = getattr(self.model, "activation_checkpointing_enable", None)
+            enable_fn = enable_fn or self.model.gradient_checkpointing_enable
+            enable_fn({"use_reentrant": False})
+        else:
+            disable_fn = getattr(self.model, "activation_checkpointing_disable", None)
+            (disable_fn or self.model.gradient_checkpointing_disable)()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (the unused BERT pooler is expected) for a moment."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf_encoder(directory: Path, pretrained: bool = True) -> nn.Module:
+    """``AutoModel`` from a local directory (``local_files_only``), without the pooler head when the class has one.
+
+    ``pretrained=False`` builds the same architecture from its config with random weights.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{str(directory)!r} is not a Hugging Face model directory (no config.json)")
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        try:  # BERT-family models: drop the unused pooler, so every parameter gets a gradient
+            if pretrained:
+                return AutoModel.from_pretrained(str(directory), local_files_only=True, add_pooling_layer=False)
+            return AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            if pretrained:
+                return AutoModel.from_pretrained(str(directory), local_files_only=True)
+            return AutoModel.from_config(config)
+
+
+def create_text_tower(spec: str, context_length: int, pooling: Pooling) -> nn.Module:
+    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>``."""
+    kind, _, name = spec.partition(":")
+    if kind == "open_clip" and name:
+        from vlp.models.open_clip_model import create_open_clip
+
+        clip, _ = create_open_clip(name, context_length=context_length)
+        return OpenClipTextTower(clip.text)
+    if spec in ("minilm", "minilm-random"):
+        from vlp.data.tokenizer import minilm_model_dir
+
+        return HFTextTower(load_hf_encoder(minilm_model_dir(), pretrained=spec == "minilm"), pooling)
+    if kind == "hf" and name:
+        return HFTextTower(load_hf_encoder(Path(name)), pooling)
+    raise ModelError(f"model.text_tower={spec!r}: use 'open_clip:<ARCH>', 'minilm', 'minilm-random' or 'hf:<dir>'")

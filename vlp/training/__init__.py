@@ -1,0 +1,1 @@
+"""Training: schedules, optimizer, checkpoints, the contrastive task and the trainer loop."""

@@ -1,0 +1,114 @@
+"""What one optimizer step computes for contrastive pretraining, including accumulation over micro-batches.
+
+Gradient accumulation must keep every negative of the accumulated batch (GradCache; open_clip's accum-freq):
+features of all micro-batches are first computed without gradient and cached; then each micro-batch is
+recomputed with gradient (with its RNG state replayed), spliced into the cached features, and the loss over the
+whole accumulated batch is back-propagated through that micro-batch only. The summed gradients equal those of
+one big batch. The temperature (and SigLIP bias) enters every micro-step's loss, so its gradient is scaled by
+1/k there (value unchanged), making the sum over k micro-steps exactly one full gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from vlp.types import Batch, LossOutput, ModelOutput
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on the device, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _splice(cached: list[torch.Tensor], fresh: torch.Tensor, index: int) -> torch.Tensor:
+    """Concatenate the cached features of every micro-batch with micro-batch ``index`` replaced by ``fresh``."""
+    return torch.cat([fresh if i == index else c.to(fresh.dtype) for i, c in enumerate(cached)])
+
+
+def _spread_gradient(value: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """Same value, gradient multiplied by ``fraction``."""
+    if value is None or fraction == 1.0:
+        return value
+    return value * fraction + value.detach() * (1.0 - fraction)
+
+
+class ContrastiveTask:
+    """Owns the trainable model (possibly DDP-wrapped) and the loss; computes and back-propagates one step.
+
+    Args:
+        model: the unwrapped dual encoder (for no-grad passes and checkpoints).
+        train_model: ``model`` or its DDP wrapper (for passes with gradient).
+        loss_fn: maps a :class:`ModelOutput` to a :class:`LossOutput` (gathers across ranks itself).
+        device: where batches go.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, loss_fn: nn.Module, device: torch.device,
+                 precision: str) -> None:
+        self.model, self.train_model, self.loss_fn = model, train_model, loss_fn
+        self.device, self.precision = device, precision
+
+    def _forward(self, module: nn.Module, batch: Batch) -> ModelOutput:
+        with autocast_context(self.device, self.precision):
+            return module(batch.images, batch.text_ids, batch.text_mask)
+
+    def _loss(self, output: ModelOutput) -> LossOutput:
+        with autocast_context(self.device, self.precision):
+            return self.loss_fn(output.image_features, output.text_features, output.logit_scale, output.logit_bias)
+
+    def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss) -> LossOutput:  # noqa: ANN001
+        """Compute the loss over all micro-batches together and back-propagate it; returns the loss output."""
+        if len(micro_batches) == 1:
+            result = self._loss(self._forward(self.train_model, micro_batches[0]))
+            scale_loss(result.loss).backward()
+            return result
+        return self._accumulate(micro_batches, scale_loss)
+
+    def _accumulate(self, micro_batches: list[Batch], scale_loss) -> LossOutput:  # noqa: ANN001
+        rng_states, cached = [], []
+        with torch.no_grad():
+            for batch in micro_batches:
+                rng_states.append(torch.get_rng_state())
+                cached.append(self._forward(self.model, batch))
+        fraction = 1.0 / len(micro_batches)
+        result = None
+        for index, batch in enumerate(micro_batches):
+            torch.set_rng_state(rng_states[index])
+            last = index == len(micro_batches) - 1
+            with self._maybe_no_sync(not last):
+                fresh = self._forward(self.train_model, batch)
+                images = _splice([c.image_features for c in cached], fresh.image_features, index)
+                texts = _splice([c.text_features for c in cached], fresh.text_features, index)
+                output = ModelOutput(images, texts, _spread_gradient(fresh.logit_scale, fraction),
+                                     _spread_gradient(fresh.logit_bias, fraction))
+                result = self._loss(output)
+                scale_loss(result.loss).backward()
+        return result
+
+    def _maybe_no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        if skip_sync and hasattr(self.train_model, "no_sync"):
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """The once-per-optimizer-step hook: clamp the temperature into [0, log(max_logit_scale)] in place."""
+        logit_scale = getattr(self.model, "logit_scale", None)
+        if isinstance(logit_scale, nn.Parameter):
+            logit_scale.clamp_(0.0, math.log(getattr(self.model, "max_logit_scale", 100.0)))
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+
+def logit_scale_value(output: ModelOutput) -> float:
+    value = float(output.logit_scale.detach())
+    return value if math.isfinite(value) else float("nan")

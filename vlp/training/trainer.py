@@ -1,0 +1,250 @@
+"""The training loop: one process or many (torchrun + DDP), exact resume, collective non-finite step skipping.
+
+One optimizer step: pull ``grad_accum`` micro-batches -> lr from the schedule (a pure function of the step) ->
+task.forward_backward (loss over the whole accumulated batch) -> unscale (fp16) -> clip -> agree across ranks
+whether the step is finite and whether SIGTERM arrived -> optimizer step or a skip on every rank in lockstep
+-> post-step hook -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vlp import distributed
+from vlp.config import Config, ConfigError, save_config
+from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlp.training.optim import build_optimizer, set_lr
+from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
+from vlp.training.schedules import lr_at
+from vlp.training.setup import build_batches, build_training_objects
+from vlp.training.task import ContrastiveTask
+from vlp.types import LossOutput
+
+logger = logging.getLogger("vlp.train")
+EXPORT_MODEL = "model.safetensors"
+EXPORT_CONFIG = "config.yaml"
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainSummary:
+    """What a finished (or SIGTERM-stopped) run reports."""
+
+    run_dir: Path
+    steps_done: int
+    final_loss: float
+    skipped_steps: int
+    samples_per_s: float
+    stopped_by_signal: bool
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and trains for ``train.steps`` optimizer steps.
+
+    Args:
+        config: the resolved configuration (saved as ``config.yaml`` in the run directory).
+        resume: ``None``, ``"latest"`` or a checkpoint directory.
+        batches: an iterable of :class:`~vlp.types.Batch` to use instead of the shard loader (tests, custom data);
+            resumable when it has ``state_dict``/``load_state_dict``.
+        progress: show a tqdm bar on rank 0.
+    """
+
+    def __init__(self, config: Config, *, resume: str | None = None, batches=None, progress: bool = True) -> None:  # noqa: ANN001
+        if config.train.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.precision=fp16 needs a CUDA device (it uses a GradScaler); use bf16 on CPU")
+        self.config, self.progress = config, progress
+        self.dist = distributed.init_distributed(config.train.device)
+        self.run_dir = Path(config.train.output_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / EXPORT_CONFIG)
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        self.model, loss_fn = build_training_objects(config, self.dist.device)
+        train_model = self.model
+        if self.dist.world_size > 1:
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.train.compile:
+            train_model = torch.compile(train_model)
+        self.task = ContrastiveTask(self.model, train_model, loss_fn, self.dist.device, config.train.precision)
+        self.optimizer = build_optimizer(self.model.param_groups(config.optim.weight_decay), config.optim)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
+        self.batches = batches if batches is not None else build_batches(config, self.dist)
+        self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
+        if resume:
+            self._restore(resume)
+        self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=config.train.tensorboard)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_steps": self.skipped_steps, "rng": distributed.all_gather_objects(rng),
+                "loader": distributed.all_gather_objects(loader), "world_size": self.dist.world_size}
+
+    def save(self) -> None:
+        state = self._state()  # collective: every rank takes part
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.train.keep_checkpoints)
+            logger.info("checkpoint %s", path)
+
+    def _restore(self, spec: str) -> None:
+        directory = find_checkpoint(self.run_dir, spec)
+        state = load_checkpoint(directory, self.model)
+        if state["world_size"] != self.dist.world_size:
+            raise ConfigError(f"{directory} was written by {state['world_size']} processes, this run has "
+                              f"{self.dist.world_size}: the data stream cannot resume exactly")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        rng = state["rng"][self.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        loader_state = state["loader"][self.dist.rank]
+        if loader_state is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(loader_state)
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir, self.step)
+        logger.info("resumed from %s at step %d", directory, self.step)
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self._sigterm = True
+
+    def fit(self, until_step: int | None = None) -> TrainSummary:
+        """Train to ``train.steps`` (or pause after ``until_step``, with a checkpoint); on SIGTERM save a
+        checkpoint and stop early."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._loop(min(until_step or self.config.train.steps, self.config.train.steps))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.log.close()
+
+    def _loop(self, stop_at: int) -> TrainSummary:
+        cfg = self.config
+        total, accum = cfg.train.steps, cfg.train.grad_accum
+        global_batch = cfg.data.batch_size * accum * self.dist.world_size
+        iterator = iter(self.batches)
+        bar = tqdm(total=total, initial=self.step, disable=not (self.progress and self.dist.is_main),
+                   unit="step", dynamic_ncols=True)
+        window, overall = _Window(), _Window()
+        result, stopped = None, False
+        while self.step < stop_at:
+            started = time.perf_counter()
+            micro = [next(iterator).to(self.dist.device, non_blocking=True) for _ in range(accum)]
+            data_seconds = time.perf_counter() - started
+            lr = lr_at(self.step, cfg.optim.lr, total, cfg.schedule)
+            set_lr(self.optimizer, lr)
+            result, skipped, stopped = self._optimizer_step(micro)
+            self.step += 1
+            window.add(time.perf_counter() - started, data_seconds, global_batch)
+            overall.add(time.perf_counter() - started, data_seconds, global_batch)
+            bar.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == stop_at or stopped:
+                self._log(result, lr, window, bar)
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at or stopped:
+                self.save()
+            if stopped:
+                logger.warning("SIGTERM: checkpoint written at step %d, stopping", self.step)
+                break
+        bar.close()
+        if self.dist.is_main and self.step == total:
+            safetensors.torch.save_model(self.model, str(self.run_dir / EXPORT_MODEL))
+            plot_curves(self.run_dir)
+        final_loss = float(distributed.all_reduce_mean(result.loss.detach().float())) if result else math.nan
+        return TrainSummary(self.run_dir, self.step, final_loss, self.skipped_steps, overall.rate(), stopped)
+
+    def _optimizer_step(self, micro: list) -> tuple[LossOutput, bool, bool]:  # noqa: ANN001
+        self.optimizer.zero_grad(set_to_none=True)
+        result = self.task.forward_backward(micro, self.scaler.scale)
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip
+        params = list(self.task.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        loss_finite = bool(torch.isfinite(result.loss.detach()))
+        bad = distributed.all_reduce_max(0.0 if loss_finite and bool(torch.isfinite(grad_norm)) else 1.0) > 0
+        stopped = distributed.all_reduce_max(1.0 if self._sigterm else 0.0) > 0
+        if bad:
+            self._skip_step(loss_finite)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.task.after_optimizer_step()
+            self._consecutive_skips = 0
+        return result, bad, stopped
+
+    def _skip_step(self, loss_finite: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()  # fp16 overflow: lower the scale as GradScaler would
+        self.skipped_steps += 1
+        self._consecutive_skips += 1
+        logger.warning("step %d skipped on every rank: non-finite %s", self.step + 1,
+                       "gradients" if loss_finite else "loss")
+        if self._consecutive_skips >= self.config.train.max_consecutive_skips:
+            raise TrainingAborted(f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradients "
+                                  f"(last at step {self.step + 1}); lower optim.lr, check the data, or use fp32")
+
+    def _log(self, result: LossOutput, lr: float, window: _Window, bar: tqdm) -> None:
+        loss = float(distributed.all_reduce_mean(result.loss.detach().float()))
+        parts = {k: float(distributed.all_reduce_mean(v.detach().float())) for k, v in result.parts.items()}
+        skip_counts = getattr(self.batches, "skip_counts", dict)()
+        from vlp.data.counters import sum_counts
+
+        skipped_samples = sum_counts(distributed.all_gather_objects(skip_counts))
+        record = {"step": self.step, "loss": loss, "parts": parts, "lr": lr,
+                  "logit_scale": float(self.model.logit_scale.detach().exp()), "samples_per_s": window.rate(),
+                  "data_wait_fraction": window.data_fraction(), "skipped_samples": skipped_samples,
+                  "skipped_steps": self.skipped_steps, **result.metrics}
+        self.log.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{window.rate():.0f}", refresh=False)
+        window.reset()
+
+
+class _Window:
+    """Timing of the steps since the last log record."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.data_seconds, self.samples = 0.0, 0.0, 0
+
+    def add(self, seconds: float, data_seconds: float, samples: int) -> None:
+        self.seconds += seconds
+        self.data_seconds += data_seconds
+        self.samples += samples
+
+    def rate(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def data_fraction(self) -> float:
+        return self.data_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def _as_tuple(value: object) -> object:
+    """``random.setstate`` needs tuples where a round trip may have produced lists."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
