@@ -59,7 +59,8 @@ def test_training_writes_curves_exports_and_lowers_the_loss(tmp_path: Path) -> N
         assert (run / name).exists(), name
     assert any((run / "tensorboard").iterdir())
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"lr", "logit_scale", "samples_per_s", "data_wait_fraction", "skipped_samples", "skipped_steps"} <= set(record)
+    expected_keys = {"lr", "logit_scale", "samples_per_s", "data_wait_fraction", "skipped_samples", "skipped_steps"}
+    assert expected_keys <= set(record)
     assert load_config(run / "config.yaml") == config
 
 
