@@ -88,10 +88,16 @@ def _square_naive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, eps
     return loss, correct_i2t, correct_t2i
 
 
+def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in at least fp32 (the chunked path computes low-precision features in fp32 throughout)."""
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
 def _square_chunked(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, eps: float, own: slice,
                     chunk: int) -> tuple:
     """As :func:`_square_naive`, with both log-sum-exps streamed in one pass over column strips."""
     lse_i2t, lse_t2i, arg_i2t, arg_t2i = chunked_logsumexp(img, txt, scale, chunk, with_cols=True)
+    img, txt, scale = _upcast(img, txt, scale)
     pos = scale * (img * txt).sum(dim=1)  # (N,)
     mean_i2t = mean_t2i = pos
     if eps:
@@ -117,6 +123,7 @@ def _rows_ce(rows: torch.Tensor, cols: torch.Tensor, own_cols: torch.Tensor, sca
             correct = logits.argmax(dim=1) == labels
         return F.cross_entropy(logits, labels, label_smoothing=eps), correct
     lse, _, argmax, _ = chunked_logsumexp(rows, cols, scale, chunk, with_cols=False)
+    rows, cols, own_cols, scale = _upcast(rows, cols, own_cols, scale)
     pos = scale * (rows * own_cols).sum(dim=1)  # (B,)
     mean_logit = scale * rows @ cols.mean(dim=0) if eps else pos
     return _smoothed(lse, pos, mean_logit, eps).mean(), argmax == labels
