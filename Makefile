@@ -11,7 +11,7 @@ DEMO_DATA := data/demo
 
 help:
 	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
-	@echo "make demo   set up, build the demo shards from the Debian data sets, check and stream them"
+	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a small CLIP"
 	@echo "make lint   ruff"
 	@echo "make bench  run the benchmarks (python -m bench.<name>)"
 
@@ -51,7 +51,8 @@ demo-data: install debian-data
 	$(BIN)/vlp shards check $(DEMO_DATA)/tuxpaint/train --world-size 1 --workers 2
 
 demo: demo-data
-	$(BIN)/vlp data stream --config configs/pretrain/demo.yaml --batches 200
+	$(BIN)/vlp train --config configs/pretrain/demo.yaml
+	@echo "demo run: runs/demo (metrics.jsonl, training_curves.png, model.safetensors, tensorboard/)"
 
 bench: install
 	$(BIN)/python -m bench.data

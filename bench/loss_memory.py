@@ -35,7 +35,7 @@ METHODS = ("naive", "chunked", "open_clip")
 FULL_BATCHES = (4096, 8192, 16384)
 QUICK_BATCHES = (1024, 2048)
 DIM = 512
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 1024
 WORKER_TIMEOUT_S = 1800.0
 PEAK_TARGET, TIME_TARGET = 1 / 8, 1.1
 
@@ -124,6 +124,7 @@ def _summarise(runs: list[dict]) -> dict:
         "peak_mb_runs": [round(r["peak_mb"], 1) for r in runs],
         "time_s_runs": [round(r["time_s"], 4) for r in runs],
         "loss": runs[-1]["loss"],
+        "threads": runs[-1]["threads"],
     }
 
 
@@ -158,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.loss_memory", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"B = {QUICK_BATCHES} only")
     parser.add_argument("--batches", type=int, nargs="+", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; --quick: 2)")
     parser.add_argument("--reps", type=int, default=2, help="timed passes per worker (after one untimed)")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="strip width of the chunked loss")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -172,22 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_worker(args.worker, args.batch, args.reps, args.chunk)), flush=True)
         return {}
     batches = tuple(args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES))
-    rounds = 2 if args.quick and args.rounds == 3 else args.rounds
+    rounds = args.rounds or (2 if args.quick else 3)
     machine = machine_info(packages=("torch", "open_clip_torch"))
     results = {str(b): measure_batch(b, rounds, args.reps, args.chunk) for b in batches}
     rows = [[b, m, s["peak_mb"], s["time_s"], s["cpu_s"]] for b, per in results.items() for m, s in per.items()]
     print(format_table(["batch", "method", "peak MB", "time s", "cpu s"], rows), flush=True)
-    losses = [s["loss"] for per in results.values() for s in per.values()]
     agreement = max(abs(s["loss"] - per["open_clip"]["loss"]) / abs(per["open_clip"]["loss"])
                     for per in results.values() for s in per.values())
     payload = {
         "benchmark": "loss_memory",
         "quick": args.quick,
         "settings": {"batches": list(batches), "dim": DIM, "dtype": "float32", "rounds": rounds, "reps": args.reps,
-                     "chunk_size": args.chunk, "threads": os.cpu_count()},
+                     "chunk_size": args.chunk},
         "results": results,
         "ratios": _ratios(results[str(batches[-1])], batches[-1]),
-        "loss_max_rel_diff": agreement if losses else None,
+        "loss_max_rel_diff": agreement,
         "machine": machine,
     }
     emit("loss_memory", payload)

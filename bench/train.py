@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -49,8 +50,8 @@ from bench.train_measure import (
 ARCH = "VLPBench-ViT-64-p8"
 ARCH_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 64, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 4},
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 IMAGE_SIZE, CONTEXT_LENGTH = 64, 32
 SHARD_SAMPLES, SHARD_COUNT, SHARD_SIDE, JPEG_QUALITY = 2048, 8, 64, 90
@@ -75,6 +76,7 @@ class Settings:
     skip_steps: int
     loss_steps: int
     shards: str
+    threads: int
     timeout_s: float
 
 
@@ -149,6 +151,14 @@ def open_clip_argv(s: Settings, run_dir: Path) -> list[str]:
     ]
 
 
+def child_env(threads: int) -> dict[str, str]:
+    """The environment of a training run: ours, with ``OMP_NUM_THREADS`` (torch's intra-op threads) when set."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
 def run_once(who: str, s: Settings, model_json: Path, runs_dir: Path, index: int, keep: bool) -> RunResult:
     """One fresh training subprocess of ``who``; its measurements (raises with the log tail if it failed)."""
     run_dir = runs_dir / f"r{index + 1}-{who}"
@@ -157,7 +167,7 @@ def run_once(who: str, s: Settings, model_json: Path, runs_dir: Path, index: int
     argv = ours_argv(s, run_dir) if who == "ours" else open_clip_argv(s, run_dir)
     times_json, log_path = run_dir / "step_times.json", run_dir / "child.log"
     command = [sys.executable, "-m", "bench.train_child", who, str(model_json), str(times_json), "--", *argv]
-    child = run_child(command, log_path=log_path, timeout=s.timeout_s, cwd=REPO)
+    child = run_child(command, log_path=log_path, timeout=s.timeout_s, cwd=REPO, env=child_env(s.threads))
     times = json.loads(times_json.read_text())["step_times"] if times_json.is_file() else []
     if child.exit_code != 0 or len(times) != s.steps:
         raise RuntimeError(f"{who} run failed (exit {child.exit_code}, timed out: {child.timed_out}, "
@@ -258,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--workers", type=int, default=1, help="loader worker processes (both trainers)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of both trainers (OMP_NUM_THREADS); 0: torch's default")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=2, help="lr warm-up steps (both trainers)")
     parser.add_argument("--weight-decay", type=float, default=0.2)
@@ -279,7 +291,8 @@ def settings_from(args: argparse.Namespace, shards: Path) -> Settings:
     return Settings(arch=ARCH, steps=steps, rounds=args.rounds or (1 if args.quick else 3),
                     batch_size=args.batch_size, precision=args.precision, workers=args.workers, lr=args.lr,
                     warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=1.0, skip_steps=skip,
-                    loss_steps=args.loss_steps, shards=shard_spec(shards), timeout_s=args.timeout)
+                    loss_steps=args.loss_steps, shards=shard_spec(shards), threads=args.threads,
+                    timeout_s=args.timeout)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -289,12 +302,16 @@ def main(argv: list[str] | None = None) -> dict:
     s = settings_from(args, shards)
     load_before = machine_info(packages=())
     import open_clip
+    import torch
 
+    if s.threads:
+        torch.set_num_threads(s.threads)  # the matmul peak at the trainers' thread count
     open_clip.add_model_config(model_json)
     flops = flops_per_sample(s.arch, s.batch_size, s.precision)
     peak = matmul_peak_flops(s.precision)
     print(f"training throughput: {s.rounds} rounds x (ours, open_clip), {s.arch}, {s.steps} steps "
-          f"({s.skip_steps} untimed), batch {s.batch_size}, {s.precision}, {s.workers} loader workers; "
+          f"({s.skip_steps} untimed), batch {s.batch_size}, {s.precision}, {s.workers} loader workers, "
+          f"{torch.get_num_threads()} torch threads; "
           f"{flops / 1e9:.3f} GFLOP/sample, matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     runs_dir = CACHE_DIR / "train_runs" / time.strftime("%Y%m%d-%H%M%S")
     runs: dict[str, list[RunResult]] = {who: [] for who in TRAINERS}

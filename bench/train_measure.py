@@ -10,6 +10,7 @@ trainer, i.e. the peak RSS of the largest single process of the tree (Linux fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,10 +41,8 @@ def tree_pids(root: int) -> list[int]:
         except OSError:
             continue
         for tid in tasks:
-            try:
+            with contextlib.suppress(OSError, ValueError):  # the thread or process ended meanwhile
                 stack.extend(int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-            except (OSError, ValueError):
-                pass
     return pids
 
 

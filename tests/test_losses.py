@@ -129,26 +129,45 @@ def test_chunked_itc_is_stable_at_large_scale_and_unnormalised_features(dtype: t
         assert_close(got, want, RTOL[dtype])
 
 
-@pytest.mark.parametrize("with_cols", [False, True])
-def test_chunked_logsumexp_matches_torch_for_any_upstream_gradient(with_cols: bool) -> None:
+def _logsumexp_problem(with_cols: bool, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (6, 5) and cols (6 or 11, 5) where every other row's positive column is a copy of the row."""
     gen = torch.Generator().manual_seed(7)
-    rows = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    cols = torch.randn(6 if with_cols else 11, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    cols = torch.randn(6 if with_cols else 11, 5, generator=gen, dtype=torch.float64)
+    cols[offset: offset + 6: 2] = 3 * rows[::2]
+    return rows.requires_grad_(), cols.requires_grad_()
+
+
+@pytest.mark.parametrize(
+    ("with_cols", "upstream"),
+    [(False, "random"), (False, "constant"), (True, "random"), (True, "constant"), (True, "rows-only"),
+     (True, "cols-only"), (True, "random-cols")],
+)
+def test_chunked_logsumexp_matches_torch_for_any_upstream_gradient(with_cols: bool, upstream: str) -> None:
+    """Upstream gradients: per-element random, constant (a mean: the fast path), or zero for one direction."""
+    offset = 0 if with_cols else 3
+    rows, cols = _logsumexp_problem(with_cols, offset)
     scale = scale_leaf(1.7)
-    lse_rows, lse_cols, arg_rows, arg_cols = chunked_logsumexp(rows, cols, scale, 4, with_cols=with_cols)
+    lse_rows, lse_cols, hits_rows, hits_cols = chunked_logsumexp(rows, cols, scale, 4, with_cols, offset)
     logits = scale * rows @ cols.T
+    positives = logits.diagonal(offset)  # row i's positive: column i + offset
     assert_close(lse_rows, logits.logsumexp(dim=1), 1e-12)
-    assert torch.equal(arg_rows, logits.argmax(dim=1))
-    weights_rows = torch.randn(lse_rows.shape, generator=gen, dtype=torch.float64)
-    objective, reference = (weights_rows * lse_rows).sum(), (weights_rows * logits.logsumexp(dim=1)).sum()
+    assert torch.equal(hits_rows, positives >= logits.amax(dim=1)) and hits_rows[::2].all()
+    gen = torch.Generator().manual_seed(11)
+    weight_rows = {"random": torch.randn(6, generator=gen, dtype=torch.float64), "cols-only": torch.zeros(6),
+                   "random-cols": torch.full((6,), 0.3)}.get(upstream, torch.full((6,), 0.25))
+    objective = (weight_rows * lse_rows).sum()
+    reference = (weight_rows * logits.logsumexp(dim=1)).sum()
     if with_cols:
         assert_close(lse_cols, logits.logsumexp(dim=0), 1e-12)
-        assert torch.equal(arg_cols, logits.argmax(dim=0))
-        weights_cols = torch.randn(lse_cols.shape, generator=gen, dtype=torch.float64)
-        objective = objective + (weights_cols * lse_cols).sum()
-        reference = reference + (weights_cols * logits.logsumexp(dim=0)).sum()
+        assert torch.equal(hits_cols, positives >= logits.amax(dim=0))
+        weight_cols = {"random": torch.randn(6, generator=gen, dtype=torch.float64), "rows-only": torch.zeros(6),
+                       "random-cols": torch.randn(6, generator=gen, dtype=torch.float64)}.get(upstream,
+                                                                                              torch.full((6,), 0.5))
+        objective = objective + (weight_cols * lse_cols).sum()
+        reference = reference + (weight_cols * logits.logsumexp(dim=0)).sum()
     else:
-        assert lse_cols.numel() == 0
+        assert lse_cols.numel() == 0 and hits_cols.numel() == 0
     for got, want in zip(grads(objective, [rows, cols, scale]), grads(reference, [rows, cols, scale]), strict=True):
         assert_close(got, want, 1e-12)
 

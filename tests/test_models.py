@@ -226,6 +226,17 @@ def test_open_clip_preset_trains_and_custom_towers_project(open_clip_arch: str) 
     assert out.image_features.shape == out.text_features.shape == (BATCH, 24)
 
 
+def test_custom_timm_and_hf_directory_towers_with_checkpointing() -> None:
+    from vlp.data.tokenizer import minilm_model_dir
+
+    config = ModelConfig(name="custom", image_tower="timm:test_vit", text_tower=f"hf:{minilm_model_dir()}",
+                         image_size=IMAGE_SIZE, context_length=CONTEXT, text_pooling="eos", grad_checkpointing=True)
+    model = create_model(config).train()
+    assert model.text_encoder.model.is_activation_checkpointing and model.image_encoder.model.grad_checkpointing
+    contrastive_loss(model, *batch_for(config)).backward()
+    assert trainable_without_grad(model) == []
+
+
 # ----------------------------------------------------------------------------------------------- weights files
 
 

@@ -30,7 +30,11 @@ smoothing is supported on both paths: with K classes, ``CE_smooth = lse - (1 - e
 and the row mean of the logits is ``s * a_i . mean(cols)``, an O(N * D) term.
 
 Metrics (floats, one host sync per call): ``acc_i2t`` / ``acc_t2i``, top-1 retrieval accuracy of this rank's
-own samples among all candidates it sees; their mean over ranks is the global accuracy in every mode.
+own samples among all candidates it sees (a hit: the positive logit is the maximum; ties count as hits); in
+``global`` and ``local`` mode their mean over ranks is the accuracy of the whole N x N problem.
+
+Every rank must call the loss with the same B (drop the last partial batch) and run backward: in ``global``
+and ``local`` mode the backward itself communicates. A scalar ``logit_bias`` is ignored (it cancels).
 """
 
 from __future__ import annotations
@@ -77,15 +81,16 @@ def _smoothed(lse: torch.Tensor, pos: torch.Tensor, mean_logit: torch.Tensor, ep
 
 
 def _square_naive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, eps: float, own: slice) -> tuple:
-    """(loss, correct_i2t, correct_t2i) of the full (N, N) problem; correctness for the ``own`` rows."""
+    """(loss, hits_i2t, hits_t2i) of the full (N, N) problem; top-1 hits for the ``own`` rows / columns."""
     logits = scale * img @ txt.T  # (N, N)
     labels = torch.arange(img.shape[0], device=img.device)
     loss = (F.cross_entropy(logits, labels, label_smoothing=eps) +
             F.cross_entropy(logits.T, labels, label_smoothing=eps)) / 2
     with torch.no_grad():
-        correct_i2t = logits[own].argmax(dim=1) == labels[own]
-        correct_t2i = logits[:, own].argmax(dim=0) == labels[own]
-    return loss, correct_i2t, correct_t2i
+        positives = logits.diagonal()[own]
+        hits_i2t = positives >= logits[own].amax(dim=1)
+        hits_t2i = positives >= logits[:, own].amax(dim=0)
+    return loss, hits_i2t, hits_t2i
 
 
 def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -96,7 +101,7 @@ def _upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _square_chunked(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, eps: float, own: slice,
                     chunk: int) -> tuple:
     """As :func:`_square_naive`, with both log-sum-exps streamed in one pass over column strips."""
-    lse_i2t, lse_t2i, arg_i2t, arg_t2i = chunked_logsumexp(img, txt, scale, chunk, with_cols=True)
+    lse_i2t, lse_t2i, hits_i2t, hits_t2i = chunked_logsumexp(img, txt, scale, chunk, with_cols=True)
     img, txt, scale = _upcast(img, txt, scale)
     pos = scale * (img * txt).sum(dim=1)  # (N,)
     mean_i2t = mean_t2i = pos
@@ -104,8 +109,7 @@ def _square_chunked(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, e
         mean_i2t = scale * img @ txt.mean(dim=0)  # (N,) row means of the logits
         mean_t2i = scale * txt @ img.mean(dim=0)  # (N,) column means
     loss = (_smoothed(lse_i2t, pos, mean_i2t, eps).mean() + _smoothed(lse_t2i, pos, mean_t2i, eps).mean()) / 2
-    labels = torch.arange(img.shape[0], device=img.device)[own]
-    return loss, arg_i2t[own] == labels, arg_t2i[own] == labels
+    return loss, hits_i2t[own], hits_t2i[own]
 
 
 def _rows_ce(rows: torch.Tensor, cols: torch.Tensor, own_cols: torch.Tensor, scale: torch.Tensor,
@@ -114,19 +118,19 @@ def _rows_ce(rows: torch.Tensor, cols: torch.Tensor, own_cols: torch.Tensor, sca
     (``own_cols`` (B, D) is that slice, passed separately so the positive needs no (B, N) logits).
 
     Returns:
-        (loss, correct) with correct (B,) bool.
+        (loss, hits) with hits (B,) bool: the positive is the row's maximum.
     """
-    labels = torch.arange(rows.shape[0], device=rows.device) + offset
     if chunk == 0:
         logits = scale * rows @ cols.T  # (B, N)
+        labels = torch.arange(rows.shape[0], device=rows.device) + offset
         with torch.no_grad():
-            correct = logits.argmax(dim=1) == labels
-        return F.cross_entropy(logits, labels, label_smoothing=eps), correct
-    lse, _, argmax, _ = chunked_logsumexp(rows, cols, scale, chunk, with_cols=False)
+            hits = logits.gather(1, labels[:, None]).squeeze(1) >= logits.amax(dim=1)
+        return F.cross_entropy(logits, labels, label_smoothing=eps), hits
+    lse, _, hits, _ = chunked_logsumexp(rows, cols, scale, chunk, offset=offset)
     rows, cols, own_cols, scale = _upcast(rows, cols, own_cols, scale)
     pos = scale * (rows * own_cols).sum(dim=1)  # (B,)
     mean_logit = scale * rows @ cols.mean(dim=0) if eps else pos
-    return _smoothed(lse, pos, mean_logit, eps).mean(), argmax == labels
+    return _smoothed(lse, pos, mean_logit, eps).mean(), hits
 
 
 def clip_loss(
@@ -161,16 +165,16 @@ def clip_loss(
         img, txt = gather_pair(image_features, text_features)
         own = slice(rank * batch, (rank + 1) * batch)
     if world > 1 and gather == "local":
-        loss_i2t, correct_i2t = _rows_ce(image_features, txt, text_features, logit_scale, own.start,
+        loss_i2t, hits_i2t = _rows_ce(image_features, txt, text_features, logit_scale, own.start,
                                          label_smoothing, chunk_size)
-        loss_t2i, correct_t2i = _rows_ce(text_features, img, image_features, logit_scale, own.start,
+        loss_t2i, hits_t2i = _rows_ce(text_features, img, image_features, logit_scale, own.start,
                                          label_smoothing, chunk_size)
         loss = (loss_i2t + loss_t2i) / 2
     elif chunk_size:
-        loss, correct_i2t, correct_t2i = _square_chunked(img, txt, logit_scale, label_smoothing, own, chunk_size)
+        loss, hits_i2t, hits_t2i = _square_chunked(img, txt, logit_scale, label_smoothing, own, chunk_size)
     else:
-        loss, correct_i2t, correct_t2i = _square_naive(img, txt, logit_scale, label_smoothing, own)
-    acc_i2t, acc_t2i = torch.stack([correct_i2t.float().mean(), correct_t2i.float().mean()]).tolist()
+        loss, hits_i2t, hits_t2i = _square_naive(img, txt, logit_scale, label_smoothing, own)
+    acc_i2t, acc_t2i = torch.stack([hits_i2t.double().mean(), hits_t2i.double().mean()]).tolist()
     return LossOutput(loss=loss, parts={"itc": loss.detach()}, metrics={"acc_i2t": acc_i2t, "acc_t2i": acc_t2i})
 
 

@@ -28,39 +28,40 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.distributed import all_gather_with_grad, group_rank_and_size
+from vlp.losses.chunked import positives_in_strip, strip_rows
 from vlp.losses.contrastive import GATHER_MODES, GatherMode, check_inputs, gather_pair
 from vlp.types import LossOutput
 
 
 def _block_terms(
-    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, start: int, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sum softplus(s * rows @ cols.T + b)`` over a block, plus each row's max and argmax in the block."""
+    """``sum softplus(s * rows @ cols.T + b)`` over a block of columns starting at ``start``, each row's maximum
+    logit in the block, and the positive logits the block holds (row i's positive is column ``i + offset``)."""
     logits = scale * rows @ cols.T + bias  # (R, c)
     with torch.no_grad():
-        block_max, block_arg = logits.max(dim=1)
-    return F.softplus(logits).sum(), block_max, block_arg
+        _, positives = positives_in_strip(logits, start, offset)
+        block_max = logits.amax(dim=1)
+    return F.softplus(logits).sum(), block_max, positives
 
 
 def _softplus_sum(
-    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, chunk: int
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, chunk: int, offset: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of softplus over all (R, M) logits and each row's argmax (M,) over the columns."""
-    if chunk == 0:
-        total, _, argmax = _block_terms(rows, cols, scale, bias)
-        return total, argmax
+    """Sum of softplus over all (R, M) logits, and whether each row's positive is its maximum (R,) bool."""
+    width = chunk or cols.shape[0]
     total = rows.new_zeros(())
-    best = torch.full((rows.shape[0],), float("-inf"), dtype=rows.dtype, device=rows.device)
-    argmax = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-    start = 0
-    for block in cols.split(chunk):  # one SplitBackward node: the column gradient is assembled once
-        part, block_max, block_arg = checkpoint(_block_terms, rows, block, scale, bias, use_reentrant=False)
+    row_max = torch.full((rows.shape[0],), float("-inf"), dtype=rows.dtype, device=rows.device)
+    positives = torch.full_like(row_max, float("nan"))
+    for index, block in enumerate(cols.split(width)):  # one SplitBackward node: column grads assembled once
+        start = index * width
+        args = (rows, block, scale, bias, start, offset)
+        part, block_max, block_positives = (checkpoint(_block_terms, *args, use_reentrant=False) if chunk
+                                            else _block_terms(*args))
         total = total + part
-        better = block_max > best
-        argmax = torch.where(better, block_arg + start, argmax)
-        best = torch.where(better, block_max, best)
-        start += block.shape[0]
-    return total, argmax
+        row_max = torch.maximum(row_max, block_max)
+        positives[strip_rows(start, block.shape[0], offset, rows.shape[0])] = block_positives
+    return total, positives >= row_max
 
 
 def siglip_loss(
@@ -95,11 +96,10 @@ def siglip_loss(
         pos_cols, own = cols, slice(rank * batch, (rank + 1) * batch)
     elif world > 1 and gather == "local":
         cols, offset = all_gather_with_grad(text_features), rank * batch
-    total, argmax = _softplus_sum(rows, cols, logit_scale, logit_bias, chunk_size)
+    total, hits = _softplus_sum(rows, cols, logit_scale, logit_bias, chunk_size, offset)
     positives = logit_scale * (rows * pos_cols).sum(dim=1) + logit_bias  # (R,) logits of the matching pairs
     loss = (total - positives.sum()) / rows.shape[0]
-    labels = torch.arange(rows.shape[0], device=rows.device) + offset
-    accuracy = (argmax[own] == labels[own]).float().mean().item()
+    accuracy = hits[own].double().mean().item()
     return LossOutput(loss=loss, parts={"siglip": loss.detach()}, metrics={"acc_i2t": accuracy})
 
 

@@ -1,14 +1,17 @@
 """Built-in model presets, registered in ``vlp.registry``.
 
-| name              | image tower                          | text tower                                | tokenizer  |
-|-------------------|--------------------------------------|-------------------------------------------|------------|
-| tiny              | timm ViT, patch 8, 64 wide, depth 2  | open_clip TextTransformer, 64 wide, 2 deep | open_clip  |
-| small             | timm ViT, patch 8, 128 wide, depth 4 | open_clip TextTransformer, 128 wide, 3 deep| open_clip  |
-| minilm-lit        | the tiny ViT                         | pretrained all-MiniLM-L6-v2 (384 wide)    | minilm     |
-| open_clip:<ARCH>  | open_clip's whole model, see ``vlp.models.open_clip_model``               | open_clip  |
-| custom            | ``image_tower``                      | ``text_tower``                            | from tower |
+| name             | image tower                           | text tower                                   | tokenizer |
+|------------------|---------------------------------------|----------------------------------------------|-----------|
+| tiny             | timm ViT, patch 8, 64 wide, depth 2   | open_clip TextTransformer, 64 wide, depth 2  | open_clip |
+| small            | timm ViT, patch 16, 128 wide, depth 4 | open_clip TextTransformer, 128 wide, depth 3 | open_clip |
+| minilm-lit       | the tiny ViT                          | pretrained all-MiniLM-L6-v2, 384 wide        | minilm    |
+| open_clip:<ARCH> | open_clip's vision tower              | open_clip's text tower                       | open_clip |
+| custom           | ``image_tower``                       | ``text_tower``                               | per tower |
 
-Image sizes must be multiples of the patch size (8) for the ViT presets.
+Image sizes must be multiples of the patch size (8 for tiny and minilm-lit, 16 for small). Every open_clip text
+tower also holds a 49408 x width token embedding (3.2M parameters at width 64, 6.3M at 128) on top of the sizes
+above. On 2 CPU cores at batch 128, 64 px, tiny trains at about 8-9 steps/s (fp32) and small at about 3.4 (fp32)
+and 4.5 (bf16 autocast), forward + backward + AdamW, on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ class TowerSizes:
 
 
 TINY = TowerSizes(image_width=64, image_depth=2, image_heads=2, text_width=64, text_depth=2, text_heads=2)
-SMALL = TowerSizes(image_width=128, image_depth=4, image_heads=4, text_width=128, text_depth=3, text_heads=4)
+SMALL = TowerSizes(
+    image_width=128, image_depth=4, image_heads=2, text_width=128, text_depth=3, text_heads=2, patch_size=16
+)
 
 
 def vit_tower(config: ModelConfig, sizes: TowerSizes) -> nn.Module:
     """A timm ViT (``vit_tiny_patch16_224`` resized) at ``config.image_size``, random init."""
     if config.image_size % sizes.patch_size:
-        raise ModelError(f"model.image_size={config.image_size} must be a multiple of the patch size {sizes.patch_size}")
+        raise ModelError(f"model.image_size={config.image_size} is not a multiple of the patch size {sizes.patch_size}")
     return create_timm_tower(
         "vit_tiny_patch16_224", config.image_size, patch_size=sizes.patch_size, embed_dim=sizes.image_width,
         depth=sizes.image_depth, num_heads=sizes.image_heads,

@@ -155,10 +155,13 @@ def create_text_tower(spec: str, context_length: int, pooling: Pooling) -> nn.Mo
 
         clip, _ = create_open_clip(name, context_length=context_length)
         return OpenClipTextTower(clip.text)
-    if spec in ("minilm", "minilm-random"):
+    if spec in ("minilm", "minilm-random") or (kind == "hf" and name):
         from vlp.data.tokenizer import minilm_model_dir
 
-        return HFTextTower(load_hf_encoder(minilm_model_dir(), pretrained=spec == "minilm"), pooling)
-    if kind == "hf" and name:
-        return HFTextTower(load_hf_encoder(Path(name)), pooling)
+        directory = Path(name) if kind == "hf" else minilm_model_dir()
+        tower = HFTextTower(load_hf_encoder(directory, pretrained=spec != "minilm-random"), pooling)
+        max_positions = getattr(tower.model.config, "max_position_embeddings", None)
+        if max_positions is not None and context_length > max_positions:
+            raise ModelError(f"model.context_length={context_length} exceeds the {max_positions} positions of {spec!r}")
+        return tower
     raise ModelError(f"model.text_tower={spec!r}: use 'open_clip:<ARCH>', 'minilm', 'minilm-random' or 'hf:<dir>'")
