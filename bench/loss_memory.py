@@ -10,7 +10,8 @@ the baseline, then runs one untimed and ``--reps`` timed forward + backward pass
 allocated, including the two feature gradients (the same 2 * B * D * 4 bytes for every method). Time is the
 median wall time of the timed passes, with CPU time alongside (less disturbed by other tenants of a shared
 machine). Methods alternate within each round (``naive, chunked, open_clip``, then reversed) and the report
-gives medians over rounds and, at the largest batch, the ratios ``chunked / open_clip`` for peak and time.
+gives medians over rounds and, at the largest batch, the ratios ``chunked / open_clip`` for peak and time
+(also per round: the two runs of a round are close in time, which matters on a shared machine).
 Every worker also reports its loss value; the three methods must agree (checked, reported).
 
 World size 1: the gather mode is moot (vlp uses ``gather='none'``; open_clip's ``ClipLoss()`` defaults).
@@ -150,6 +151,8 @@ def _ratios(summary: dict, batch: int) -> dict:
         "chunked_cpu/open_clip_cpu": round(ratio(chunked["cpu_s"], peer["cpu_s"]), 4),
         "naive_peak/open_clip_peak": round(ratio(naive["peak_mb"], peer["peak_mb"]), 4),
         "naive_time/open_clip_time": round(ratio(naive["time_s"], peer["time_s"]), 4),
+        "chunked_time/open_clip_time_rounds": [round(ratio(c, p), 4) for c, p in
+                                               zip(chunked["time_s_runs"], peer["time_s_runs"], strict=True)],
         "peak_target_met": peak <= PEAK_TARGET,
         "time_target_met": wall <= TIME_TARGET,
     }
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": _ratios(results[str(batches[-1])], batches[-1]),
         "loss_max_rel_diff": agreement,
         "machine": machine,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
     }
     emit("loss_memory", payload)
     return payload

@@ -1,13 +1,15 @@
 """Training throughput: ``vlp train`` against open_clip's own trainer (``open_clip_train``), same model and data.
 
-``python -m bench.train [--quick] [--steps N] [--rounds R] [--batch-size B] [--precision bf16|fp32] [--workers W]``
+``python -m bench.train [--quick] [--steps N] [--rounds R] [--batch-size B] [--precision bf16|fp32] [--workers W]
+[--threads T]``
 
-Both trainers train the same small open_clip architecture (:data:`ARCH_CONFIG`, a ViT at 64 px with patch 8
-and a 4-layer text transformer at context 32, embed dim 128, registered in each trainer's process with
-``open_clip.add_model_config``) from random init on the same shards (built once under
-``bench/.cache/train_shards/``: captioned Tux Paint stamps and Fashion-MNIST, 64 px JPEGs, sampled with
-replacement by both: ``data.mode=resampled`` / ``--dataset-resampled``), with the same batch size, precision
-(bf16 autocast or fp32), loader workers, sample shuffle buffer, AdamW (lr, betas, eps, weight decay), gradient
+Both trainers train the same small open_clip architecture (:data:`ARCH_CONFIG`: a ViT at 64 px, patch 8, 128
+wide, 4 layers; a text transformer 128 wide, 3 layers, context 32; embed dim 128, the sizes of vlp's ``small``
+preset; registered in each trainer's process with ``open_clip.add_model_config``) from random init on the same
+shards (built once under ``bench/.cache/train_shards/``: captioned Tux Paint stamps and Fashion-MNIST, 64 px
+JPEGs, sampled with replacement by both: ``data.mode=resampled`` / ``--dataset-resampled``), with the same
+batch size, precision (bf16 autocast or fp32), loader workers, torch threads, sample shuffle buffer, AdamW
+(lr, betas, eps, weight decay: each trainer keeps its own choice of which parameters are not decayed), gradient
 clipping at norm 1, cosine schedule with the same warm-up, CLIP loss, and step count; both log every step and
 save one checkpoint at the end. Each run is a fresh subprocess (``bench/train_child.py``); ours and open_clip's
 alternate for ``--rounds`` rounds.
@@ -15,11 +17,15 @@ alternate for ``--rounds`` rounds.
 Per run: steady-state samples/s from the optimizer-step timestamps the child records itself (the same
 measurement for both trainers, whatever their logs say: the first ``--skip-steps`` steps are warm-up and not
 timed; the rate each trainer logs is shown next to it as a cross-check), the final loss (mean of the last
-``--loss-steps`` logged losses), CPU time of the process tree per timed sample, memory (see
-``bench/train_measure.py``: peak summed PSS of the process tree, and the exact peak RSS of the largest process),
-total wall time and the time from launch to the end of the first step. MFU = model FLOPs per sample (counted
-with ``FlopCounterMode`` over forward + loss + backward) x samples/s / the best measured ``torch.mm`` FLOP/s
-in the run's matmul dtype on this machine (same thread count as the trainers).
+``--loss-steps`` logged losses), CPU time of the process tree per timed sample (far less disturbed by other
+tenants than wall time), memory (see ``bench/train_measure.py``: peak summed PSS of the process tree, and the
+exact peak RSS of the largest process), total wall time and the time from launch to the end of the first step.
+MFU = model FLOPs per sample (counted with ``FlopCounterMode`` over forward + loss + backward) x samples/s / the
+best measured ``torch.mm`` FLOP/s in the run's matmul dtype on this machine, at the trainers' thread count.
+
+``--threads`` defaults to 1: on this shared 2-core machine, two intra-op threads stall on each other whenever
+another tenant or the loader worker holds a core (elementwise ops measured 4x slower than with one thread, and
+training runs varied 10x from run to run), which drowns the comparison; ``--threads 0`` keeps torch's default.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ class Settings:
     grad_clip: float
     skip_steps: int
     loss_steps: int
-    shards: str
+    shards: str  # the directory
     threads: int
     timeout_s: float
 
@@ -128,7 +134,7 @@ def ours_argv(s: Settings, run_dir: Path) -> list[str]:
     """``vlp train`` with every setting on the command line (no YAML file)."""
     return [
         "train", "--no-progress", f"model.name=open_clip:{s.arch}", f"model.image_size={IMAGE_SIZE}",
-        f"model.context_length={CONTEXT_LENGTH}", f"data.sources={s.shards}", "data.mode=resampled",
+        f"model.context_length={CONTEXT_LENGTH}", f"data.sources={shard_spec(s.shards)}", "data.mode=resampled",
         f"data.batch_size={s.batch_size}", f"data.workers={s.workers}", "data.shuffle_buffer=1000",
         "data.augment=open_clip", f"optim.lr={s.lr}", f"optim.weight_decay={s.weight_decay}", "optim.beta1=0.9",
         "optim.beta2=0.98", "optim.eps=1e-6", f"optim.grad_clip={s.grad_clip}", "schedule.kind=cosine",
@@ -141,8 +147,9 @@ def ours_argv(s: Settings, run_dir: Path) -> list[str]:
 def open_clip_argv(s: Settings, run_dir: Path) -> list[str]:
     """``open_clip_train.main`` with the same settings (``--force-custom-text``: the module layout ours uses)."""
     return [
-        "--train-data", s.shards, "--train-num-samples", str(s.steps * s.batch_size), "--dataset-type", "webdataset",
-        "--dataset-resampled", "--batch-size", str(s.batch_size), "--workers", str(s.workers), "--epochs", "1",
+        "--train-data", shard_spec(s.shards), "--train-num-samples", str(s.steps * s.batch_size),
+        "--dataset-type", "webdataset", "--dataset-resampled", "--batch-size", str(s.batch_size),
+        "--workers", str(s.workers), "--epochs", "1",
         "--lr", str(s.lr), "--wd", str(s.weight_decay), "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
         "--grad-clip-norm", str(s.grad_clip), "--lr-scheduler", "cosine", "--warmup", str(s.warmup),
         "--model", s.arch, "--force-custom-text", "--precision", "amp_bf16" if s.precision == "bf16" else "fp32",
@@ -262,7 +269,7 @@ def _payload(s: Settings, runs: dict[str, list[RunResult]], flops: float, peak: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20 steps, 1 round (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="20 steps, 1 round (about a minute)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; --quick 20)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; --quick 1)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -291,7 +298,7 @@ def settings_from(args: argparse.Namespace, shards: Path) -> Settings:
     return Settings(arch=ARCH, steps=steps, rounds=args.rounds or (1 if args.quick else 3),
                     batch_size=args.batch_size, precision=args.precision, workers=args.workers, lr=args.lr,
                     warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=1.0, skip_steps=skip,
-                    loss_steps=args.loss_steps, shards=shard_spec(shards), threads=args.threads,
+                    loss_steps=args.loss_steps, shards=str(shards), threads=args.threads,
                     timeout_s=args.timeout)
 
 

@@ -5,7 +5,8 @@ on a fresh localhost TCP port, calls ``fn(rank, world_size)`` and writes what it
 numbers and strings, as accepted by ``torch.load(weights_only=True)``) or its traceback to ``rank<r>.pt`` in
 a temporary directory. The parent never trusts exit codes or queues: it reads those files. On timeout every
 child is killed. A launch whose rendezvous failed (e.g. the port was taken in between) is retried once on a
-new port. ``fn`` must be a module-level function of an importable module (spawn pickles it by name).
+new port. ``fn`` must be a module-level function of an importable module (spawn pickles it by name), or a
+``functools.partial`` of one with picklable arguments.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ RankFn = Callable[[int, int], dict[str, Any]]
 
 class DistributedTestError(AssertionError):
     """A rank failed, wrote nothing, or the launch timed out; the message holds every rank's story."""
+
+
+def _name(fn: RankFn) -> str:
+    """A readable name for ``fn``, also for ``functools.partial`` objects."""
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", None) or repr(fn)
 
 
 def free_port() -> int:
@@ -86,7 +92,7 @@ def _launch(fn: RankFn, world_size: int, timeout_s: float, out_dir: Path) -> lis
     context = mp.start_processes(_entry, args=(fn, world_size, port, str(out_dir), min(30.0, timeout_s)),
                                  nprocs=world_size, join=False, start_method="spawn")
     if not _wait(context, time.monotonic() + timeout_s):
-        raise DistributedTestError(f"{fn.__name__}: timed out after {timeout_s:.0f} s; all {world_size} "
+        raise DistributedTestError(f"{_name(fn)}: timed out after {timeout_s:.0f} s; all {world_size} "
                                    f"processes killed")
     outcomes: list[dict[str, Any] | None] = []
     for rank in range(world_size):
@@ -112,4 +118,4 @@ def run_distributed(fn: RankFn, world_size: int = 2, timeout_s: float = 60.0, at
         for rank, o in enumerate(outcomes)
         if o is None or o["stage"] != "done"
     ]
-    raise DistributedTestError(f"{fn.__name__} failed:\n" + "\n".join(stories))
+    raise DistributedTestError(f"{_name(fn)} failed:\n" + "\n".join(stories))

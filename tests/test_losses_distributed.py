@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import DistributedTestError, run_distributed
+from test_losses import LargestAllocation
 
 from vlp.config import LossConfig
 from vlp.distributed import all_reduce_mean
-from vlp.losses import build_loss
+from vlp.losses import build_loss, clip_loss
 
 WORLD = 2
 BATCH = 5  # per rank
@@ -77,9 +78,24 @@ def loss_and_grads(
     return out.loss.detach(), grads, out.metrics
 
 
+MEM_BATCH, MEM_DIM, MEM_CHUNK = 64, 4, 8  # per rank; B * N = 8,192 > N * 2D = 1,024 > B * chunk = 512
+
+
+def largest_allocation(gather: str, chunk: int) -> int:
+    """Largest tensor (elements) any op makes in forward + backward of the ITC loss on this rank's features."""
+    gen = torch.Generator().manual_seed(5 + torch.distributed.get_rank())
+    image, text = (F.normalize(torch.randn(MEM_BATCH, MEM_DIM, generator=gen), dim=1).requires_grad_()
+                   for _ in range(2))
+    mode = LargestAllocation()
+    with mode:
+        clip_loss(image, text, torch.tensor(10.0), gather=gather, chunk_size=chunk).loss.backward()
+    return mode.largest
+
+
 def rank_body(rank: int, world: int) -> dict:
-    """Every case on this rank's rows, gradients averaged over ranks as DDP does."""
-    results = {}
+    """Every case on this rank's rows, gradients averaged over ranks as DDP does; allocation sizes."""
+    results: dict = {"largest": {f"{g}-{c}": largest_allocation(g, c) for g in ("local", "global") for c in
+                                 (0, MEM_CHUNK)}}
     for case in CASES:
         loss, grads, metrics = loss_and_grads(CASES[case], slice(rank * BATCH, (rank + 1) * BATCH))
         results[case] = {
@@ -150,6 +166,17 @@ def test_local_losses_differ_between_ranks_but_average_to_the_global_loss(rank_r
     losses = [results["clip-local-naive"]["loss"] for results in rank_results]
     assert not torch.allclose(losses[0], losses[1])
     assert_close(sum(losses) / WORLD, rank_results[0]["clip-global-naive"]["loss"], "mean of local losses")
+
+
+def test_chunked_itc_allocates_linear_memory_with_two_ranks(rank_results: list[dict]) -> None:
+    """Local mode never makes more than the gathered (N, 2D) features: its strips are (B, chunk); global mode's
+    are (N, chunk). The naive paths make (B, N) and (N, N) logits, so the check can fail."""
+    n = WORLD * MEM_BATCH
+    for results in rank_results:
+        largest = results["largest"]
+        assert largest[f"local-{MEM_CHUNK}"] <= n * 2 * MEM_DIM
+        assert largest[f"global-{MEM_CHUNK}"] <= max(n * 2 * MEM_DIM, n * MEM_CHUNK)
+        assert largest["local-0"] >= MEM_BATCH * n and largest["global-0"] >= n * n
 
 
 def test_runner_reports_a_failing_rank() -> None:

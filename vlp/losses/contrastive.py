@@ -166,9 +166,9 @@ def clip_loss(
         own = slice(rank * batch, (rank + 1) * batch)
     if world > 1 and gather == "local":
         loss_i2t, hits_i2t = _rows_ce(image_features, txt, text_features, logit_scale, own.start,
-                                         label_smoothing, chunk_size)
+                                      label_smoothing, chunk_size)
         loss_t2i, hits_t2i = _rows_ce(text_features, img, image_features, logit_scale, own.start,
-                                         label_smoothing, chunk_size)
+                                      label_smoothing, chunk_size)
         loss = (loss_i2t + loss_t2i) / 2
     elif chunk_size:
         loss, hits_i2t, hits_t2i = _square_chunked(img, txt, logit_scale, label_smoothing, own, chunk_size)
@@ -194,9 +194,10 @@ class ClipLoss(nn.Module):
         super().__init__()
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {list(GATHER_MODES)}, got {gather!r}")
-        if chunk_size < 0 or not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"need chunk_size >= 0 and 0 <= label_smoothing < 1, got {chunk_size}, "
-                             f"{label_smoothing}")
+        if chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 = naive), got {chunk_size}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.gather = gather
         self.chunk_size = chunk_size
         self.label_smoothing = label_smoothing
