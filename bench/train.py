@@ -268,6 +268,7 @@ def _payload(s: Settings, runs: dict[str, list[RunResult]], flops: float, peak: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20 steps, 1 round (about a minute)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; --quick 20)")
@@ -288,6 +289,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace, shards: Path) -> Settings:
+    """Fill in the defaults that depend on ``--quick`` and ``--steps``; steps round up to a multiple of workers."""
     steps = args.steps or (20 if args.quick else 60)
     if args.workers < 1 or args.batch_size < 2 or steps < 4:
         raise SystemExit("need --workers >= 1, --batch-size >= 2, --steps >= 4")

@@ -310,3 +310,18 @@ def test_pretrained_minilm_tower_ranks_paraphrases_first(minilm_model: DualEncod
     similarity = pooled @ pooled.T
     assert similarity[0, 1] > similarity[0, 2] + 0.2 and similarity[0, 1] > 0.7
     assert similarity[3, 4] > max(similarity[3, 0], similarity[3, 2]) + 0.2
+
+
+def test_open_clip_architecture_from_a_json_path(tmp_path: pathlib.Path) -> None:
+    arch_config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    path = tmp_path / "JsonPathArch.json"
+    path.write_text(json.dumps(arch_config))
+    config = ModelConfig(name=f"open_clip:{path}", image_size=IMAGE_SIZE, context_length=CONTEXT)
+    model = create_model(config)
+    assert model.embed_dim == 16 and tokenizer_for(config) == "open_clip"
+    with pytest.raises(ModelError, match="does not exist"):
+        create_model(ModelConfig(name=f"open_clip:{tmp_path / 'missing.json'}"))

@@ -173,3 +173,19 @@ def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
     config = _config(tmp_path, "train.steps=3", "train.precision=bf16")
     summary = Trainer(config, batches=_batches(config), progress=False).fit()
     assert summary.steps_done == 3 and math.isfinite(summary.final_loss)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_attention_kernel_choice_keeps_the_loss_and_gradients(tmp_path: Path, precision: str) -> None:
+    config = _config(tmp_path, f"train.precision={precision}")
+    batch = next(iter(_batches(config)))
+    results = []
+    for choice in ("default", "math"):
+        trainer = Trainer(load_config(None, [*TINY, f"train.output_dir={tmp_path / choice}",
+                                             f"train.precision={precision}", f"train.attention={choice}"]),
+                          batches=[], progress=False)
+        result = trainer.task.forward_backward([batch])
+        results.append((float(result.loss.detach()), trainer.model.image_encoder.model.blocks[0].attn.qkv.weight.grad))
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert results[0][0] == pytest.approx(results[1][0], rel=tolerance)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=tolerance * 10, atol=tolerance)

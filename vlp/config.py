@@ -130,6 +130,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = usable cores minus loader workers (at least 1) on CPU
+    attention: Literal["auto", "math", "flash", "efficient", "default"] = "auto"
     compile: bool = False
     max_consecutive_skips: int = 5
     tensorboard: bool = True

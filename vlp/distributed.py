@@ -47,6 +47,11 @@ def get_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_world_size() -> int:
+    """Processes on this node (``LOCAL_WORLD_SIZE`` from torchrun; else the world size, as on one node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(get_world_size())))
+
+
 def _pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -11,6 +11,7 @@ The text tower ignores ``text_mask`` (causal mask and end-of-text pooling, as in
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -26,9 +27,25 @@ from vlp.registry import ModelError
 _OPEN_CLIP_PREFIXES = (("visual.", "image_encoder.visual."), ("text.", "text_encoder.text."))
 
 
+def resolve_open_clip_arch(arch: str) -> str:
+    """The architecture name; a path to an open_clip model JSON (``open_clip:/path/MyArch.json``) is registered
+    with ``open_clip.add_model_config`` first and named by its file stem."""
+    if not arch.endswith(".json"):
+        return arch
+    import open_clip
+
+    path = Path(arch)
+    if not path.is_file():
+        raise ModelError(f"model.name: open_clip architecture file {arch!r} does not exist")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
 def open_clip_arch_config(arch: str) -> dict:
     """The open_clip model config of a registered architecture (``open_clip.list_models()``), never a hub one."""
     import open_clip
+
+    arch = resolve_open_clip_arch(arch)
 
     if arch not in open_clip.list_models():
         import difflib
@@ -54,6 +71,7 @@ def create_open_clip(
     """
     import open_clip
 
+    arch = resolve_open_clip_arch(arch)
     arch_config = open_clip_arch_config(arch)
     logit_kwargs = {}  # the architecture's own temperature settings (SigLIP archs set a bias) win
     if init_logit_scale is not None and "init_logit_scale" not in arch_config:

@@ -33,7 +33,8 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
 
 
 class RunLog:
-    """Appends metric records (flushed and fsynced line by line) and mirrors scalars to TensorBoard."""
+    """Appends metric records (flushed line by line: a killed process loses none; fsynced at every checkpoint)
+    and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
         self.run_dir, self.enabled = run_dir, enabled
@@ -49,15 +50,22 @@ class RunLog:
             return
         self._handle.write(json.dumps(record, sort_keys=True) + "\n")
         self._handle.flush()
-        os.fsync(self._handle.fileno())
         if self._writer is not None:
             step = record["step"]
             for name, value in _flatten(record).items():
                 if name != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self._writer.add_scalar(name, value, step)
 
+    def sync(self) -> None:
+        """fsync the metrics file (with each checkpoint, so the two agree after a machine crash)."""
+        if self._handle is not None:
+            os.fsync(self._handle.fileno())
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         if self._handle is not None:
+            self.sync()
             self._handle.close()
         if self._writer is not None:
             self._writer.close()

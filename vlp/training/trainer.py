@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -72,6 +73,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / EXPORT_CONFIG)
+        _set_threads(config, self.dist.device)
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         self.model, loss_fn = build_training_objects(config, self.dist.device)
@@ -81,7 +83,8 @@ class Trainer:
             train_model = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.train.compile:
             train_model = torch.compile(train_model)
-        self.task = ContrastiveTask(self.model, train_model, loss_fn, self.dist.device, config.train.precision)
+        self.task = ContrastiveTask(self.model, train_model, loss_fn, self.dist.device, config.train.precision,
+                                    config.train.attention)
         self.optimizer = build_optimizer(self.model.param_groups(config.optim.weight_decay), config.optim)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
@@ -102,6 +105,7 @@ class Trainer:
     def save(self) -> None:
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
+            self.log.sync()
             path = save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.train.keep_checkpoints)
             logger.info("checkpoint %s", path)
 
@@ -241,6 +245,16 @@ class _Window:
 
     def data_fraction(self) -> float:
         return self.data_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def _set_threads(config: Config, device: torch.device) -> None:
+    """``train.threads`` torch threads; by default on CPU the usable cores left after the loader workers."""
+    threads = config.train.threads
+    if threads == 0 and device.type == "cpu":
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, usable // distributed.local_world_size() - config.data.workers)
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def _as_tuple(value: object) -> object:
