@@ -54,8 +54,10 @@ demo: demo-data
 	$(BIN)/vlp train --config configs/pretrain/demo.yaml
 	@echo "demo run: runs/demo (metrics.jsonl, training_curves.png, model.safetensors, tensorboard/)"
 
-bench: install
+bench: install debian-data
 	$(BIN)/python -m bench.data
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.loss_memory
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) runs
