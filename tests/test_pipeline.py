@@ -173,3 +173,38 @@ def test_uint8_images_normalise_to_the_default_batches(tmp_path: Path) -> None:
     for expected, got in zip(default, raw, strict=True):
         assert got.images.dtype == torch.uint8 and expected.images.dtype == torch.float32
         assert torch.equal(normalize_batch(got.images), expected.images)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_finite_evaluation_pass_visits_every_sample_once(tmp_path: Path, workers: int) -> None:
+    keys = write_dataset(tmp_path / "ds", [7, 5, 6])
+    config = _config(str(tmp_path / "ds"), workers=workers, batch_size=4)
+    loader = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1)
+    batches = list(loader)
+    seen = [k for b in batches for k in b.keys]
+    assert sorted(seen) == sorted(keys)
+    assert all(len(b) == 4 for b in batches[:-1]) or workers == 2  # with workers each may end with a partial batch
+    assert sum(len(b) for b in batches) == 18
+
+
+def test_a_finite_pass_with_more_slots_than_samples_ends_quietly(tmp_path: Path) -> None:
+    keys = write_dataset(tmp_path / "ds", [1])
+    loader = ShardLoader(_config(str(tmp_path / "ds"), workers=2, batch_size=4), image_size=16, context_length=8,
+                         train=False, epochs=1)
+    assert [k for b in loader for k in b.keys] == keys
+
+
+def test_classification_shards_with_cls_members_and_no_captions(tmp_path: Path) -> None:
+    from shard_factory import png_bytes, write_shard
+
+    (tmp_path / "cb").mkdir()
+    members = []
+    for i in range(5):
+        members += [(f"s{i:04d}.png", png_bytes(i)), (f"s{i:04d}.cls", str(i % 3).encode())]
+    write_shard(tmp_path / "cb" / "00000.tar", members)
+    config = _config(str(tmp_path / "cb"), batch_size=8, augment="none")
+    loader = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1, require_caption=False)
+    (batch,) = list(loader)
+    assert batch.labels.tolist() == [0, 1, 2, 0, 1] and loader.skip_counts() == {}
+    strict = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1)
+    assert list(strict) == [] and strict.skip_counts() == {"missing_caption": 5}

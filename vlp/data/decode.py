@@ -100,10 +100,15 @@ def decode_caption(txt: bytes | None, metadata: dict, limits: DecodeLimits) -> s
     return caption
 
 
-def decode_label(metadata: dict) -> int:
-    """Integer class label from the json (``label`` or ``cls``), -1 when absent or not an integer."""
+def decode_label(metadata: dict, cls: bytes | None = None) -> int:
+    """Integer class label from the json (``label`` or ``cls``) or a ``.cls`` member; -1 when absent."""
     for name in ("label", "cls"):
         value = metadata.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+    if cls is not None:
+        text = cls.decode("ascii", errors="replace").strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        raise SampleError(reasons.BAD_JSON, f"cls member is not an integer: {text[:20]!r}")
     return -1

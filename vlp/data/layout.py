@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-TEXT_EXTENSIONS = ("txt", "json")
+TEXT_EXTENSIONS = ("txt", "json", "cls")  # cls: an integer class label (the CLIP_benchmark layout)
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
 MANIFEST_VERSION = 1

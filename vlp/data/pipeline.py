@@ -56,6 +56,7 @@ class LoaderSpec:
     rank: int
     world_size: int
     num_workers: int
+    require_caption: bool = True
 
 
 @dataclass
@@ -89,19 +90,33 @@ class _BatchMaker:
         if raw.image is None:
             raise SampleError(reasons.MISSING_IMAGE, "no jpg/jpeg/png/webp member")
         metadata = decode_metadata(raw.json)
-        caption = decode_caption(raw.txt, metadata, self.spec.limits)
+        label = decode_label(metadata, raw.cls)
+        caption = self._caption(raw.txt, metadata)
         image = decode_image(raw.image, self.spec.limits)
         if self.spec.train and self.spec.augment != "none":
             seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
             random.seed(seed)
             torch.random.default_generator.manual_seed(seed)  # CPU generator only: ~1 us, not ~200 us
-        return _Prepared(self.transform(image), caption, decode_label(metadata), derive_seed(raw.url, raw.key),
-                         raw.key)
+        return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
+
+    def _caption(self, txt: bytes | None, metadata: dict) -> str:
+        if self.spec.require_caption:
+            return decode_caption(txt, metadata, self.spec.limits)
+        try:  # classification sets (e.g. CLIP_benchmark shards) may carry no caption at all
+            return decode_caption(txt, metadata, self.spec.limits)
+        except SampleError:
+            return ""
 
     def next_batch(self) -> tuple[Batch, WorkerReport]:
+        """The next full batch; in a finite pass the last one may be smaller; StopIteration when done."""
         samples: list[_Prepared] = []
         while len(samples) < self.spec.batch_size:
-            item = next(self.stream)
+            try:
+                item = next(self.stream)
+            except StopIteration:
+                if not samples:
+                    raise
+                break
             try:
                 samples.append(self._prepare(item))
             except SampleError as err:
@@ -137,20 +152,30 @@ class ShardDataset(IterableDataset):
         counters.counts.update(self.counts.get(logical, {}))  # counts up to the saved position, decode included
         maker = _BatchMaker(self.spec, slot, stream, counters)
         while True:
-            if info is None:  # in the main process: keep the caller's RNG streams untouched
-                python_state = random.getstate()
-                with torch.random.fork_rng(devices=[]):
-                    item = maker.next_batch()
-                random.setstate(python_state)
-                yield item
-            else:
-                yield maker.next_batch()
+            try:
+                yield self._next(maker, in_main_process=info is None)
+            except StopIteration:  # a finite pass is over: a last report (no batch) carries the final counts
+                yield None, WorkerReport(slot.worker, stream.state(), counters.as_dict())
+                return
+
+    @staticmethod
+    def _next(maker: _BatchMaker, in_main_process: bool) -> tuple[Batch, WorkerReport]:
+        if not in_main_process:
+            return maker.next_batch()
+        python_state = random.getstate()  # keep the caller's RNG streams untouched
+        try:
+            with torch.random.fork_rng(devices=[]):
+                return maker.next_batch()
+        finally:
+            random.setstate(python_state)
 
 
 class ShardLoader:
     """Endless, resumable batches from webdataset shards for this rank.
 
-    Iterating continues from the current position (a fresh loader starts at epoch 0). ``state_dict()`` after
+    Iterating continues from the current position (a fresh loader starts at epoch 0). With ``epochs=N`` the
+    stream ends after N epochs (evaluation: ``epochs=1, train=False`` visits every sample of this rank's share
+    exactly once, in shard order, the last batch possibly smaller). ``state_dict()`` after
     consuming a batch, fed to ``load_state_dict()`` of a new loader, makes it yield exactly the batches that
     would have followed. ``skip_counts()`` sums the per-reason counts of dropped samples over workers.
 
@@ -161,19 +186,19 @@ class ShardLoader:
 
     def __init__(self, config: DataConfig, *, image_size: int, context_length: int, train: bool = True,
                  rank: int | None = None, world_size: int | None = None, batch_size: int | None = None,
-                 uint8_images: bool = False) -> None:
+                 uint8_images: bool = False, epochs: int | None = None, require_caption: bool = True) -> None:
         sources = tuple(ShardSource.from_spec(s.urls, s.weight) for s in config.sources)
         self.num_workers = config.workers
         self.spec = LoaderSpec(
             sources=sources,
-            settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0),
+            settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0, epochs),
             limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars,
                                 draft_size=image_size),
             augment=config.augment, train=train, image_size=image_size, tokenizer=config.tokenizer,
             context_length=context_length, batch_size=batch_size or config.batch_size,
             rank=get_rank() if rank is None else rank,
             world_size=get_world_size() if world_size is None else world_size,
-            num_workers=max(1, config.workers),
+            num_workers=max(1, config.workers), require_caption=require_caption,
         )
         self.prefetch_factor = config.prefetch_factor
         self.uint8_images = uint8_images
@@ -200,6 +225,8 @@ class ShardLoader:
         for batch, report in loader:
             self._states[report.worker] = report.stream_state
             self._counts[report.worker] = report.counts
+            if batch is None:
+                continue
             self._next_worker = (report.worker + 1) % self.spec.num_workers
             if batch.images.dtype == torch.uint8 and not self.uint8_images:
                 batch.images = normalize_batch(batch.images)

@@ -53,6 +53,7 @@ class StreamSettings:
     mode: Literal["epoch", "resampled"] = "epoch"
     seed: int = 0
     shuffle_buffer: int = 1000
+    epochs: int | None = None  # None: endless; N: stop after N epochs (evaluation passes use 1)
 
 
 @dataclass
@@ -121,6 +122,8 @@ class SourceStream:
         try:
             return self._next_in_epoch(), self.epoch
         except StopIteration:
+            if self.settings.epochs is not None and self.epoch + 1 >= self.settings.epochs:
+                raise  # a finite pass is over (a slot may legitimately have had no samples)
             if self.consumed == 0:
                 raise DataSourceError(
                     f"source {self.source.spec!r} gave no samples to rank {self.slot.rank} worker "

@@ -34,6 +34,7 @@ class RawSample:
     image_ext: str = ""
     txt: bytes | None = None
     json: bytes | None = None
+    cls: bytes | None = None
 
 
 class _TailReader(io.RawIOBase):
@@ -87,6 +88,8 @@ def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
         sample.txt = data
     elif ext == "json":
         sample.json = data
+    elif ext == "cls":
+        sample.cls = data
 
 
 def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters) -> Iterator[tuple[str, str, bytes | None]]:
