@@ -52,7 +52,8 @@ demo-data: install debian-data
 
 demo: demo-data
 	$(BIN)/vlp train --config configs/pretrain/demo.yaml
-	@echo "demo run: runs/demo (metrics.jsonl, training_curves.png, model.safetensors, tensorboard/)"
+	$(BIN)/vlp eval demo --run runs/demo --data $(DEMO_DATA)
+	@echo "demo run: runs/demo (results.json, eval/, metrics.jsonl, training_curves.png, model.safetensors)"
 
 bench: install debian-data
 	$(BIN)/python -m bench.data

@@ -46,7 +46,7 @@ def topk_accuracy_from_predictions(
     if labels.numel() == 0:
         raise ValueError("top-k accuracy of an empty set")
     hits = predictions == labels.to(predictions.device).unsqueeze(1)  # (N, K)
-    return {k: float(hits[:, : min(k, hits.shape[1])].any(dim=1).float().mean()) for k in ks}
+    return {k: float(hits[:, : min(k, hits.shape[1])].any(dim=1).double().mean()) for k in ks}
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
@@ -171,7 +171,7 @@ def recall_at_k(ranks: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int
     """
     if ranks.numel() == 0:
         raise ValueError("recall@k of an empty set of queries")
-    return {k: float((ranks < k).float().mean()) for k in ks}
+    return {k: float((ranks < k).double().mean()) for k in ks}
 
 
 def mean_rank(ranks: torch.Tensor) -> float:

@@ -1,0 +1,96 @@
+"""Load a trained model for inference: a vlp run directory or checkpoint, or an open_clip architecture + file.
+
+Accepted ``--checkpoint`` forms: a run directory (``config.yaml`` + ``model.safetensors``), a checkpoint directory
+(``checkpoints/step_N/model.safetensors``, config from the run directory two levels up), or a
+``model.safetensors`` file with ``config.yaml`` beside it. Weights load with safetensors, or ``torch.load``
+with ``weights_only=True`` for ``.pt`` files; nothing else is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from vlp.config import ConfigError, ModelConfig, load_config
+from vlp.data.tokenizer import TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference with its config, tokenizer spec and the names results are filed under."""
+
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: str
+    name: str
+    pretrained: str
+
+
+def _find_run_files(checkpoint: Path) -> tuple[Path, Path]:
+    """(weights file, config.yaml) for any accepted checkpoint form."""
+    if checkpoint.is_file():
+        weights, config = checkpoint, checkpoint.parent / "config.yaml"
+    elif (checkpoint / "model.safetensors").is_file() and (checkpoint / "config.yaml").is_file():
+        weights, config = checkpoint / "model.safetensors", checkpoint / "config.yaml"
+    elif (checkpoint / "model.safetensors").is_file():
+        weights, config = checkpoint / "model.safetensors", checkpoint.parent.parent / "config.yaml"
+    else:
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: no model.safetensors there (a finished run directory, a "
+            f"checkpoints/step_N directory or a weights file is expected)"
+        )
+    if not config.is_file():
+        raise ConfigError(f"--checkpoint {checkpoint}: no config.yaml found at {config}")
+    return weights, config
+
+
+def _open_clip_sizes(arch: str) -> tuple[int, int]:
+    from vlp.models.open_clip_model import open_clip_arch_config
+
+    arch_config = open_clip_arch_config(arch)
+    image_size = arch_config.get("vision_cfg", {}).get("image_size", 224)
+    context_length = arch_config.get("text_cfg", {}).get("context_length", 77)
+    return int(image_size if isinstance(image_size, int) else image_size[0]), int(context_length)
+
+
+def load_model_for_eval(
+    checkpoint: str | None = None,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    device: torch.device | str = "cpu",
+) -> LoadedModel:
+    """The model in eval mode on ``device``: from a vlp checkpoint, or ``model`` (e.g. ``open_clip:ViT-B-32``)
+    with an optional local ``pretrained`` weights file."""
+    from vlp.models import create_model, load_model_weights, tokenizer_for
+
+    if (checkpoint is None) == (model is None):
+        raise ConfigError("give exactly one of --checkpoint (a vlp run) or --model (e.g. open_clip:ViT-B-32)")
+    if checkpoint is not None:
+        weights, config_path = _find_run_files(Path(checkpoint))
+        config = load_config(config_path).model
+        network = create_model(replace(config, pretrained=""))
+        load_model_weights(network, weights)
+        name, source = config.name, str(weights)
+    else:
+        config = ModelConfig(name=model, pretrained=pretrained or "")
+        if model.startswith("open_clip:"):
+            image_size, context_length = _open_clip_sizes(model.partition(":")[2])
+            config = replace(config, image_size=image_size, context_length=context_length)
+        network = create_model(config)
+        name, source = model, pretrained or "random-init"
+    return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source)
+
+
+def text_encoder_fn(loaded: LoadedModel, device: torch.device | str = "cpu"):  # noqa: ANN201 - a callable
+    """``encode(captions) -> (n, D)`` normalised text features, tokenizing with the model's own tokenizer."""
+    tokenizer = TextTokenizer(loaded.tokenizer, loaded.config.context_length)
+
+    @torch.no_grad()
+    def encode(captions: list[str]) -> torch.Tensor:
+        ids, mask = tokenizer(captions)
+        return loaded.model.encode_text(ids.to(device), mask.to(device), normalize=True).float()
+
+    return encode

@@ -1,0 +1,148 @@
+"""Run the evaluations on webdataset shards and write results in the CLIP_benchmark format.
+
+Each rank reads its share of the shards exactly once (``ShardLoader(train=False, epochs=1)``) and the features
+are gathered from all ranks, so no rank does all the work. Result files are written by rank 0 only, into the
+output directory: ``<task>.json`` (CLIP_benchmark keys: dataset, model, pretrained, task, metrics), plus for
+zero-shot the confusion matrix and per-class accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vlp import distributed
+from vlp.config import DataConfig, SourceConfig
+from vlp.data.pipeline import ShardLoader
+from vlp.evaluation.loading import LoadedModel, text_encoder_fn
+from vlp.evaluation.retrieval import retrieval_metrics
+from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset, gather_uneven, zero_shot_metrics
+
+
+def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int, require_caption: bool) -> ShardLoader:
+    """One pass over ``urls`` with the evaluation transform and the model's tokenizer."""
+    config = DataConfig(
+        sources=(SourceConfig(urls=urls),),
+        batch_size=batch_size,
+        workers=workers,
+        tokenizer=loaded.tokenizer,
+        shuffle_buffer=0,
+        augment="none",
+    )
+    return ShardLoader(
+        config,
+        image_size=loaded.config.image_size,
+        context_length=loaded.config.context_length,
+        train=False,
+        epochs=1,
+        require_caption=require_caption,
+    )
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def benchmark_record(loaded: LoadedModel, dataset: str, task: str, metrics: dict[str, float]) -> dict:
+    """One result in the CLIP_benchmark layout (its ``build`` command merges these)."""
+    return {
+        "dataset": dataset,
+        "model": loaded.name,
+        "pretrained": loaded.pretrained,
+        "task": task,
+        "metrics": metrics,
+        "language": "en",
+    }
+
+
+def run_zeroshot(
+    loaded: LoadedModel,
+    urls: str,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    *,
+    dataset: str,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> dict:
+    """Zero-shot top-1/top-5/mean-per-class recall of ``loaded`` on labelled shards; writes the result files."""
+    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=False)
+    features, labels = encode_dataset(loaded.model, loader, device, precision)
+    if labels.numel() == 0:
+        raise ValueError(f"{urls}: no labelled samples to evaluate (skipped: {loader.skip_counts()})")
+    if int(labels.min()) < 0:
+        raise ValueError(f"{urls}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
+    if int(labels.max()) >= len(classnames):
+        raise ValueError(f"{urls}: labels go up to {int(labels.max())} but {len(classnames)} class names were given")
+    classifier = build_classifier(text_encoder_fn(loaded, device), list(classnames), list(templates))
+    result = zero_shot_metrics(features, labels.cpu(), classifier)
+    record = benchmark_record(loaded, dataset, "zeroshot_classification", result.metrics)
+    record["samples"], record["skipped"] = int(labels.numel()), loader.skip_counts()
+    if out_dir is not None and distributed.get_rank() == 0:
+        out = Path(out_dir)
+        _write_json(out / "zeroshot.json", record)
+        _write_json(
+            out / "zeroshot_per_class.json",
+            {
+                "classnames": list(classnames),
+                "per_class_accuracy": result.per_class_accuracy.tolist(),
+                "confusion_matrix": result.confusion.tolist(),
+            },
+        )
+    return record
+
+
+def _encode_pairs(
+    loaded: LoadedModel, loader: ShardLoader, device: torch.device | str, precision: str
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from vlp.training.task import autocast_context
+
+    device = torch.device(device)
+    images, texts, keys = [], [], []
+    with torch.no_grad(), autocast_context(device, precision):
+        for batch in loader:
+            images.append(loaded.model.encode_image(batch.images.to(device), normalize=True).float())
+            texts.append(
+                loaded.model.encode_text(batch.text_ids.to(device), batch.text_mask.to(device), normalize=True).float()
+            )
+            keys += batch.keys
+    if not images:
+        raise ValueError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
+    index = torch.arange(len(keys), device=device)
+    image_features, _ = gather_uneven(torch.cat(images), index)
+    text_features, _ = gather_uneven(torch.cat(texts), index)
+    all_keys = [k for part in distributed.all_gather_objects(keys) for k in part]
+    return image_features, text_features, all_keys
+
+
+def run_retrieval(
+    loaded: LoadedModel,
+    urls: str,
+    *,
+    dataset: str,
+    out_dir: str | Path | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file."""
+    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
+    image_features, text_features, keys = _encode_pairs(loaded, loader, device, precision)
+    text_to_image = torch.arange(len(keys))
+    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image, ks=tuple(ks))
+    record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
+    record["samples"], record["skipped"] = len(keys), loader.skip_counts()
+    if out_dir is not None and distributed.get_rank() == 0:
+        _write_json(Path(out_dir) / "retrieval.json", record)
+    return record
