@@ -301,3 +301,30 @@ def test_encode_dataset_gathers_unequal_ranks() -> None:
     for result in results:
         assert torch.equal(result["labels"], expected_labels)
         torch.testing.assert_close(result["features"], expected_features)
+
+
+def test_encode_dataset_rejects_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        encode_dataset(FakeImageModel(), fake_batches([2]), "cpu", "fp8")
+
+
+def test_zero_shot_end_to_end_with_the_tiny_model() -> None:
+    from vlp.config import ModelConfig
+    from vlp.data.tokenizer import TextTokenizer
+    from vlp.models import create_model, tokenizer_for
+
+    config = ModelConfig(name="tiny")
+    model = create_model(config)
+    tokenizer = TextTokenizer(tokenizer_for(config), config.context_length)
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        return model.encode_text(*tokenizer(prompts), normalize=True)
+
+    classifier = build_classifier(encode_text, list(FASHION_CLASSNAMES), list(FASHION_EVAL_TEMPLATES)[:3])
+    images = torch.randn(6, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    batches = [FakeBatch(images[:4], torch.arange(4)), FakeBatch(images[4:], torch.arange(4, 6))]
+    features, labels = encode_dataset(model, batches, "cpu", "bf16")
+    result = zero_shot_metrics(features, labels, classifier)
+    assert classifier.shape == (features.shape[1], 10)
+    assert set(result.metrics) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())

@@ -111,7 +111,7 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, fill_template
     from vlp.evaluation.loading import load_model_for_eval
-    from vlp.evaluation.runner import run_retrieval, run_zeroshot
+    from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
 
     run, data = Path(args.run), Path(args.data)
     try:
@@ -121,6 +121,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
                                 dataset="fashion_mnist_test", out_dir=run / "eval", workers=args.workers)
         retrieval = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
                                   out_dir=run / "eval", workers=args.workers)
+        grid = demo_query_grid(loaded, str(data / "tuxpaint" / "test"), run / "retrieval_grid.png",
+                               workers=args.workers)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -132,5 +134,5 @@ def run_demo_command(args: argparse.Namespace) -> int:
     print(f"{'metric':44s} value")
     for name, value in results.items():
         print(f"{name:44s} {value:.4f}")
-    print(f"-> {run / 'results.json'}")
+    print(f"-> {run / 'results.json'}, {grid}")
     return 0

@@ -101,7 +101,7 @@ def run_zeroshot(
     return record
 
 
-def _encode_pairs(
+def encode_pairs(
     loaded: LoadedModel, loader: ShardLoader, device: torch.device | str, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     from vlp.training.task import autocast_context
@@ -138,7 +138,7 @@ def run_retrieval(
 ) -> dict:
     """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file."""
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
-    image_features, text_features, keys = _encode_pairs(loaded, loader, device, precision)
+    image_features, text_features, keys = encode_pairs(loaded, loader, device, precision)
     text_to_image = torch.arange(len(keys))
     metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image, ks=tuple(ks))
     record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
@@ -146,3 +146,20 @@ def run_retrieval(
     if out_dir is not None and distributed.get_rank() == 0:
         _write_json(Path(out_dir) / "retrieval.json", record)
     return record
+
+
+DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musical instrument")
+
+
+def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, queries: Sequence[str] = DEMO_QUERIES,
+                    k: int = 5, workers: int = 2) -> Path:
+    """Top-``k`` test images for each text query, drawn as a PNG grid (rank 0 only)."""
+    from vlp.evaluation.grid import query_grid, read_images_by_key
+
+    loader = eval_loader(loaded, urls, batch_size=256, workers=workers, require_caption=True)
+    image_features, _, keys = encode_pairs(loaded, loader, "cpu", "fp32")
+    query_features = text_encoder_fn(loaded)(list(queries))
+    scores, indices = (query_features @ image_features.T).topk(min(k, len(keys)), dim=1)  # (Q, k)
+    top_keys = [[keys[int(i)] for i in row] for row in indices]
+    images = read_images_by_key(urls, {key for row in top_keys for key in row})
+    return query_grid(list(queries), top_keys, scores, images, path)

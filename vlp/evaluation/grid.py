@@ -1,0 +1,53 @@
+"""A PNG grid of text queries and their top-k retrieved images, for looking at what a model learned."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from vlp.data.layout import IMAGE_EXTENSIONS, split_member_name
+from vlp.data.urls import expand_urls
+
+THUMB = 96
+CAPTION_WIDTH = 260
+
+
+def read_images_by_key(urls: str, keys: set[str]) -> dict[str, Image.Image]:
+    """The images of ``keys`` from the shards (whitelisted image members only), as RGB thumbnails."""
+    found: dict[str, Image.Image] = {}
+    for url in expand_urls(urls):
+        with tarfile.open(url, "r") as tar:
+            for member in tar:
+                key, ext = split_member_name(member.name)
+                if key in keys and ext in IMAGE_EXTENSIONS and member.isreg():
+                    handle = tar.extractfile(member)
+                    image = Image.open(io.BytesIO(handle.read() if handle else b"")).convert("RGB")
+                    image.thumbnail((THUMB, THUMB))
+                    found[key] = image
+    return found
+
+
+def query_grid(queries: Sequence[str], top_keys: Sequence[Sequence[str]], scores: torch.Tensor,
+               images: dict[str, Image.Image], path: str | Path) -> Path:
+    """One row per query: the query text, then its top-k images with their scores underneath."""
+    k = max(len(row) for row in top_keys)
+    cell_h = THUMB + 18
+    canvas = Image.new("RGB", (CAPTION_WIDTH + k * (THUMB + 8), len(queries) * (cell_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, (query, keys) in enumerate(zip(queries, top_keys, strict=True)):
+        top = 8 + row * (cell_h + 8)
+        draw.text((8, top + THUMB // 2 - 6), query[:40], fill="black")
+        for column, key in enumerate(keys):
+            left = CAPTION_WIDTH + column * (THUMB + 8)
+            if key in images:
+                thumb = images[key]
+                canvas.paste(thumb, (left + (THUMB - thumb.width) // 2, top + (THUMB - thumb.height) // 2))
+            draw.text((left, top + THUMB + 2), f"{float(scores[row, column]):.3f}", fill="gray")
+    path = Path(path)
+    canvas.save(path)
+    return path
