@@ -64,3 +64,21 @@ def test_bad_inputs_are_named(trained: tuple[Path, Path], tmp_path: Path, capsys
     assert code == 1 and "2 class names were given" in capsys.readouterr().err
     assert main(["eval", "retrieval", "--checkpoint", str(tmp_path), "--data", str(shards), "--out", "x"]) == 1
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_evaluation_during_training_is_logged(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "shards", [8, 8])
+    (tmp_path / "classes.txt").write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
+    config = load_config(None, [
+        "model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
+        f"data.sources={tmp_path / 'shards'}", "data.batch_size=8", "data.workers=0", "train.steps=4",
+        "train.checkpoint_every=100", "train.log_every=1", "train.tensorboard=false", "loss.gather=none",
+        f"train.output_dir={tmp_path / 'run'}", "eval.every_steps=2", f"eval.zeroshot_urls={tmp_path / 'shards'}",
+        f"eval.zeroshot_classnames={tmp_path / 'classes.txt'}", "eval.zeroshot_templates=imagenet",
+        f"eval.retrieval_urls={tmp_path / 'shards'}", "eval.workers=0"])
+    Trainer(config, progress=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/zeroshot/acc1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["eval/retrieval/image_retrieval_recall@1"] <= 1.0 for r in evals)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]

@@ -8,6 +8,7 @@ gather to the same features as one process on the concatenation.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -123,7 +124,7 @@ def test_perfect_reranker_turns_recall_at_k_into_recall_at_1(chunk_size: int) ->
 # ------------------------------------------------------------------------------------------------ zero-shot
 
 
-def fake_text_encoder(dim: int = 16) -> callable:
+def fake_text_encoder(dim: int = 16) -> Callable[[list[str]], torch.Tensor]:
     """A deterministic prompt -> (D,) embedding (not normalised), seeded by the prompt's text."""
 
     def encode(prompts: list[str]) -> torch.Tensor:

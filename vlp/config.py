@@ -139,12 +139,19 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluations run during training and by ``vlp eval``."""
+    """Evaluations run during training every ``every_steps`` optimizer steps (0: never) and at the end.
+
+    ``zeroshot_classnames`` / ``zeroshot_templates``: ``imagenet`` (open_clip's 1000 names / 80 OpenAI
+    templates), ``fashion_mnist`` (the demo's names / held-out templates) or a file path (one per line).
+    """
 
     every_steps: int = 0
     zeroshot_urls: str = ""
+    zeroshot_classnames: str = "imagenet"
+    zeroshot_templates: str = "imagenet"
     retrieval_urls: str = ""
     batch_size: int = 256
+    workers: int = 1
 
 
 @dataclass(frozen=True)

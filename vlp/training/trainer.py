@@ -168,6 +168,8 @@ class Trainer:
                 self._log(result, lr, window, bar)
             if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at or stopped:
                 self.save()
+            if cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or self.step == total):
+                self._evaluate()
             if stopped:
                 logger.warning("SIGTERM: checkpoint written at step %d, stopping", self.step)
                 break
@@ -177,6 +179,16 @@ class Trainer:
             plot_curves(self.run_dir)
         final_loss = float(distributed.all_reduce_mean(result.loss.detach().float())) if result else math.nan
         return TrainSummary(self.run_dir, self.step, final_loss, self.skipped_steps, overall.rate(), stopped)
+
+    def _evaluate(self) -> None:
+        """The configured evaluations (every rank takes part); results go to metrics.jsonl and TensorBoard."""
+        from vlp.evaluation.in_training import run_configured_evals
+
+        results = run_configured_evals(self.model, self.config, self.dist.device, self.config.train.precision)
+        if results:
+            self.log.write({"step": self.step, **results})
+            if self.dist.is_main:
+                logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
     def _optimizer_step(self, micro: list) -> tuple[LossOutput, bool, bool]:  # noqa: ANN001
         self.optimizer.zero_grad(set_to_none=True)
