@@ -33,7 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description="Classify labelled shards (label in the json or a .cls member) "
                                                "with a classifier built from class names x prompt templates.")
     _add_model_options(zeroshot)
-    zeroshot.add_argument("--data", required=True, help="shards: a directory, brace pattern or :: list")
+    zeroshot.add_argument("--data", required=True,
+                          help="shards (a directory, brace pattern or :: list) or an ImageFolder directory "
+                               "(root/<class>/<image>; class index = sorted folder order)")
+    zeroshot.add_argument("--imagenet", action="store_true",
+                          help="with an ImageFolder: require exactly the 1000 ImageNet-1k synset folders "
+                               "(n01440764 ... n15075141)")
     zeroshot.add_argument("--classnames", default=None, help="file: one class name per line (default: ImageNet)")
     zeroshot.add_argument("--templates", default=None,
                           help="file: one template per line with {} (default: the 80 OpenAI ImageNet templates)")
@@ -42,9 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.set_defaults(func=run_zeroshot_command)
 
     retrieval = commands.add_parser("retrieval", help="image<->text Recall@1/5/10 and ranks",
-                                    description="Retrieval on image-caption shards (one caption per sample).")
+                                    description="Retrieval on image-caption shards (one caption per sample) "
+                                                "or a Karpathy split JSON + image folder (all captions).")
     _add_model_options(retrieval)
-    retrieval.add_argument("--data", required=True, help="shards: a directory, brace pattern or :: list")
+    retrieval.add_argument("--data", default=None, help="shards: a directory, brace pattern or :: list")
+    retrieval.add_argument("--multi-caption", action="store_true",
+                           help="with --data: every caption of a sample (json 'captions' list, or each .txt line as "
+                                "in CLIP_benchmark shards); samples sharing a json 'image_id' are one image")
+    retrieval.add_argument("--karpathy-json", default=None,
+                           help="instead of --data: dataset_coco.json / dataset_flickr30k.json (needs --images)")
+    retrieval.add_argument("--images", default=None,
+                           help="with --karpathy-json: image root (files at IMAGES/filepath/filename)")
+    retrieval.add_argument("--split", default="test", help="with --karpathy-json: split to use (default: test)")
     retrieval.add_argument("--dataset", default=None, help="name stored in the results (default: --data)")
     retrieval.add_argument("--out", required=True, help="output directory for retrieval.json")
     retrieval.set_defaults(func=run_retrieval_command)
@@ -77,15 +91,24 @@ def _report(record: dict) -> None:
 
 def run_zeroshot_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.runner import run_zeroshot
+    from vlp.evaluation.sources import imagenet_synsets, is_imagefolder, run_zeroshot_imagefolder
     from vlp.evaluation.zero_shot import imagenet_classnames, imagenet_templates, load_classnames, load_templates
 
     try:
         loaded, device = _load(args)
         classnames = load_classnames(args.classnames) if args.classnames else imagenet_classnames()
         templates = load_templates(args.templates) if args.templates else imagenet_templates()
-        record = run_zeroshot(loaded, args.data, classnames, templates, dataset=args.dataset or args.data,
-                              out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
-                              precision=args.precision)
+        options = dict(dataset=args.dataset or args.data, out_dir=args.out, batch_size=args.batch_size,
+                       workers=args.workers, device=device, precision=args.precision)
+        if is_imagefolder(args.data):
+            synsets = imagenet_synsets() if args.imagenet else None
+            record = run_zeroshot_imagefolder(loaded, args.data, classnames, templates, **options,
+                                              expected_classes=1000 if args.imagenet else None,
+                                              expected_synsets=synsets)
+        elif args.imagenet:
+            raise ValueError(f"--imagenet: {args.data} is not an ImageFolder directory (root/<synset>/<image>)")
+        else:
+            record = run_zeroshot(loaded, args.data, classnames, templates, **options)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -95,12 +118,23 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.runner import run_retrieval
+    from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_multicaption
 
+    if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
+        print("error: give either --data SHARDS or --karpathy-json FILE with --images DIR", file=sys.stderr)
+        return 2
     try:
         loaded, device = _load(args)
-        record = run_retrieval(loaded, args.data, dataset=args.dataset or args.data, out_dir=args.out,
-                               batch_size=args.batch_size, workers=args.workers, device=device,
-                               precision=args.precision)
+        options = dict(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
+                       precision=args.precision)
+        if args.karpathy_json:
+            record = run_retrieval_karpathy(loaded, args.karpathy_json, args.images, split=args.split,
+                                            dataset=args.dataset, **options)
+        elif args.multi_caption:
+            options.pop("workers")
+            record = run_retrieval_multicaption(loaded, args.data, dataset=args.dataset or args.data, **options)
+        else:
+            record = run_retrieval(loaded, args.data, dataset=args.dataset or args.data, **options)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

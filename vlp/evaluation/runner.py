@@ -42,7 +42,7 @@ def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int
     )
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
@@ -89,8 +89,8 @@ def run_zeroshot(
     record["samples"], record["skipped"] = int(labels.numel()), loader.skip_counts()
     if out_dir is not None and distributed.get_rank() == 0:
         out = Path(out_dir)
-        _write_json(out / "zeroshot.json", record)
-        _write_json(
+        write_json(out / "zeroshot.json", record)
+        write_json(
             out / "zeroshot_per_class.json",
             {
                 "classnames": list(classnames),
@@ -144,7 +144,7 @@ def run_retrieval(
     record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
     record["samples"], record["skipped"] = len(keys), loader.skip_counts()
     if out_dir is not None and distributed.get_rank() == 0:
-        _write_json(Path(out_dir) / "retrieval.json", record)
+        write_json(Path(out_dir) / "retrieval.json", record)
     return record
 
 

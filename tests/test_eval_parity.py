@@ -1,0 +1,154 @@
+"""Zero-shot parity with open_clip: ``run_zeroshot`` gives the same top-1 / top-5 as open_clip's own protocol.
+
+A tiny open_clip architecture (registered from a JSON file) is created with open_clip under a fixed seed, given
+a few training steps on the test images (a randomly initialised tower predicts one class for every image, which
+would make equal accuracies meaningless) and its ``state_dict`` saved as ``.safetensors``. 60 Fashion-MNIST test
+images (10 classes x 6, upscaled to the model's 32 px and stored as RGB PNG, so neither pipeline resizes or crops
+and both see the same pixels) are written as shards and also kept as PIL images.
+Ours: ``run_zeroshot(load_model_for_eval(model="open_clip:<json>", pretrained=<file>), shards, ...)``, 2 workers.
+open_clip's: its eval transform (``create_model_and_transforms``), ``open_clip.build_zero_shot_classifier`` and
+``open_clip_train.zero_shot.accuracy`` (copied: it fails under NumPy 2) on the same images, as its ``run`` does.
+
+Compared: (1) acc1 and acc5 exactly equal; (2) per image (matched by sample key), our logits equal open_clip's
+within 1e-4 and the top-5 class rankings are identical (the test first checks no image is within 1e-3 of a tie,
+so the comparison is not on a knife edge); (3) our classifier equals open_clip's within 1e-5.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_DEFAULT_ROOT, FASHION_EVAL_TEMPLATES, load_fashion_split
+from vlp.data.writer import SourceSample, write_shards
+from vlp.evaluation.loading import load_model_for_eval, text_encoder_fn
+from vlp.evaluation.runner import eval_loader, run_zeroshot
+from vlp.evaluation.zero_shot import build_classifier
+
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+PER_CLASS = 6
+TRAIN_STEPS = 20
+SEED = 1234
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CLASSNAMES = list(FASHION_CLASSNAMES[:NUM_CLASSES])
+TEMPLATES = list(FASHION_EVAL_TEMPLATES[:4])
+
+pytestmark = pytest.mark.skipif(not FASHION_DEFAULT_ROOT.is_dir(), reason="Fashion-MNIST data not installed")
+
+
+def fashion_images() -> tuple[list[Image.Image], list[int]]:
+    """The first ``PER_CLASS`` test images of each of the first ``NUM_CLASSES`` classes, as 32 px RGB."""
+    pixels, labels = load_fashion_split(FASHION_DEFAULT_ROOT, "test")
+    images, targets = [], []
+    for label in range(NUM_CLASSES):
+        for index in np.flatnonzero(labels == label)[:PER_CLASS]:
+            image = Image.fromarray(pixels[index], mode="L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            images.append(image.convert("RGB"))
+            targets.append(label)
+    return images, targets
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def open_clip_accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """``open_clip_train.zero_shot.accuracy`` line for line, but ``.item()`` for its ``float(<1-element array>)``,
+    which raises ``TypeError`` under the installed NumPy 2 (so open_clip_train's own function cannot run here)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum(0, keepdim=True).item() for k in topk]
+
+
+def _template_fn(template: str):  # noqa: ANN202 - open_clip wants callables or format strings with {}
+    return lambda classname: template.replace("{c}", classname).replace("{}", classname)
+
+
+def fit_a_little(model: torch.nn.Module, batch: torch.Tensor, targets: list[int], tokenizer) -> None:  # noqa: ANN001
+    """A few full-batch steps of cross-entropy between each image and the C class prompts (a CLIP loss with
+    one caption per class), so the model's zero-shot predictions differ between images."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    text, labels = tokenizer([f"a photo of a {name}." for name in CLASSNAMES]), torch.tensor(targets)
+    model.train()
+    for _ in range(TRAIN_STEPS):
+        image_features, text_features, logit_scale = model(image=batch, text=text)[:3]
+        loss = torch.nn.functional.cross_entropy(logit_scale * image_features @ text_features.T, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_run_zeroshot_matches_open_clip_protocol(tmp_path: Path) -> None:
+    arch_path = tmp_path / "vlp-parity-tiny.json"
+    arch_path.write_text(json.dumps(TINY_ARCH))
+    open_clip.add_model_config(arch_path)
+    torch.manual_seed(SEED)
+    peer, _, preprocess = open_clip.create_model_and_transforms(arch_path.stem, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(arch_path.stem)
+    images, targets = fashion_images()
+    captions = [f"a photo of a {CLASSNAMES[t]}." for t in targets]
+    batch = torch.stack([preprocess(image) for image in images])
+    fit_a_little(peer, batch, targets, tokenizer)
+    weights = tmp_path / "tiny.safetensors"
+    save_file({name: value.detach().contiguous() for name, value in peer.state_dict().items()}, str(weights))
+
+    samples = (SourceSample(caption=caption, image_bytes=png(im), label=t)
+               for im, t, caption in zip(images, targets, captions, strict=True))
+    write_shards(samples, tmp_path / "shards", samples_per_shard=25, progress=False)
+    shards = str(tmp_path / "shards")
+
+    # ---- open_clip's own protocol (open_clip_train.zero_shot.run, inlined to keep the logits)
+    with torch.no_grad():
+        peer_classifier = open_clip.build_zero_shot_classifier(
+            peer, tokenizer=tokenizer, classnames=CLASSNAMES, templates=[_template_fn(t) for t in TEMPLATES],
+            num_classes_per_batch=10, device="cpu", use_tqdm=False)
+        output = peer(image=batch)
+        peer_features = output["image_features"] if isinstance(output, dict) else output[0]
+        peer_logits = 100.0 * peer_features @ peer_classifier
+    target = torch.tensor(targets)
+    peer_top1, peer_top5 = (value / len(targets) for value in open_clip_accuracy(peer_logits, target, topk=(1, 5)))
+
+    # ---- ours
+    loaded = load_model_for_eval(model=f"open_clip:{arch_path}", pretrained=str(weights))
+    record = run_zeroshot(loaded, shards, CLASSNAMES, TEMPLATES, dataset="fashion_parity", batch_size=16, workers=2)
+    assert record["samples"] == len(targets)
+    assert len(set(peer_logits.argmax(dim=1).tolist())) >= 3, "the model should not predict one class for all"
+
+    # (1) the headline requirement: same top-1 (and top-5) as open_clip's zero-shot evaluation
+    assert record["metrics"]["acc1"] == pytest.approx(peer_top1, abs=1e-12)
+    assert record["metrics"]["acc5"] == pytest.approx(peer_top5, abs=1e-12)
+
+    # (3) the classifiers agree
+    ours_classifier = build_classifier(text_encoder_fn(loaded), CLASSNAMES, TEMPLATES)
+    torch.testing.assert_close(ours_classifier, peer_classifier, atol=1e-5, rtol=0)
+
+    # (2) per-image logits and rankings, matching samples by key (shard order = write order)
+    keys, features = [], []
+    with torch.no_grad():
+        for ours_batch in eval_loader(loaded, shards, batch_size=16, workers=0, require_caption=False):
+            features.append(loaded.model.encode_image(ours_batch.images, normalize=True))
+            keys += ours_batch.keys
+    assert len(keys) == len(targets)
+    ours_logits = 100.0 * torch.cat(features) @ ours_classifier
+    order = torch.tensor(sorted(range(len(keys)), key=lambda i: keys[i]))
+    ours_logits = ours_logits[order]
+    torch.testing.assert_close(ours_logits, peer_logits, atol=1e-4, rtol=0)
+    top6 = peer_logits.topk(6, dim=1).values
+    assert float((top6[:, :-1] - top6[:, 1:]).min()) > 1e-3, "a tie within 1e-3: rankings would be a knife edge"
+    assert torch.equal(ours_logits.topk(5, dim=1).indices, peer_logits.topk(5, dim=1).indices)
