@@ -59,6 +59,7 @@ bench: install debian-data
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.loss_memory
+	$(BIN)/python -m bench.eval
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) runs
