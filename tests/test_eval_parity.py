@@ -46,7 +46,6 @@ TINY_ARCH = {
 CLASSNAMES = list(FASHION_CLASSNAMES[:NUM_CLASSES])
 TEMPLATES = list(FASHION_EVAL_TEMPLATES[:4])
 
-pytestmark = pytest.mark.skipif(not FASHION_DEFAULT_ROOT.is_dir(), reason="Fashion-MNIST data not installed")
 
 
 def fashion_images() -> tuple[list[Image.Image], list[int]]:

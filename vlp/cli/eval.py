@@ -143,15 +143,15 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, fill_template
+    from vlp.evaluation.in_training import classnames_for, templates_for
     from vlp.evaluation.loading import load_model_for_eval
     from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
 
     run, data = Path(args.run), Path(args.data)
     try:
         loaded = load_model_for_eval(str(run))
-        templates = [lambda c, t=t: fill_template(t, c) for t in FASHION_EVAL_TEMPLATES]
-        zeroshot = run_zeroshot(loaded, str(data / "fashion_mnist" / "test"), FASHION_CLASSNAMES, templates,
+        zeroshot = run_zeroshot(loaded, str(data / "fashion_mnist" / "test"), classnames_for("fashion_mnist"),
+                                templates_for("fashion_mnist"),
                                 dataset="fashion_mnist_test", out_dir=run / "eval", workers=args.workers)
         retrieval = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
                                   out_dir=run / "eval", workers=args.workers)

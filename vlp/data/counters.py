@@ -24,9 +24,6 @@ CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"
 LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"
 
-SAMPLE_REASONS = (
-    MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, CAPTION_TOO_LONG, UNDECODABLE_IMAGE, IMAGE_TOO_LARGE, BAD_JSON,
-)
 # Reasons that log a warning every time (they are rare and mean the data set is damaged).
 _LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNSAFE_MEMBER_NAME)
 _QUIET_LOG_LIMIT = 5
@@ -50,9 +47,6 @@ class SkipCounters:
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
-    def total_samples_lost(self) -> int:
-        """Samples that never reached a batch (members and shard counts excluded, lost-in-shard included)."""
-        return sum(self.counts[r] for r in SAMPLE_REASONS) + self.counts[LOST_IN_CORRUPT_SHARD]
 
 
 def sum_counts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:

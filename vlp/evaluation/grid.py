@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from vlp.data.layout import IMAGE_EXTENSIONS, split_member_name
+from vlp.data.counters import SkipCounters
+from vlp.data.decode import DecodeLimits, decode_image
+from vlp.data.tar_stream import iter_shard
 from vlp.data.urls import expand_urls
 
 THUMB = 96
@@ -18,17 +18,15 @@ CAPTION_WIDTH = 260
 
 
 def read_images_by_key(urls: str, keys: set[str]) -> dict[str, Image.Image]:
-    """The images of ``keys`` from the shards (whitelisted image members only), as RGB thumbnails."""
+    """The images of ``keys`` from the shards, read and decoded like training data (whitelisted members, pixel
+    caps), as RGB thumbnails."""
     found: dict[str, Image.Image] = {}
     for url in expand_urls(urls):
-        with tarfile.open(url, "r") as tar:
-            for member in tar:
-                key, ext = split_member_name(member.name)
-                if key in keys and ext in IMAGE_EXTENSIONS and member.isreg():
-                    handle = tar.extractfile(member)
-                    image = Image.open(io.BytesIO(handle.read() if handle else b"")).convert("RGB")
-                    image.thumbnail((THUMB, THUMB))
-                    found[key] = image
+        for sample in iter_shard(url, SkipCounters()):
+            if sample.key in keys and sample.image is not None:
+                image = decode_image(sample.image, DecodeLimits())
+                image.thumbnail((THUMB, THUMB))
+                found[sample.key] = image
     return found
 
 

@@ -61,6 +61,40 @@ def benchmark_record(loaded: LoadedModel, dataset: str, task: str, metrics: dict
     }
 
 
+def score_zeroshot(loaded: LoadedModel, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                   templates: Sequence[Template], *, dataset: str, skipped: dict[str, int],
+                   out_dir: str | Path | None = None, device: torch.device | str = "cpu",
+                   per_class_extra: dict | None = None) -> dict:
+    """Classify encoded images with the class-name x template classifier; the CLIP_benchmark record, and on
+    rank 0 ``zeroshot.json`` + ``zeroshot_per_class.json`` (with ``per_class_extra`` merged in) in ``out_dir``."""
+    classifier = build_classifier(text_encoder_fn(loaded, device), list(classnames), list(templates))
+    result = zero_shot_metrics(features, labels.cpu(), classifier)
+    record = benchmark_record(loaded, dataset, "zeroshot_classification", result.metrics)
+    record["samples"], record["skipped"] = int(labels.numel()), skipped
+    if out_dir is not None and distributed.get_rank() == 0:
+        out = Path(out_dir)
+        write_json(out / "zeroshot.json", record)
+        write_json(out / "zeroshot_per_class.json", {
+            "classnames": list(classnames), **(per_class_extra or {}),
+            "per_class_accuracy": result.per_class_accuracy.tolist(),
+            "confusion_matrix": result.confusion.tolist()})
+    return record
+
+
+def score_retrieval(loaded: LoadedModel, image_features: torch.Tensor, text_features: torch.Tensor,
+                    text_to_image: torch.Tensor, *, dataset: str, skipped: dict[str, int],
+                    out_dir: str | Path | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """Retrieval metrics of encoded images and captions; the CLIP_benchmark record, and on rank 0
+    ``retrieval.json`` in ``out_dir``."""
+    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks))
+    record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
+    record["samples"], record["captions"] = image_features.shape[0], int(text_to_image.numel())
+    record["skipped"] = skipped
+    if out_dir is not None and distributed.get_rank() == 0:
+        write_json(Path(out_dir) / "retrieval.json", record)
+    return record
+
+
 def run_zeroshot(
     loaded: LoadedModel,
     urls: str,
@@ -83,22 +117,8 @@ def run_zeroshot(
         raise ValueError(f"{urls}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
     if int(labels.max()) >= len(classnames):
         raise ValueError(f"{urls}: labels go up to {int(labels.max())} but {len(classnames)} class names were given")
-    classifier = build_classifier(text_encoder_fn(loaded, device), list(classnames), list(templates))
-    result = zero_shot_metrics(features, labels.cpu(), classifier)
-    record = benchmark_record(loaded, dataset, "zeroshot_classification", result.metrics)
-    record["samples"], record["skipped"] = int(labels.numel()), loader.skip_counts()
-    if out_dir is not None and distributed.get_rank() == 0:
-        out = Path(out_dir)
-        write_json(out / "zeroshot.json", record)
-        write_json(
-            out / "zeroshot_per_class.json",
-            {
-                "classnames": list(classnames),
-                "per_class_accuracy": result.per_class_accuracy.tolist(),
-                "confusion_matrix": result.confusion.tolist(),
-            },
-        )
-    return record
+    return score_zeroshot(loaded, features, labels, classnames, templates, dataset=dataset,
+                          skipped=loader.skip_counts(), out_dir=out_dir, device=device)
 
 
 def encode_pairs(
@@ -139,13 +159,8 @@ def run_retrieval(
     """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file."""
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
     image_features, text_features, keys = encode_pairs(loaded, loader, device, precision)
-    text_to_image = torch.arange(len(keys))
-    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image, ks=tuple(ks))
-    record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
-    record["samples"], record["skipped"] = len(keys), loader.skip_counts()
-    if out_dir is not None and distributed.get_rank() == 0:
-        write_json(Path(out_dir) / "retrieval.json", record)
-    return record
+    return score_retrieval(loaded, image_features, text_features, torch.arange(len(keys)), dataset=dataset,
+                           skipped=loader.skip_counts(), out_dir=out_dir, ks=ks)
 
 
 DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musical instrument")

@@ -39,9 +39,8 @@ from vlp.data.tar_stream import iter_shard
 from vlp.data.transforms import build_image_transform, collate_images
 from vlp.data.urls import expand_urls
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
-from vlp.evaluation.retrieval import retrieval_metrics
-from vlp.evaluation.runner import benchmark_record, write_json
-from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset, gather_uneven, zero_shot_metrics
+from vlp.evaluation.runner import score_retrieval, score_zeroshot
+from vlp.evaluation.zero_shot import Template, encode_dataset, gather_uneven
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WNID = re.compile(r"n\d{8}")
@@ -276,20 +275,8 @@ def run_zeroshot_imagefolder(
     skipped = loader.skip_counts()
     if labels.numel() == 0:
         raise EvalSourceError(f"{root}: no decodable images (skipped: {skipped})")
-    classifier = build_classifier(text_encoder_fn(loaded, device), list(classnames), list(templates))
-    result = zero_shot_metrics(features, labels.cpu(), classifier)
-    record = benchmark_record(loaded, dataset, "zeroshot_classification", result.metrics)
-    record["samples"], record["skipped"] = int(labels.numel()), skipped
-    if out_dir is not None and distributed.get_rank() == 0:
-        out = Path(out_dir)
-        write_json(out / "zeroshot.json", record)
-        write_json(out / "zeroshot_per_class.json", {
-            "classnames": list(classnames),
-            "class_folders": loader.classes,
-            "per_class_accuracy": result.per_class_accuracy.tolist(),
-            "confusion_matrix": result.confusion.tolist(),
-        })
-    return record
+    return score_zeroshot(loaded, features, labels, classnames, templates, dataset=dataset, skipped=skipped,
+                          out_dir=out_dir, device=device, per_class_extra={"class_folders": loader.classes})
 
 
 def encode_retrieval_set(
@@ -327,20 +314,9 @@ def run_retrieval_karpathy(
     data = karpathy_split(split_json, image_root, split)
     image_features, text_features, text_to_image, skipped = encode_retrieval_set(
         loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision)
-    return _retrieval_record(loaded, dataset or f"{Path(split_json).stem}_{split}", image_features, text_features,
-                             text_to_image, skipped, out_dir, ks)
-
-
-def _retrieval_record(loaded: LoadedModel, dataset: str, image_features: torch.Tensor, text_features: torch.Tensor,
-                      text_to_image: torch.Tensor, skipped: dict[str, int], out_dir: str | Path | None,
-                      ks: Sequence[int]) -> dict:
-    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks))
-    record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
-    record["samples"], record["captions"] = image_features.shape[0], int(text_to_image.numel())
-    record["skipped"] = skipped
-    if out_dir is not None and distributed.get_rank() == 0:
-        write_json(Path(out_dir) / "retrieval.json", record)
-    return record
+    return score_retrieval(loaded, image_features, text_features, text_to_image,
+                           dataset=dataset or f"{Path(split_json).stem}_{split}", skipped=skipped, out_dir=out_dir,
+                           ks=ks)
 
 
 # ------------------------------------------------------------------------------------------------ multi-caption shards
@@ -450,4 +426,5 @@ def run_retrieval_multicaption(
     ``retrieval.json`` like ``run_retrieval``."""
     image_features, text_features, text_to_image, skipped = encode_shard_retrieval(
         loaded, urls, batch_size=batch_size, device=device, precision=precision)
-    return _retrieval_record(loaded, dataset, image_features, text_features, text_to_image, skipped, out_dir, ks)
+    return score_retrieval(loaded, image_features, text_features, text_to_image, dataset=dataset, skipped=skipped,
+                           out_dir=out_dir, ks=ks)

@@ -129,7 +129,3 @@ class ContrastiveTask:
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
 
-
-def logit_scale_value(output: ModelOutput) -> float:
-    value = float(output.logit_scale.detach())
-    return value if math.isfinite(value) else float("nan")
