@@ -56,6 +56,7 @@ class ModelConfig:
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # SigLIP: -10.0
+    fusion_layers: int = 0  # ALBEF presets: top BERT layers turned into cross-attention fusion layers (0: none)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,35 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class AlbefConfig:
+    """ALBEF objectives on top of the dual encoder (``enabled=False``: plain CLIP / SigLIP training).
+
+    Momentum encoders: an EMA copy of the towers, projections and fusion encoder, updated once per optimizer
+    step with momentum ``momentum`` (``momentum_schedule='cosine'`` ramps it from ``momentum`` to 1.0 over
+    ``train.steps``). Feature queues hold ``queue_size`` momentum image/text features with their sample ids.
+    ITC with momentum distillation: targets ``alpha * softmax(momentum similarities) + (1 - alpha) * hard``,
+    ``alpha`` ramped linearly from 0 over ``alpha_warmup_steps``; ``distill=False`` keeps hard targets only.
+    ITM (hard negatives) and MLM need a fusion encoder (``model.fusion_layers > 0``); a weight of 0 or the
+    switch off removes an objective, so ITC + momentum distillation alone is a valid, cheaper model.
+    """
+
+    enabled: bool = False
+    momentum: float = 0.995
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    queue_size: int = 65536
+    distill: bool = True
+    alpha: float = 0.4
+    alpha_warmup_steps: int = 1000
+    itc_weight: float = 1.0
+    itm: bool = True
+    itm_weight: float = 1.0
+    itm_global_negatives: bool = False
+    mlm: bool = True
+    mlm_weight: float = 1.0
+    mlm_probability: float = 0.15
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of a run; saved as ``config.yaml`` in every output directory."""
 
@@ -165,6 +195,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    albef: AlbefConfig = field(default_factory=AlbefConfig)
 
 
 # ----------------------------------------------------------------------------------------------- typed building

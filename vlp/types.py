@@ -51,12 +51,16 @@ class ModelOutput:
         text_features: (B, D), L2-normalised.
         logit_scale: scalar tensor, the temperature already exponentiated and clamped.
         logit_bias: scalar tensor (SigLIP) or None.
+        image_tokens: (B, N, C_img) image token states for a fusion encoder (ALBEF models), else None.
+        text_hidden: (B, L, H) text token states of the text layers for a fusion encoder (ALBEF models), else None.
     """
 
     image_features: torch.Tensor
     text_features: torch.Tensor
     logit_scale: torch.Tensor
     logit_bias: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+    text_hidden: torch.Tensor | None = None
 
 
 @dataclass
