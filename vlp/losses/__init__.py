@@ -1,4 +1,5 @@
-"""Contrastive losses: CLIP InfoNCE (naive and memory-efficient chunked) and SigLIP, with gather modes.
+"""Losses: CLIP InfoNCE (naive and memory-efficient chunked) and SigLIP with gather modes, and the ALBEF losses
+(momentum-distilled ITC over a feature queue, ITM with hard negatives, MLM).
 
 Each loss is a function returning a :class:`~vlp.types.LossOutput` plus a thin ``nn.Module`` around it;
 :func:`build_loss` makes the module from a :class:`~vlp.config.LossConfig`.
@@ -6,7 +7,10 @@ Each loss is a function returning a :class:`~vlp.types.LossOutput` plus a thin `
 
 from vlp.losses.chunked import ChunkedLogSumExp, chunked_logsumexp
 from vlp.losses.contrastive import GATHER_MODES, ClipLoss, clip_loss
+from vlp.losses.distillation import momentum_distilled_itc
 from vlp.losses.factory import build_loss
+from vlp.losses.itm import itm_loss, sample_hard_negatives
+from vlp.losses.mlm import mask_tokens, mlm_loss
 from vlp.losses.siglip import SigLipLoss, siglip_loss
 
 __all__ = [
@@ -17,5 +21,10 @@ __all__ = [
     "build_loss",
     "chunked_logsumexp",
     "clip_loss",
+    "itm_loss",
+    "mask_tokens",
+    "mlm_loss",
+    "momentum_distilled_itc",
+    "sample_hard_negatives",
     "siglip_loss",
 ]
