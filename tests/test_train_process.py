@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import safetensors.torch
 import torch
 from shard_factory import write_dataset
@@ -46,18 +47,24 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_then_resume_is_bit_identical(tmp_path: Path) -> None:
+# ALBEF: momentum encoder, a queue of 20 that wraps every 2.5 steps, ITM + MLM randomness
+ALBEF = ("model.name=albef-tiny", "model.fusion_layers=2", "data.tokenizer=minilm", "albef.enabled=true",
+         "albef.queue_size=20", "albef.alpha_warmup_steps=4")
+
+
+@pytest.mark.parametrize("extra", [(), ALBEF], ids=["clip", "albef"])
+def test_kill_9_then_resume_is_bit_identical(tmp_path: Path, extra: tuple[str, ...]) -> None:
     data = tmp_path / "shards"
     write_dataset(data, [20, 20, 20, 20])
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_command(data, whole), check=True, timeout=TIMEOUT_S, env=_env())
+    subprocess.run(_command(data, whole, *extra), check=True, timeout=TIMEOUT_S, env=_env())
 
-    process = subprocess.Popen(_command(data, killed), env=_env())
+    process = subprocess.Popen(_command(data, killed, *extra), env=_env())
     _wait_for_checkpoint(killed, 6, process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
-    subprocess.run(_command(data, killed, "--resume", "latest"), check=True, timeout=TIMEOUT_S, env=_env())
+    subprocess.run(_command(data, killed, *extra, "--resume", "latest"), check=True, timeout=TIMEOUT_S, env=_env())
 
     expected, got = _records(whole), _records(killed)
     assert [r["step"] for r in got] == list(range(1, 15))
@@ -65,6 +72,18 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path: Path) -> None:
     final_expected = safetensors.torch.load_file(str(whole / "model.safetensors"))
     final_got = safetensors.torch.load_file(str(killed / "model.safetensors"))
     assert all(torch.equal(final_expected[k], final_got[k]) for k in final_expected)
+    if extra:  # the momentum weights and queues of the last checkpoints agree too
+        state_expected = _task_state(whole)
+        state_got = _task_state(killed)
+        for section in ("momentum", "queue"):
+            assert state_expected[section].keys() == state_got[section].keys()
+            assert all(torch.equal(v, state_got[section][k]) for k, v in state_expected[section].items()), section
+
+
+def _task_state(run: Path) -> dict:
+    from vlp.training.checkpoint import find_checkpoint, load_state_file
+
+    return load_state_file(find_checkpoint(run) / "state.pt")["task"]
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ def register_model(
 
 
 def _ensure_builtin_presets() -> None:
+    import vlp.models.albef_presets  # noqa: F401 - registers the ALBEF presets
     import vlp.models.presets  # noqa: F401 - registers the built-in presets
 
 

@@ -1,17 +1,29 @@
-"""Dual encoders: towers (timm, open_clip, Hugging Face), presets, weights loading, optimizer groups."""
+"""Dual encoders: towers (timm, open_clip, Hugging Face), presets, weights loading, optimizer groups; ALBEF models
+(fusion encoder, ITM / MLM heads), momentum copies and the original ALBEF checkpoint layout."""
 
+from vlp.models.albef import AlbefModel
+from vlp.models.albef_import import AlbefImport, export_albef_state, import_albef_state, load_albef_checkpoint
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.factory import create_model, no_weight_decay_names, param_groups
+from vlp.models.fusion import FusionEncoder
+from vlp.models.momentum import MomentumEncoder
 from vlp.models.weights import LoadReport, UnsafeCheckpointError, load_model_weights, read_state_dict
 from vlp.registry import ModelError, list_models, register_model, tokenizer_for
 
 __all__ = [
+    "AlbefImport",
+    "AlbefModel",
     "DualEncoder",
+    "FusionEncoder",
     "LoadReport",
     "ModelError",
+    "MomentumEncoder",
     "UnsafeCheckpointError",
     "create_model",
+    "export_albef_state",
+    "import_albef_state",
     "list_models",
+    "load_albef_checkpoint",
     "load_model_weights",
     "no_weight_decay_names",
     "param_groups",

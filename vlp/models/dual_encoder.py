@@ -7,7 +7,7 @@ A tower is any ``nn.Module`` with
   (text_ids (B, L) int64, text_mask (B, L) bool) -> (B, output_dim) for the text tower;
 * ``has_projection: bool`` (optional, default False): True when the tower already ends with its own learned
   projection (open_clip towers). Such a tower is used as is when ``output_dim == embed_dim``; every other
-  tower gets a bias-free ``nn.Linear(output_dim, embed_dim)``;
+  tower gets an ``nn.Linear(output_dim, embed_dim)``, bias-free unless ``projection_bias`` (ALBEF);
 * ``set_grad_checkpointing(enable: bool)`` and ``no_weight_decay() -> set[str]`` (both optional).
 """
 
@@ -22,13 +22,15 @@ from torch import nn
 from vlp.types import ModelOutput
 
 
-def _projection(tower: nn.Module, embed_dim: int) -> nn.Module:
-    """Identity when the tower already projects to ``embed_dim``, else a bias-free linear map (CLIP init)."""
+def _projection(tower: nn.Module, embed_dim: int, bias: bool = False) -> nn.Module:
+    """Identity when the tower already projects to ``embed_dim``, else a linear map (CLIP init, zero bias)."""
     output_dim = int(tower.output_dim)
     if getattr(tower, "has_projection", False) and output_dim == embed_dim:
         return nn.Identity()
-    projection = nn.Linear(output_dim, embed_dim, bias=False)
+    projection = nn.Linear(output_dim, embed_dim, bias=bias)
     nn.init.normal_(projection.weight, std=output_dim**-0.5)
+    if projection.bias is not None:
+        nn.init.zeros_(projection.bias)
     return projection
 
 
@@ -42,6 +44,7 @@ class DualEncoder(nn.Module):
         init_logit_scale: initial temperature in log space (``log(1 / 0.07)`` for CLIP, ``log(10)`` for SigLIP).
         max_logit_scale: ``exp(logit_scale)`` is clamped to this value when used.
         init_logit_bias: initial SigLIP bias; None for no bias.
+        projection_bias: give the linear projections a bias (ALBEF's ``vision_proj`` / ``text_proj`` have one).
 
     ``image_projection`` / ``text_projection`` map the towers' outputs to D (see the module docstring).
     ``forward`` is a pure function of its tensors: no loss, no tokenization, no state change.
@@ -56,13 +59,14 @@ class DualEncoder(nn.Module):
         init_logit_scale: float,
         max_logit_scale: float,
         init_logit_bias: float | None = None,
+        projection_bias: bool = False,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim
-        self.image_projection = _projection(image_encoder, embed_dim)
-        self.text_projection = _projection(text_encoder, embed_dim)
+        self.image_projection = _projection(image_encoder, embed_dim, projection_bias)
+        self.text_projection = _projection(text_encoder, embed_dim, projection_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = max_logit_scale

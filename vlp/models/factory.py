@@ -9,7 +9,7 @@ from torch import nn
 from vlp.config import ModelConfig
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_model_weights
-from vlp.registry import ModelError, get_model_entry
+from vlp.registry import ModelError, get_model_entry, list_models
 
 # parameters never decayed, whatever their shape (matched on the last component of the name)
 NO_DECAY_NAMES = frozenset({
@@ -29,6 +29,15 @@ def _check_pretrained(path: str) -> None:
         raise ModelError(f"model.pretrained={path!r}: unsupported format (use .safetensors, .pt, .pth or .bin)")
 
 
+def _check_fusion_layers(config: ModelConfig, builder: object) -> None:
+    """``model.fusion_layers`` is honoured only by presets marked ``supports_fusion`` (the ALBEF presets)."""
+    if config.fusion_layers == 0 or getattr(builder, "supports_fusion", False):
+        return
+    fusion_presets = [n for n in list_models() if getattr(get_model_entry(n).builder, "supports_fusion", False)]
+    raise ModelError(f"model.fusion_layers={config.fusion_layers}: model {config.name!r} has no fusion encoder; "
+                     f"presets that support fusion_layers: {', '.join(fusion_presets)} (or set model.fusion_layers=0)")
+
+
 def create_model(name_or_config: str | ModelConfig) -> DualEncoder:
     """Build a DualEncoder from a preset name (default ModelConfig fields otherwise) or a full ModelConfig.
 
@@ -37,6 +46,7 @@ def create_model(name_or_config: str | ModelConfig) -> DualEncoder:
     """
     config = ModelConfig(name=name_or_config) if isinstance(name_or_config, str) else name_or_config
     entry = get_model_entry(config.name)
+    _check_fusion_layers(config, entry.builder)
     if config.pretrained:
         _check_pretrained(config.pretrained)
     model = entry.builder(config)

@@ -31,6 +31,17 @@ class TimmImageTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)  # (B, output_dim)
 
+    def forward_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> (pooled (B, C), tokens (B, N, C)) from one pass; ``pooled`` equals ``forward``.
+
+        ``tokens`` are the final (normed) token states of ``forward_features`` (for a ViT: prefix tokens such as
+        [CLS] first, then the patches); a convolutional feature map (B, C, h, w) is flattened to (B, h * w, C).
+        """
+        features = self.model.forward_features(images)  # (B, N, C) or (B, C, h, w)
+        pooled = self.model.forward_head(features, pre_logits=True)  # (B, C)
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features  # (B, N, C)
+        return pooled, tokens
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 

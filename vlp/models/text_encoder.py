@@ -96,9 +96,12 @@ class HFTextTower(nn.Module):
         self.pooling: Pooling = pooling
         self.output_dim = int(model.config.hidden_size)
 
+    def forward_hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """text_ids (B, L) int64, text_mask (B, L) bool -> last hidden states (B, L, H)."""
+        return self.model(input_ids=text_ids, attention_mask=text_mask.long()).last_hidden_state  # (B, L, H)
+
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=text_ids, attention_mask=text_mask.long()).last_hidden_state  # (B, L, H)
-        return pool_hidden_states(hidden, text_mask, self.pooling)  # (B, H)
+        return pool_hidden_states(self.forward_hidden(text_ids, text_mask), text_mask, self.pooling)  # (B, H)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:

@@ -23,3 +23,24 @@ def lr_at(step: int, base_lr: float, total_steps: int, config: ScheduleConfig) -
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     floor = base_lr * config.min_lr_ratio
     return floor + (base_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def momentum_at(step: int, base_momentum: float, total_steps: int, kind: str = "constant") -> float:
+    """EMA momentum for the update after optimizer step ``step``: constant, or ``cosine`` from ``base_momentum``
+    at step 0 up to 1.0 at ``total_steps`` (BYOL's ramp: the teacher freezes as training ends)."""
+    if not 0.0 <= base_momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {base_momentum}")
+    if kind == "constant":
+        return base_momentum
+    if kind != "cosine":
+        raise ValueError(f"momentum schedule must be 'constant' or 'cosine', got {kind!r}")
+    progress = min(1.0, max(0, step) / max(1, total_steps))
+    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
+    """Distillation weight at optimizer step ``step``: ramps linearly from 0 to ``alpha`` over ``warmup_steps``
+    (ALBEF ramps over its first epoch, when the momentum teacher is still poor)."""
+    if warmup_steps <= 0:
+        return alpha
+    return alpha * min(1.0, step / warmup_steps)

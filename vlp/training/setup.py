@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from vlp.config import Config, ConfigError
+from vlp.config import AlbefConfig, Config, ConfigError
 from vlp.data.pipeline import ShardLoader
 from vlp.distributed import DistInfo
+from vlp.training.albef_task import AlbefTask
+from vlp.training.task import ContrastiveTask
+
+logger = logging.getLogger("vlp.train")
 
 
 def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -24,7 +31,62 @@ def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Mod
     if config.loss.kind == "clip" and config.model.init_logit_bias is not None:
         raise ConfigError("model.init_logit_bias is only used by loss.kind=siglip (the CLIP softmax ignores a bias)")
     model = create_model(config.model).to(device)
+    _check_albef(config, bool(getattr(model, "has_fusion", False)))
     return model, build_loss(config.loss)
+
+
+def _check_albef(config: Config, has_fusion: bool) -> None:
+    """The ALBEF switches must fit the model and each other; name the field that does not."""
+    albef = config.albef
+    if has_fusion and not albef.enabled:
+        raise ConfigError(f"model {config.model.name!r} has a fusion encoder (model.fusion_layers="
+                          f"{config.model.fusion_layers}) that only ALBEF objectives train: set albef.enabled=true "
+                          "or model.fusion_layers=0")
+    if not albef.enabled:
+        return
+    if config.loss.kind != "clip":
+        raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
+                          f"got loss.kind={config.loss.kind!r}")
+    checks = [("albef.queue_size", albef.queue_size >= 1, "at least 1"),
+              ("albef.momentum", 0.0 <= albef.momentum <= 1.0, "in [0, 1]"),
+              ("albef.alpha", 0.0 <= albef.alpha <= 1.0, "in [0, 1]"),
+              ("albef.mlm_probability", 0.0 < albef.mlm_probability < 1.0, "in (0, 1)"),
+              ("albef.alpha_warmup_steps", albef.alpha_warmup_steps >= 0, ">= 0")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{name}={getattr(albef, name.split('.')[1])} must be {expected}")
+    for name in ("itc_weight", "itm_weight", "mlm_weight"):
+        if getattr(albef, name) < 0:
+            raise ConfigError(f"albef.{name} must be >= 0, got {getattr(albef, name)}")
+    fused = [name for name in ("itm", "mlm") if _objective_on(albef, name)]
+    if has_fusion and not fused:
+        raise ConfigError("albef.itm and albef.mlm are both off, so the fusion encoder would never train: turn one "
+                          "on or set model.fusion_layers=0")
+    if fused and not has_fusion:
+        logger.info("model %r has no fusion encoder: training ITC with momentum distillation only (albef.%s "
+                    "need model.fusion_layers > 0)", config.model.name, " and albef.".join(fused))
+
+
+def _objective_on(albef: AlbefConfig, name: str) -> bool:
+    return bool(getattr(albef, name)) and getattr(albef, f"{name}_weight") > 0
+
+
+def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistInfo) -> ContrastiveTask | AlbefTask:
+    """The step computation: DDP around the trainable model (momentum copies stay outside), optional compile."""
+    if getattr(model, "has_fusion", False):
+        frozen = model.freeze_idle_heads(_objective_on(config.albef, "itm"), _objective_on(config.albef, "mlm"))
+        if frozen:
+            logger.info("frozen (their objective is off): %s", ", ".join(frozen))
+    train_model = model
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if config.train.compile:
+        train_model = torch.compile(train_model)
+    train = config.train
+    if config.albef.enabled:
+        return AlbefTask(model, train_model, config, dist.device, train.precision, train.attention)
+    return ContrastiveTask(model, train_model, loss_fn, dist.device, train.precision, train.attention)
 
 
 def build_batches(config: Config, dist: DistInfo) -> ShardLoader:

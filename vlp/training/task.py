@@ -85,8 +85,9 @@ class ContrastiveTask:
         with autocast_context(self.device, self.precision):
             return self.loss_fn(output.image_features, output.text_features, output.logit_scale, output.logit_bias)
 
-    def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss) -> LossOutput:  # noqa: ANN001
-        """Compute the loss over all micro-batches together and back-propagate it; returns the loss output."""
+    def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
+        """Compute the loss over all micro-batches together and back-propagate it; returns the loss output.
+        (``step`` is unused: nothing here depends on it.)"""
         if len(micro_batches) == 1:
             result = self._loss(self._forward(self.train_model, micro_batches[0]))
             scale_loss(result.loss).backward()
@@ -119,13 +120,28 @@ class ContrastiveTask:
             return self.train_model.no_sync()
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """The once-per-optimizer-step hook: clamp the temperature into [0, log(max_logit_scale)] in place."""
-        logit_scale = getattr(self.model, "logit_scale", None)
-        if isinstance(logit_scale, nn.Parameter):
-            logit_scale.clamp_(0.0, math.log(getattr(self.model, "max_logit_scale", 100.0)))
+    def after_optimizer_step(self, step: int = 0) -> None:
+        """The once-per-optimizer-step hook: clamp the temperature."""
+        clamp_logit_scale(self.model)
+
+    def discard_step(self) -> None:
+        """Nothing to undo for a skipped step."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.model.parameters() if p.requires_grad)
+
+    def state_dict(self) -> dict:
+        """No state beyond the model's own."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Clamp a learnable ``logit_scale`` into [0, log(max_logit_scale)] in place."""
+    logit_scale = getattr(model, "logit_scale", None)
+    if isinstance(logit_scale, nn.Parameter):
+        logit_scale.clamp_(0.0, math.log(getattr(model, "max_logit_scale", 100.0)))
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vlp import distributed
@@ -28,8 +27,7 @@ from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_check
 from vlp.training.optim import build_optimizer, set_lr
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
-from vlp.training.setup import build_batches, build_training_objects
-from vlp.training.task import ContrastiveTask
+from vlp.training.setup import build_batches, build_task, build_training_objects
 from vlp.types import LossOutput
 
 logger = logging.getLogger("vlp.train")
@@ -77,14 +75,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         self.model, loss_fn = build_training_objects(config, self.dist.device)
-        train_model = self.model
-        if self.dist.world_size > 1:
-            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            train_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        if config.train.compile:
-            train_model = torch.compile(train_model)
-        self.task = ContrastiveTask(self.model, train_model, loss_fn, self.dist.device, config.train.precision,
-                                    config.train.attention)
+        self.task = build_task(config, self.model, loss_fn, self.dist)
         self.optimizer = build_optimizer(self.model.param_groups(config.optim.weight_decay), config.optim)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
@@ -100,6 +91,7 @@ class Trainer:
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "skipped_steps": self.skipped_steps, "rng": distributed.all_gather_objects(rng),
+                "task": self.task.state_dict(),
                 "loader": distributed.all_gather_objects(loader), "world_size": self.dist.world_size}
 
     def save(self) -> None:
@@ -115,6 +107,10 @@ class Trainer:
         if state["world_size"] != self.dist.world_size:
             raise ConfigError(f"{directory} was written by {state['world_size']} processes, this run has "
                               f"{self.dist.world_size}: the data stream cannot resume exactly")
+        if self.config.albef.enabled and not state.get("task"):
+            raise ConfigError(f"{directory} holds no momentum encoder or feature queues (written by a run without "
+                              "albef.enabled?): an ALBEF run cannot resume from it")
+        self.task.load_state_dict(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
@@ -192,7 +188,7 @@ class Trainer:
 
     def _optimizer_step(self, micro: list) -> tuple[LossOutput, bool, bool]:  # noqa: ANN001
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.task.forward_backward(micro, self.scaler.scale)
+        result = self.task.forward_backward(micro, self.scaler.scale, step=self.step)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
@@ -206,12 +202,13 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.task.after_optimizer_step()
+            self.task.after_optimizer_step(self.step)
             self._consecutive_skips = 0
         return result, bad, stopped
 
     def _skip_step(self, loss_finite: bool) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.task.discard_step()
         if self.scaler.is_enabled():
             self.scaler.update()  # fp16 overflow: lower the scale as GradScaler would
         self.skipped_steps += 1

@@ -1,0 +1,159 @@
+"""ALBEF training invariants: accumulation == one big batch, EMA and enqueue once per optimizer step, exact resume
+with momentum weights and queues, every parameter trained, config mismatches named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from synthetic import SyntheticBatches
+
+from vlp.config import Config, ConfigError, load_config
+from vlp.training.schedules import alpha_at, momentum_at
+from vlp.training.trainer import Trainer
+from vlp.types import Batch
+
+MINILM_VOCAB = 30522
+MOD_ONLY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
+            "data.batch_size=8", "optim.lr=1e-3", "schedule.warmup_steps=2", "train.log_every=1",
+            "train.tensorboard=false", "loss.gather=none", "albef.enabled=true", "albef.queue_size=20",
+            "albef.alpha_warmup_steps=2", "optim.grad_clip=0"]
+FUSION = [*MOD_ONLY, "model.name=albef-tiny", "model.fusion_layers=2", "data.tokenizer=minilm"]
+
+
+def _config(tmp_path: Path, base: list[str], *overrides: str) -> Config:
+    return load_config(None, [*base, f"train.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _batches(config: Config, **kwargs) -> SyntheticBatches:
+    vocab = MINILM_VOCAB if config.data.tokenizer == "minilm" else 49408
+    return SyntheticBatches(config.data.batch_size, config.model.image_size, config.model.context_length,
+                            vocab=vocab, **kwargs)
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return Batch(batch.images[rows], batch.text_ids[rows], batch.text_mask[rows], batch.sample_ids[rows],
+                 batch.labels[rows], batch.keys[rows])
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_momentum_and_alpha_schedules_are_pure_functions_of_the_step() -> None:
+    assert momentum_at(0, 0.995, 100) == momentum_at(99, 0.995, 100) == 0.995
+    assert momentum_at(0, 0.99, 100, "cosine") == pytest.approx(0.99)
+    assert momentum_at(50, 0.99, 100, "cosine") == pytest.approx(0.995)
+    assert momentum_at(100, 0.99, 100, "cosine") == pytest.approx(1.0)
+    assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert alpha_at(0, 0.4, 0) == 0.4
+
+
+def test_mod_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+    """Keys are momentum features (constants): 3 micro-batches of 4 give the loss and gradients of one batch of
+    12, with a partly filled queue holding duplicates of batch ids (extra positives)."""
+    big = _config(tmp_path / "a", MOD_ONLY, "data.batch_size=12", "train.grad_accum=1")
+    small = _config(tmp_path / "b", MOD_ONLY, "data.batch_size=4", "train.grad_accum=3")
+    full = next(iter(_batches(big)))
+    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
+    results = []
+    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
+        trainer = Trainer(config, batches=_batches(big), progress=False)
+        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
+        trainer.optimizer.zero_grad()
+        result = trainer.task.forward_backward(micro, step=5)  # alpha fully ramped
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(result.loss), grads))
+    (loss_big, grads_big), (loss_small, grads_small) = results
+    assert loss_small == pytest.approx(loss_big, rel=1e-6)
+    assert grads_big.keys() == grads_small.keys() and len(grads_big) > 10
+    for name, grad in grads_big.items():
+        torch.testing.assert_close(grads_small[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ema_and_enqueue_happen_once_per_optimizer_step_with_accumulation(tmp_path: Path) -> None:
+    config = _config(tmp_path, FUSION, "data.batch_size=4", "train.grad_accum=3", "albef.momentum=0.9",
+                     "train.steps=2", "train.checkpoint_every=100")
+    trainer = Trainer(config, batches=_batches(config), progress=False)
+    teacher_before = {n: p.detach().clone() for n, p in trainer.task.momentum.model.named_parameters()}
+    stream = iter(_batches(config))
+    trainer._optimizer_step([next(stream) for _ in range(3)])
+    queue = trainer.task.queue
+    assert int(queue.count) == 12 and int(queue.ptr) == 12  # one enqueue of the whole accumulated batch
+    online = dict(trainer.model.named_parameters())
+    for name, before in teacher_before.items():  # one EMA update: m * old + (1 - m) * online after the step
+        expected = 0.9 * before + 0.1 * online[name].detach()
+        torch.testing.assert_close(trainer.task.momentum.model.get_parameter(name), expected, rtol=0, atol=1e-6)
+    trainer._optimizer_step([next(stream) for _ in range(3)])
+    assert int(queue.count) == 20 and int(queue.ptr) == 24 % 20  # wrapped around a queue of 20
+
+
+@pytest.mark.parametrize(("switches", "parts", "frozen"), [
+    ((), {"itm", "mlm"}, set()),
+    (("albef.mlm=false",), {"itm"}, {"mlm_head.predictions.bias", "mlm_head.predictions.transform.dense.weight",
+                                     "mlm_head.predictions.transform.dense.bias",
+                                     "mlm_head.predictions.transform.LayerNorm.weight",
+                                     "mlm_head.predictions.transform.LayerNorm.bias"}),
+    (("albef.itm_weight=0",), {"mlm"}, {"itm_head.weight", "itm_head.bias"}),
+], ids=["itm-mlm", "itm-only", "mlm-only"])
+def test_every_trainable_parameter_gets_a_gradient_from_itc_itm_and_mlm(
+        tmp_path: Path, switches: tuple[str, ...], parts: set[str], frozen: set[str]) -> None:
+    """A switched-off head is frozen (only its own parameters: the word embeddings the MLM decoder shares keep
+    training); every other parameter gets a gradient, so DDP needs no unused-parameter search."""
+    config = _config(tmp_path, FUSION, *switches)
+    trainer = Trainer(config, batches=_batches(config), progress=False)
+    result = trainer.task.forward_backward([next(iter(_batches(config)))], step=3)
+    assert {"itc_i2t", "itc_t2i"} | parts == {p for p in result.parts if p in {"itc_i2t", "itc_t2i", "itm", "mlm"}}
+    assert {n for n, p in trainer.model.named_parameters() if not p.requires_grad} == frozen
+    missing = [n for n, p in trainer.model.named_parameters() if p.requires_grad and
+               (p.grad is None or not bool(p.grad.abs().sum() > 0))]
+    assert not missing, missing
+    trained = {n for group in trainer.optimizer.param_groups for n in group["param_names"]}
+    assert trained == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in trainer.task.momentum.parameters())
+
+
+@pytest.mark.parametrize("base", [MOD_ONLY, FUSION], ids=["mod", "fusion"])
+def test_resume_is_bit_identical_including_momentum_and_queues(tmp_path: Path, base: list[str]) -> None:
+    steps = ["train.steps=6", "train.checkpoint_every=3", "albef.queue_size=12"]  # 8 per step: wraps
+    whole = _config(tmp_path / "whole", base, *steps)
+    whole_trainer = Trainer(whole, batches=_batches(whole), progress=False)
+    whole_trainer.fit()
+    part = _config(tmp_path / "part", base, *steps)
+    Trainer(part, batches=_batches(part), progress=False).fit(until_step=4)  # checkpoints at 3 and 4
+    resumed = Trainer(part, batches=_batches(part), progress=False,
+                      resume=str(tmp_path / "part" / "run" / "checkpoints" / "step_00000003"))
+    resumed.fit()
+    assert _losses(tmp_path / "part" / "run") == _losses(tmp_path / "whole" / "run")
+    expected = safetensors.torch.load_file(str(tmp_path / "whole" / "run" / "model.safetensors"))
+    got = safetensors.torch.load_file(str(tmp_path / "part" / "run" / "model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    want, have = whole_trainer.task.state_dict(), resumed.task.state_dict()
+    for section in ("momentum", "queue"):
+        assert want[section].keys() == have[section].keys()
+        for key, value in want[section].items():
+            assert torch.equal(value, have[section][key]), f"{section}.{key}"
+
+
+def test_albef_config_mismatches_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="albef.enabled=true or model.fusion_layers=0"):
+        Trainer(_config(tmp_path, FUSION, "albef.enabled=false"), batches=[], progress=False)
+    with pytest.raises(ConfigError, match="fusion encoder would never train"):
+        Trainer(_config(tmp_path, FUSION, "albef.itm=false", "albef.mlm_weight=0"), batches=[], progress=False)
+    with pytest.raises(ConfigError, match="loss.kind=clip"):
+        Trainer(_config(tmp_path, MOD_ONLY, "loss.kind=siglip", "model.init_logit_bias=-10"), batches=[],
+                progress=False)
+    with pytest.raises(ConfigError, match="albef.momentum"):
+        Trainer(_config(tmp_path, MOD_ONLY, "albef.momentum=1.5"), batches=[], progress=False)
+
+
+def test_an_albef_run_refuses_to_resume_from_a_clip_checkpoint(tmp_path: Path) -> None:
+    clip = _config(tmp_path, MOD_ONLY, "albef.enabled=false", "train.steps=1")
+    Trainer(clip, batches=_batches(clip), progress=False).fit()
+    with pytest.raises(ConfigError, match="no momentum encoder or feature queues"):
+        Trainer(_config(tmp_path, MOD_ONLY, "train.steps=2"), batches=_batches(clip), progress=False,
+                resume="latest")

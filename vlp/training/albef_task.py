@@ -1,0 +1,220 @@
+"""What one optimizer step computes for ALBEF: ITC with momentum distillation over feature queues, and, with a
+fusion encoder, image-text matching on hard negatives and masked language modelling.
+
+One step over ``k`` micro-batches (every forward of the trainable model goes through ``train_model``, the DDP
+wrapper when there is one)::
+
+    teacher:  momentum features (and image tokens) of every micro-batch, no grad
+              keys = [momentum features of the whole step's batch, gathered from all ranks ; queue]
+    student:  for each micro-batch: online features -> MoD-ITC of its rows against the keys
+              (``loss.gather``: ``local``/``global`` use every rank's momentum features as batch keys; ``none``
+              only this rank's, as the original ALBEF; the queue always receives every rank's)
+              (+ ITM: fused [CLS] of the positive pairs and of one hard negative per image and per text)
+              (+ MLM: 15 % of the tokens masked, predicted from the fused states, momentum soft labels)
+              -> (weighted sum) / k -> backward (gradient sync on the last micro-batch only)
+    hook:     after the optimizer step: clamp the temperature, EMA update, enqueue the gathered momentum features
+
+The keys are constants, so the rows of each micro-batch see the same negatives as one big batch would: summed
+micro-batch gradients equal the big batch's without GradCache's second pass. Randomness (MLM masks, negative
+sampling) comes from the global torch generator, which checkpoints save per rank: a resumed run is identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from vlp import distributed
+from vlp.config import Config
+from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, sample_hard_negatives
+from vlp.models.momentum import MomentumEncoder
+from vlp.queue import FeatureQueue
+from vlp.training.schedules import alpha_at, momentum_at
+from vlp.training.task import attention_context, autocast_context, clamp_logit_scale
+from vlp.types import Batch, LossOutput, ModelOutput
+
+
+class AlbefTask:
+    """Owns the online model (maybe DDP-wrapped), its momentum copy, the feature queues and the ALBEF objectives.
+
+    Args:
+        model: the unwrapped online model: a ``DualEncoder`` (ITC + momentum distillation only) or an
+            ``AlbefModel`` with a fusion encoder (ITM, MLM).
+        train_model: ``model`` or its DDP wrapper (every pass with gradient goes through it).
+        config: the run's config (``albef``, ``loss.gather``, ``loss.chunk_size``, ``train.steps`` are read).
+        device: where batches go. precision: ``fp32``, ``bf16`` or ``fp16``. attention: SDPA kernel choice.
+    """
+
+    def __init__(self, model: nn.Module, train_model: nn.Module, config: Config, device: torch.device,
+                 precision: str, attention: str = "auto") -> None:
+        self.model, self.train_model, self.config = model, train_model, config
+        self.settings = config.albef
+        self.device, self.precision, self.attention = device, precision, attention
+        self.momentum = MomentumEncoder(model).to(device)
+        self.queue = FeatureQueue(self.settings.queue_size, int(model.embed_dim)).to(device)
+        has_fusion = bool(getattr(model, "has_fusion", False))
+        self.use_itm = has_fusion and self.settings.itm and self.settings.itm_weight > 0
+        self.use_mlm = has_fusion and self.settings.mlm and self.settings.mlm_weight > 0
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------ passes
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(autocast_context(self.device, self.precision))
+        stack.enter_context(attention_context(self.device, self.precision, self.attention))
+        return stack
+
+    def _features(self, module: nn.Module, batch: Batch) -> ModelOutput:
+        with self._context():
+            return module(batch.images, batch.text_ids, batch.text_mask)
+
+    def alpha(self, step: int) -> float:
+        """The distillation weight at ``step`` (0 when ``albef.distill`` is off)."""
+        if not self.settings.distill:
+            return 0.0
+        return alpha_at(step, self.settings.alpha, self.settings.alpha_warmup_steps)
+
+    # ------------------------------------------------------------------------------------------------- step
+    def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
+        """All objectives over the step's micro-batches, back-propagated; returns their mean over micro-batches."""
+        alpha = self.alpha(step)
+        teachers = [self._features(self.momentum, batch) for batch in micro_batches]
+        image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
+        text_m = torch.cat([t.text_features for t in teachers]).float()
+        ids = torch.cat([batch.sample_ids for batch in micro_batches])
+        gathered = self._gather_keys(image_m, text_m, ids)
+        # loss.gather=none: this rank's batch + the queue as keys (the original ALBEF); otherwise every rank's batch
+        batch_keys = (image_m, text_m, ids) if self.config.loss.gather == "none" else gathered
+        queue_image, queue_text, queue_ids = self.queue.valid()
+        keys = (torch.cat([batch_keys[0], queue_image]), torch.cat([batch_keys[1], queue_text]),
+                torch.cat([batch_keys[2], queue_ids]))
+        outputs, offset = [], 0
+        for index, batch in enumerate(micro_batches):
+            rows = slice(offset, offset + len(batch))
+            offset += len(batch)
+            last = index == len(micro_batches) - 1
+            with self._maybe_no_sync(not last):
+                result = self._micro_step(batch, teachers[index], image_m[rows], text_m[rows], keys, alpha)
+                scale_loss(result.loss / len(micro_batches)).backward()
+            outputs.append(result)
+        self._pending = gathered
+        return _mean_outputs(outputs, {"alpha": alpha})
+
+    def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor,
+                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Momentum features of the whole step's batch from every rank (rank order): the keys and the enqueue."""
+        return (distributed.all_gather_tensor(image_m), distributed.all_gather_tensor(text_m),
+                distributed.all_gather_tensor(ids))
+
+    def _micro_step(self, batch: Batch, teacher: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
+                    keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float) -> LossOutput:
+        settings = self.settings
+        student = self._features(self.train_model, batch)
+        with autocast_context(self.device, self.precision):
+            itc = momentum_distilled_itc(
+                student.image_features, student.text_features, image_m, text_m, keys[0], keys[1],
+                batch.sample_ids, keys[2], student.logit_scale, alpha, chunk_size=self.config.loss.chunk_size)
+        results = [(settings.itc_weight, itc)]
+        if self.use_itm:
+            results.append((settings.itm_weight, self._itm(batch, student, image_m, text_m)))
+        if self.use_mlm:
+            results.append((settings.mlm_weight, self._mlm(batch, student, teacher, alpha)))
+        return _weighted_sum(results)
+
+    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor) -> LossOutput:
+        """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
+        image, drawn with probability softmax(similarity) among the candidates that are not positives."""
+        image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
+        candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
+        if self.settings.itm_global_negatives:  # candidates from the whole batch of every rank
+            image_tokens = distributed.all_gather_with_grad(image_tokens)
+            text_hidden = distributed.all_gather_with_grad(text_hidden)
+            text_mask = distributed.all_gather_tensor(text_mask)
+            candidate_ids = distributed.all_gather_tensor(batch.sample_ids)
+            candidate_image_m = distributed.all_gather_tensor(image_m)
+            candidate_text_m = distributed.all_gather_tensor(text_m)
+        with torch.no_grad():
+            scale = student.logit_scale.detach().float()
+            sim_i2t = scale * student.image_features.detach().float() @ candidate_text_m.T  # (B, C)
+            sim_t2i = scale * student.text_features.detach().float() @ candidate_image_m.T  # (B, C)
+            positives = batch.sample_ids[:, None] == candidate_ids[None, :]
+            negative_text, text_ok = sample_hard_negatives(sim_i2t, positives)
+            negative_image, image_ok = sample_hard_negatives(sim_t2i, positives)
+        own_tokens, own_hidden, own_mask = student.image_tokens, student.text_hidden, batch.text_mask
+        fused_tokens = torch.cat([own_tokens, own_tokens, image_tokens[negative_image]])  # (3B, N, C)
+        fused_hidden = torch.cat([own_hidden, text_hidden[negative_text], own_hidden])  # (3B, L, H)
+        fused_mask = torch.cat([own_mask, text_mask[negative_text], own_mask])
+        with self._context():
+            logits = self.train_model(task="itm", image_tokens=fused_tokens, text_hidden=fused_hidden,
+                                      text_mask=fused_mask)  # (3B, 2)
+        ignore = torch.full_like(batch.sample_ids, -100)
+        labels = torch.cat([torch.ones_like(batch.sample_ids), torch.where(text_ok, 0, ignore),
+                            torch.where(image_ok, 0, ignore)])
+        return itm_loss(logits, labels)
+
+    def _mlm(self, batch: Batch, student: ModelOutput, teacher: ModelOutput, alpha: float) -> LossOutput:
+        """Masked language modelling from the fused states; the momentum model's predictions are soft labels."""
+        model = self.model
+        masked_ids, positions, labels = mask_tokens(
+            batch.text_ids, batch.text_mask, vocab_size=model.vocab_size, mask_token_id=model.mask_token_id,
+            special_ids=model.special_token_ids, probability=self.settings.mlm_probability)
+        with self._context():
+            logits = self.train_model(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
+                                      image_tokens=student.image_tokens, positions=positions)  # (M, V)
+            soft = None
+            if alpha > 0:
+                soft = self.momentum(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
+                                     image_tokens=teacher.image_tokens, positions=positions)
+        return mlm_loss(logits, labels, soft, alpha)
+
+    def _maybe_no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
+        if skip_sync and hasattr(self.train_model, "no_sync"):
+            return self.train_model.no_sync()
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------ post-step hook
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int = 0) -> None:
+        """Once per optimizer step: clamp the temperature, EMA-update the momentum model, enqueue the keys."""
+        clamp_logit_scale(self.model)
+        momentum = momentum_at(step, self.settings.momentum, self.config.train.steps, self.settings.momentum_schedule)
+        self.momentum.update(self.model, momentum)
+        if self._pending is not None:
+            self.queue.enqueue(*self._pending)
+            self._pending = None
+
+    def discard_step(self) -> None:
+        """A skipped (non-finite) step changes nothing: its momentum features are not enqueued."""
+        self._pending = None
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+    def state_dict(self) -> dict:
+        """Momentum weights and queues (tensors only: checkpoints load them with ``weights_only=True``)."""
+        return {"momentum": self.momentum.state_dict(), "queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.momentum.load_state_dict(state["momentum"])
+        self.queue.load_state_dict(state["queue"])
+
+
+def _weighted_sum(results: list[tuple[float, LossOutput]]) -> LossOutput:
+    loss = sum(weight * result.loss for weight, result in results)
+    parts, metrics = {}, {}
+    for _, result in results:
+        parts.update(result.parts)
+        metrics.update(result.metrics)
+    return LossOutput(loss, parts, metrics)
+
+
+def _mean_outputs(outputs: list[LossOutput], extra_metrics: dict[str, float]) -> LossOutput:
+    """The mean over micro-batches of the loss (detached), its parts and metrics."""
+    count = len(outputs)
+    loss = sum(o.loss.detach() for o in outputs) / count
+    parts = {name: sum(o.parts[name] for o in outputs) / count for name in outputs[0].parts}
+    metrics = {name: sum(o.metrics[name] for o in outputs) / count for name in outputs[0].metrics}
+    return LossOutput(loss, parts, {**metrics, **extra_metrics})
