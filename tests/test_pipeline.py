@@ -208,3 +208,19 @@ def test_classification_shards_with_cls_members_and_no_captions(tmp_path: Path) 
     assert batch.labels.tolist() == [0, 1, 2, 0, 1] and loader.skip_counts() == {}
     strict = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1)
     assert list(strict) == [] and strict.skip_counts() == {"missing_caption": 5}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loading_leaves_the_trainers_random_generators_alone(tmp_path: Path, workers: int) -> None:
+    """Dropout, MLM masks and hard negatives draw from the global generators, which checkpoints restore: starting
+    an epoch's DataLoader or augmenting in the main process (workers=0) must not draw from or reseed them."""
+    import random
+
+    write_dataset(tmp_path / "ds", [6, 6])
+    loader = ShardLoader(_config(str(tmp_path / "ds"), workers=workers), image_size=16, context_length=12)
+    torch.manual_seed(123)
+    random.seed(123)
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    assert len(_take(loader, 5)) == 5  # 20 augmented samples, crossing into the second epoch
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert random.getstate() == python_state

@@ -61,6 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--split", default="test", help="with --karpathy-json: split to use (default: test)")
     retrieval.add_argument("--dataset", default=None, help="name stored in the results (default: --data)")
     retrieval.add_argument("--out", required=True, help="output directory for retrieval.json")
+    retrieval.add_argument("--rerank", type=int, default=0, metavar="K",
+                           help="rescore the top K candidates of every query with the ITM head (ALBEF models with "
+                                "a fusion encoder); score = ITM match logit + similarity (default: 0 = off)")
     retrieval.set_defaults(func=run_retrieval_command)
 
     demo = commands.add_parser("demo", help="the demo's evaluations: Fashion-MNIST zero-shot, Tux Paint retrieval",
@@ -117,16 +120,23 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
+    from vlp.evaluation.itm_rerank import require_itm
     from vlp.evaluation.runner import run_retrieval
     from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_multicaption
+    from vlp.registry import ModelError
 
     if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
         print("error: give either --data SHARDS or --karpathy-json FILE with --images DIR", file=sys.stderr)
         return 2
+    if args.rerank < 0:
+        print(f"error: --rerank must be >= 0, got {args.rerank}", file=sys.stderr)
+        return 2
     try:
         loaded, device = _load(args)
+        if args.rerank:
+            require_itm(loaded.model)
         options = dict(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
-                       precision=args.precision)
+                       precision=args.precision, rerank_k=args.rerank)
         if args.karpathy_json:
             record = run_retrieval_karpathy(loaded, args.karpathy_json, args.images, split=args.split,
                                             dataset=args.dataset, **options)
@@ -135,7 +145,7 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
             record = run_retrieval_multicaption(loaded, args.data, dataset=args.dataset or args.data, **options)
         else:
             record = run_retrieval(loaded, args.data, dataset=args.dataset or args.data, **options)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _report(record)

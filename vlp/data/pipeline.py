@@ -17,6 +17,7 @@ uninterrupted run would have produced. Streams are endless (epoch after epoch), 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Iterator
@@ -38,6 +39,21 @@ from vlp.types import Batch
 
 STATE_VERSION = 1
 logger = logging.getLogger("vlp.data")
+
+
+@contextlib.contextmanager
+def _trainer_rng_kept() -> Iterator[None]:
+    """In the main process (``data.workers=0``), restore the global torch and Python generators afterwards: the
+    augmentation reseeds them per sample, and dropout, MLM masks and negatives of the trainer draw from them."""
+    if get_worker_info() is not None:
+        yield
+        return
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
 
 
 @dataclass(frozen=True)
@@ -93,11 +109,14 @@ class _BatchMaker:
         label = decode_label(metadata, raw.cls)
         caption = self._caption(raw.txt, metadata)
         image = decode_image(raw.image, self.spec.limits)
-        if self.spec.train and self.spec.augment != "none":
+        if not (self.spec.train and self.spec.augment != "none"):
+            return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
+        with _trainer_rng_kept():
             seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
             random.seed(seed)
             torch.random.default_generator.manual_seed(seed)  # CPU generator only: ~1 us, not ~200 us
-        return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
+            pixels = self.transform(image)
+        return _Prepared(pixels, caption, label, derive_seed(raw.url, raw.key), raw.key)
 
     def _caption(self, txt: bytes | None, metadata: dict) -> str:
         if self.spec.require_caption:
@@ -217,10 +236,13 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         dataset = ShardDataset(self.spec, dict(self._states), dict(self._counts), rotation=self._next_worker)
+        # DataLoader draws its workers' base seed from `generator` each time an iterator starts; the global generator
+        # must not be touched (dropout, MLM masks and negatives draw from it, and checkpoints restore it exactly).
+        # The workers reseed from the stream position anyway, so this generator's seed is immaterial.
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.spec.settings.seed),
         )
         for batch, report in loader:
             self._states[report.worker] = report.stream_state

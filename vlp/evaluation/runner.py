@@ -17,6 +17,7 @@ import torch
 from vlp import distributed
 from vlp.config import DataConfig, SourceConfig
 from vlp.data.pipeline import ShardLoader
+from vlp.evaluation.itm_rerank import ItmCorpus, itm_reranker
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
 from vlp.evaluation.retrieval import retrieval_metrics
 from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset, gather_uneven, zero_shot_metrics
@@ -83,13 +84,23 @@ def score_zeroshot(loaded: LoadedModel, features: torch.Tensor, labels: torch.Te
 
 def score_retrieval(loaded: LoadedModel, image_features: torch.Tensor, text_features: torch.Tensor,
                     text_to_image: torch.Tensor, *, dataset: str, skipped: dict[str, int],
-                    out_dir: str | Path | None = None, ks: Sequence[int] = (1, 5, 10)) -> dict:
+                    out_dir: str | Path | None = None, ks: Sequence[int] = (1, 5, 10),
+                    itm_corpus: ItmCorpus | None = None, rerank_k: int = 0, device: torch.device | str = "cpu",
+                    precision: str = "fp32") -> dict:
     """Retrieval metrics of encoded images and captions; the CLIP_benchmark record, and on rank 0
-    ``retrieval.json`` in ``out_dir``."""
-    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks))
+    ``retrieval.json`` in ``out_dir``. With ``rerank_k > 0`` and an ``itm_corpus`` (rows aligned with the
+    features), the fusion encoder's ITM head rescores the top ``rerank_k`` candidates of every query."""
+    rerank = None
+    if rerank_k > 0:
+        if itm_corpus is None:
+            raise ValueError("rerank_k > 0 needs the ITM corpus (image tokens and caption ids) of the retrieval set")
+        rerank = itm_reranker(loaded.model, itm_corpus, image_features.cpu(), text_features.cpu(), device=device,
+                              precision=precision)
+    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks),
+                                rerank=rerank, rerank_k=max(rerank_k, 1))
     record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
     record["samples"], record["captions"] = image_features.shape[0], int(text_to_image.numel())
-    record["skipped"] = skipped
+    record["skipped"], record["rerank_k"] = skipped, rerank_k
     if out_dir is not None and distributed.get_rank() == 0:
         write_json(Path(out_dir) / "retrieval.json", record)
     return record
@@ -122,18 +133,24 @@ def run_zeroshot(
 
 
 def encode_pairs(
-    loaded: LoadedModel, loader: ShardLoader, device: torch.device | str, precision: str
+    loaded: LoadedModel, loader: ShardLoader, device: torch.device | str, precision: str,
+    itm_corpus: ItmCorpus | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(image features, caption features, keys) of image-caption shards, gathered from every rank; with an
+    ``itm_corpus``, it collects the image tokens and caption ids too."""
     from vlp.training.task import autocast_context
 
     device = torch.device(device)
     images, texts, keys = [], [], []
+    image_encoder = itm_corpus if itm_corpus is not None else loaded.model
     with torch.no_grad(), autocast_context(device, precision):
         for batch in loader:
-            images.append(loaded.model.encode_image(batch.images.to(device), normalize=True).float())
+            images.append(image_encoder.encode_image(batch.images.to(device), normalize=True).float())
             texts.append(
                 loaded.model.encode_text(batch.text_ids.to(device), batch.text_mask.to(device), normalize=True).float()
             )
+            if itm_corpus is not None:
+                itm_corpus.add_texts(batch.text_ids, batch.text_mask)
             keys += batch.keys
     if not images:
         raise ValueError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
@@ -141,6 +158,8 @@ def encode_pairs(
     image_features, _ = gather_uneven(torch.cat(images), index)
     text_features, _ = gather_uneven(torch.cat(texts), index)
     all_keys = [k for part in distributed.all_gather_objects(keys) for k in part]
+    if itm_corpus is not None:
+        itm_corpus.finish(gather_images=True, gather_texts=True)
     return image_features, text_features, all_keys
 
 
@@ -155,12 +174,16 @@ def run_retrieval(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
+    rerank_k: int = 0,
 ) -> dict:
-    """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file."""
+    """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file.
+    ``rerank_k > 0`` reranks the top candidates with the ITM head (models with a fusion encoder)."""
+    corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
-    image_features, text_features, keys = encode_pairs(loaded, loader, device, precision)
+    image_features, text_features, keys = encode_pairs(loaded, loader, device, precision, corpus)
     return score_retrieval(loaded, image_features, text_features, torch.arange(len(keys)), dataset=dataset,
-                           skipped=loader.skip_counts(), out_dir=out_dir, ks=ks)
+                           skipped=loader.skip_counts(), out_dir=out_dir, ks=ks, itm_corpus=corpus,
+                           rerank_k=rerank_k, device=device, precision=precision)
 
 
 DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musical instrument")

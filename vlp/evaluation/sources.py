@@ -36,8 +36,10 @@ from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_image, decode_metadata
 from vlp.data.tar_stream import iter_shard
+from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import build_image_transform, collate_images
 from vlp.data.urls import expand_urls
+from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
 from vlp.evaluation.runner import score_retrieval, score_zeroshot
 from vlp.evaluation.zero_shot import Template, encode_dataset, gather_uneven
@@ -281,14 +283,15 @@ def run_zeroshot_imagefolder(
 
 def encode_retrieval_set(
     loaded: LoadedModel, data: RetrievalSet, *, batch_size: int = 256, workers: int = 2,
-    device: torch.device | str = "cpu", precision: str = "fp32",
+    device: torch.device | str = "cpu", precision: str = "fp32", itm_corpus: ItmCorpus | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
     """(image features (N_i, D), caption features (N_t, D), text_to_image (N_t,), skipped images by reason).
 
-    Images are split across ranks and gathered; an undecodable image is dropped with its captions."""
+    Images are split across ranks and gathered; an undecodable image is dropped with its captions. With an
+    ``itm_corpus`` the image tokens and caption ids are collected too, in the same row order."""
     items = [(path, index) for index, path in enumerate(data.images)]
     loader = FileImageLoader(items, image_size=loaded.config.image_size, batch_size=batch_size, workers=workers)
-    features, indices = encode_dataset(loaded.model, loader, device, precision)
+    features, indices = encode_dataset(itm_corpus or loaded.model, loader, device, precision)
     skipped = loader.skip_counts()
     if indices.numel() == 0:
         raise EvalSourceError(f"no decodable images among {len(data.images)} (skipped: {skipped})")
@@ -301,22 +304,27 @@ def encode_retrieval_set(
     encode = text_encoder_fn(loaded, device)
     captions = [data.captions[j] for j in keep_text]
     text_features = torch.cat([encode(captions[i : i + batch_size]) for i in range(0, len(captions), batch_size)])
+    if itm_corpus is not None:  # every rank encoded every caption: only the images were gathered
+        itm_corpus.add_texts(*TextTokenizer(loaded.tokenizer, loaded.config.context_length)(captions))
+        itm_corpus.finish(gather_images=True, gather_texts=False)
+        itm_corpus.select_images(order.cpu())
     return image_features, text_features, text_to_image[keep_text], skipped
 
 
 def run_retrieval_karpathy(
     loaded: LoadedModel, split_json: str | Path, image_root: str | Path, *, split: str = "test",
     dataset: str | None = None, out_dir: str | Path | None = None, batch_size: int = 256, workers: int = 2,
-    device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10),
+    device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
 ) -> dict:
     """Image<->text Recall@k and ranks on a Karpathy split (all captions of an image are positives); writes
-    ``retrieval.json`` like ``run_retrieval``."""
+    ``retrieval.json`` like ``run_retrieval`` (``rerank_k``: ITM reranking, as there)."""
     data = karpathy_split(split_json, image_root, split)
+    corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_retrieval_set(
-        loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision)
+        loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision, itm_corpus=corpus)
     return score_retrieval(loaded, image_features, text_features, text_to_image,
                            dataset=dataset or f"{Path(split_json).stem}_{split}", skipped=skipped, out_dir=out_dir,
-                           ks=ks)
+                           ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device, precision=precision)
 
 
 # ------------------------------------------------------------------------------------------------ multi-caption shards
@@ -341,12 +349,14 @@ def _image_key(value: str) -> int:
 def encode_shard_retrieval(
     loaded: LoadedModel, urls: str, *, batch_size: int = 256, device: torch.device | str = "cpu",
     precision: str = "fp32", rank: int | None = None, world_size: int | None = None,
+    itm_corpus: ItmCorpus | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
     """(image features (N_i, D), caption features (N_t, D), text_to_image (N_t,), skips) of multi-caption shards.
 
     Each rank reads ``shards[rank::world]`` (decoding in this process) and the features are gathered; an image is
     encoded once per rank and de-duplicated by ``image_id`` after the gather. Captions whose image could not be
-    decoded are dropped and counted as ``captions_without_image``."""
+    decoded are dropped and counted as ``captions_without_image``. With an ``itm_corpus`` the image tokens and
+    caption ids are collected too, in the same row order."""
     from vlp.training.task import autocast_context
 
     rank = distributed.get_rank() if rank is None else rank
@@ -355,6 +365,8 @@ def encode_shard_retrieval(
     limits = DecodeLimits(draft_size=loaded.config.image_size)
     transform = build_image_transform("none", loaded.config.image_size, train=False)
     encode_text = text_encoder_fn(loaded, device)
+    image_encoder = itm_corpus or loaded.model
+    tokenize = TextTokenizer(loaded.tokenizer, loaded.config.context_length) if itm_corpus is not None else None
     images: list[torch.Tensor] = []
     texts: list[torch.Tensor] = []
     image_ids: list[int] = []  # this rank's encoded images, in order
@@ -366,10 +378,12 @@ def encode_shard_retrieval(
     def flush(final: bool) -> None:
         if pending and (final or len(pending) >= batch_size):
             with torch.no_grad(), autocast_context(device, precision):
-                images.append(loaded.model.encode_image(collate_images(pending).to(device), normalize=True).float())
+                images.append(image_encoder.encode_image(collate_images(pending).to(device), normalize=True).float())
             pending.clear()
         if captions and (final or len(captions) >= batch_size):
             texts.append(encode_text(captions))
+            if tokenize is not None:
+                itm_corpus.add_texts(*tokenize(captions))
             captions.clear()
 
     for url in expand_urls(urls)[rank::world_size]:
@@ -415,16 +429,22 @@ def encode_shard_retrieval(
     if len(keep) < len(text_to_image):
         skipped["captions_without_image"] = len(text_to_image) - len(keep)
     image_rows = torch.tensor(list(first.values()), dtype=torch.long, device=all_images.device)
+    if itm_corpus is not None:
+        itm_corpus.finish(gather_images=True, gather_texts=True)
+        itm_corpus.select_images(image_rows)
+        itm_corpus.select_texts(keep)
     return all_images[image_rows], all_texts[keep.to(all_texts.device)], text_to_image[keep], skipped
 
 
 def run_retrieval_multicaption(
     loaded: LoadedModel, urls: str, *, dataset: str, out_dir: str | Path | None = None, batch_size: int = 256,
-    device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10),
+    device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
 ) -> dict:
     """Retrieval on shards with several captions per image (see :func:`encode_shard_retrieval`); writes
-    ``retrieval.json`` like ``run_retrieval``."""
+    ``retrieval.json`` like ``run_retrieval`` (``rerank_k``: ITM reranking, as there)."""
+    corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_shard_retrieval(
-        loaded, urls, batch_size=batch_size, device=device, precision=precision)
+        loaded, urls, batch_size=batch_size, device=device, precision=precision, itm_corpus=corpus)
     return score_retrieval(loaded, image_features, text_features, text_to_image, dataset=dataset, skipped=skipped,
-                           out_dir=out_dir, ks=ks)
+                           out_dir=out_dir, ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device,
+                           precision=precision)

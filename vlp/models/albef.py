@@ -155,6 +155,12 @@ class AlbefModel(DualEncoder):
             hidden = self.text_encoder.forward_hidden(text_ids, text_mask)  # (B, L, H)
             return pool_hidden_states(hidden, text_mask, self.text_encoder.pooling), hidden
 
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> (L2-normalised features (B, D) equal to ``encode_image``, tokens (B, N, C)) from
+        one tower pass: what ITM reranking keeps of each corpus image."""
+        pooled, tokens = self.image_pass(images)
+        return F.normalize(self.image_projection(pooled), dim=-1), tokens
+
     def _require_fusion(self, task: str) -> FusionEncoder:
         if self.fusion is None:
             raise ModelError(f"task={task!r} needs a fusion encoder: build the model with model.fusion_layers > 0")
