@@ -6,12 +6,21 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 DEMO_DATA := data/demo
+# make demo: the CLIP demo; make demo DEMO=albef: the ALBEF demo (momentum distillation, fusion encoder, ITM, MLM)
+DEMO ?= clip
+DEMO_CONFIG_clip := configs/pretrain/demo.yaml
+DEMO_RUN_clip := runs/demo
+DEMO_EVAL_clip :=
+DEMO_CONFIG_albef := configs/pretrain/demo_albef.yaml
+DEMO_RUN_albef := runs/demo_albef
+DEMO_EVAL_albef := --rerank 16
 
 .PHONY: help install debian-data test lint demo demo-data bench clean
 
 help:
 	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
 	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a small CLIP"
+	@echo "            (make demo DEMO=albef: a small ALBEF: momentum distillation, fusion encoder, ITM, MLM)"
 	@echo "make lint   ruff"
 	@echo "make bench  run the benchmarks (python -m bench.<name>)"
 
@@ -50,10 +59,12 @@ demo-data: install debian-data
 	$(BIN)/vlp shards check $(DEMO_DATA)/fashion_mnist/train --world-size 1 --workers 2 --no-decode
 	$(BIN)/vlp shards check $(DEMO_DATA)/tuxpaint/train --world-size 1 --workers 2
 
-demo: demo-data
-	$(BIN)/vlp train --config configs/pretrain/demo.yaml
-	$(BIN)/vlp eval demo --run runs/demo --data $(DEMO_DATA)
-	@echo "demo run: runs/demo (results.json, eval/, metrics.jsonl, training_curves.png, model.safetensors)"
+demo:
+	@test -n "$(DEMO_CONFIG_$(DEMO))" || { echo "error: DEMO=$(DEMO): use DEMO=clip (the default) or DEMO=albef" >&2; exit 2; }
+	@$(MAKE) --no-print-directory demo-data
+	$(BIN)/vlp train --config $(DEMO_CONFIG_$(DEMO)) train.output_dir=$(DEMO_RUN_$(DEMO))
+	$(BIN)/vlp eval demo --run $(DEMO_RUN_$(DEMO)) --data $(DEMO_DATA) $(DEMO_EVAL_$(DEMO))
+	@echo "demo run: $(DEMO_RUN_$(DEMO)) (results.json, eval/, metrics.jsonl, training_curves.png, model.safetensors)"
 
 bench: install debian-data
 	$(BIN)/python -m bench.data

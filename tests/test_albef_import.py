@@ -198,3 +198,31 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     torch.save({"model": {"temp": torch.tensor(0.07)}, "extra": NotATensor(1)}, path)
     with pytest.raises(UnsafeCheckpointError, match="weights_only=True"):
         load_albef_checkpoint(path, build(seed=6))
+
+
+def test_convert_cli_writes_a_model_directory_that_eval_loads(
+        source: tuple[AlbefModel, MomentumEncoder, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An ALBEF-style .pth ({"model": ..., "config": ..., "epoch": ...}) -> model.safetensors + config.yaml that
+    ``load_model_for_eval`` reads back to the same embeddings; a wrong layer split writes nothing."""
+    from vlp.cli.main import main
+    from vlp.evaluation.loading import load_model_for_eval
+
+    model, momentum, queue = source
+    path = tmp_path / "ALBEF.pth"
+    torch.save({"model": export_albef_state(model, momentum, queue), "config": {"queue_size": QUEUE}, "epoch": 3},
+               path)
+    config = tmp_path / "albef.yaml"
+    config.write_text(f"model: {{name: albef-tiny, image_size: 16, context_length: 8, embed_dim: {EMBED}, "
+                      "fusion_layers: 2}\n")
+    assert main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    assert "queue 6 entries" in capsys.readouterr().out
+    loaded = load_model_for_eval(str(tmp_path / "out")).model
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.eval().encode_image(images))
+    assert main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "--out", str(tmp_path / "out")]) == 1
+    assert "already holds model.safetensors" in capsys.readouterr().err
+    code = main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "model.fusion_layers=1",
+                 "--out", str(tmp_path / "split")])
+    assert code == 1 and not (tmp_path / "split").exists()
+    assert "error:" in capsys.readouterr().err

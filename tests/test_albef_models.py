@@ -61,7 +61,7 @@ def model() -> AlbefModel:
 
 
 def test_presets_registered_with_the_minilm_tokenizer(model: AlbefModel) -> None:
-    assert {"albef-tiny", "albef-minilm", "albef-vit-b16"} <= set(list_models())
+    assert {"albef-tiny", "albef-small", "albef-minilm", "albef-vit-b16"} <= set(list_models())
     assert tokenizer_for(tiny_config()) == "minilm"
     assert model.has_fusion and model.vocab_size == 30522 and model.mask_token_id == 103
     assert model.special_token_ids[:3] == (101, 102, 0) and 103 in model.special_token_ids

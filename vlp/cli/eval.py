@@ -72,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--run", default="runs/demo", help="the demo run directory (default: runs/demo)")
     demo.add_argument("--data", default="data/demo", help="the demo shards (default: data/demo)")
     demo.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
+    demo.add_argument("--rerank", type=int, default=0, metavar="K",
+                      help="also report retrieval with the top K candidates reranked by the ITM head "
+                           "(ALBEF runs; keys retrieval_rerank.*; default: 0 = off)")
     demo.set_defaults(func=run_demo_command)
 
 
@@ -156,6 +159,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.in_training import classnames_for, templates_for
     from vlp.evaluation.loading import load_model_for_eval
     from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
+    from vlp.registry import ModelError
 
     run, data = Path(args.run), Path(args.data)
     try:
@@ -165,13 +169,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
                                 dataset="fashion_mnist_test", out_dir=run / "eval", workers=args.workers)
         retrieval = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
                                   out_dir=run / "eval", workers=args.workers)
+        reranked = None
+        if args.rerank > 0:
+            reranked = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
+                                     out_dir=run / "eval" / "rerank", workers=args.workers, rerank_k=args.rerank)
         grid = demo_query_grid(loaded, str(data / "tuxpaint" / "test"), run / "retrieval_grid.png",
                                workers=args.workers)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     results = {f"zeroshot.{k}": v for k, v in zeroshot["metrics"].items()}
     results.update({f"retrieval.{k}": v for k, v in retrieval["metrics"].items()})
+    if reranked is not None:
+        results.update({f"retrieval_rerank.{k}": v for k, v in reranked["metrics"].items()})
     tmp = run / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(run / "results.json")

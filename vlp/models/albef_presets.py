@@ -3,6 +3,7 @@
 | name          | image tower                           | BERT: L layers, the last F = fusion_layers fuse |
 |---------------|---------------------------------------|-------------------------------------------------|
 | albef-tiny    | timm ViT, patch 8, 64 wide, depth 2   | random, 64 wide, 4 layers, 2 heads, FFN 256      |
+| albef-small   | timm ViT, patch 16, 128 wide, depth 4 | random, 128 wide, 5 layers, 2 heads, FFN 512     |
 | albef-minilm  | the same tiny ViT (64 wide, random)   | pretrained all-MiniLM-L6-v2: 6 layers, 384 wide  |
 | albef-vit-b16 | timm ``vit_base_patch16_224``, random | random ``BertConfig()``: 12 layers, 768 wide     |
 
@@ -32,12 +33,13 @@ from vlp.config import ModelConfig
 from vlp.models.albef import AlbefModel
 from vlp.models.fusion import FusionEncoder, split_bert_layers
 from vlp.models.image_encoder import create_timm_tower
-from vlp.models.presets import TINY, vit_tower
+from vlp.models.presets import SMALL, TINY, vit_tower
 from vlp.models.text_encoder import HFTextTower, _quiet_transformers, load_hf_encoder
 from vlp.registry import ModelError, register_model
 
 MAX_TEXT_POSITIONS = 512
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 256}
+SMALL_BERT = {"hidden_size": 128, "num_hidden_layers": 5, "num_attention_heads": 2, "intermediate_size": 512}
 
 
 def supports_fusion(builder: Callable[[ModelConfig], object]) -> Callable[[ModelConfig], object]:
@@ -119,6 +121,13 @@ def build_albef(config: ModelConfig, image_encoder: nn.Module, bert: nn.Module) 
 def build_albef_tiny(config: ModelConfig) -> AlbefModel:
     """Tiny ViT + random 4-layer, 64-wide BERT (fusion_layers of them fuse), for tests and smoke runs."""
     return build_albef(config, vit_tower(config, TINY), random_bert(config.context_length, **TINY_BERT))
+
+
+@register_model("albef-small", tokenizer="minilm")
+@supports_fusion
+def build_albef_small(config: ModelConfig) -> AlbefModel:
+    """The ``small`` ViT + a random 5-layer, 128-wide BERT (fusion_layers of them fuse), for the CPU demo."""
+    return build_albef(config, vit_tower(config, SMALL), random_bert(config.context_length, **SMALL_BERT))
 
 
 @register_model("albef-minilm", tokenizer="minilm")
