@@ -214,15 +214,15 @@ def test_convert_cli_writes_a_model_directory_that_eval_loads(
     config = tmp_path / "albef.yaml"
     config.write_text(f"model: {{name: albef-tiny, image_size: 16, context_length: 8, embed_dim: {EMBED}, "
                       "fusion_layers: 2}\n")
-    assert main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "--out", str(tmp_path / "out")]) == 0
+    command = ["convert", "albef", "--checkpoint", str(path), "--config", str(config)]
+    assert main([*command, "--out", str(tmp_path / "out")]) == 0
     assert "queue 6 entries" in capsys.readouterr().out
     loaded = load_model_for_eval(str(tmp_path / "out")).model
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images), model.eval().encode_image(images))
-    assert main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "--out", str(tmp_path / "out")]) == 1
+    assert main([*command, "--out", str(tmp_path / "out")]) == 1
     assert "already holds model.safetensors" in capsys.readouterr().err
-    code = main(["convert", "albef", "--checkpoint", str(path), "--config", str(config), "model.fusion_layers=1",
-                 "--out", str(tmp_path / "split")])
+    code = main([*command, "model.fusion_layers=1", "--out", str(tmp_path / "split")])
     assert code == 1 and not (tmp_path / "split").exists()
     assert "error:" in capsys.readouterr().err
