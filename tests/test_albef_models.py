@@ -4,6 +4,7 @@ tied weights through safetensors, presets and their errors."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,11 @@ def test_albef_vit_b16_builds_with_albef_shapes() -> None:
     assert model.image_projection.weight.shape == (256, 768) and model.itm_head.weight.shape == (2, 768)
     assert len(albef_key_map(model)) == len(model.state_dict()) + 2  # every tensor has an ALBEF name (+ tied aliases)
     assert 205e6 < sum(p.numel() for p in model.parameters()) < 215e6
+
+
+def test_albef_vit_b16_text_tower_must_be_a_local_bert_base() -> None:
+    config = ModelConfig(name="albef-vit-b16", image_size=32, context_length=CONTEXT, fusion_layers=6)
+    with pytest.raises(ModelError, match="needs a 12-layer, 768-wide BERT, got 6 layers of width 384"):
+        create_model(dataclasses.replace(config, text_tower=f"hf:{minilm_model_dir()}"))
+    with pytest.raises(ModelError, match="takes 'hf:<local BERT directory>'"):
+        create_model(dataclasses.replace(config, text_tower="minilm"))

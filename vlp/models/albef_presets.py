@@ -7,7 +7,8 @@
 | albef-minilm  | the same tiny ViT (64 wide, random)   | pretrained all-MiniLM-L6-v2: 6 layers, 384 wide  |
 | albef-vit-b16 | timm ``vit_base_patch16_224``, random | random ``BertConfig()``: 12 layers, 768 wide     |
 
-``albef-vit-b16`` is ALBEF's architecture (ALBEF uses fusion_layers=6 and embed_dim=256).
+``albef-vit-b16`` is ALBEF's architecture (ALBEF uses fusion_layers=6 and embed_dim=256); its BERT is random, or a
+local pretrained 12-layer, 768-wide BERT with ``model.text_tower=hf:<dir>`` (ALBEF starts from bert-base-uncased).
 ``model.fusion_layers`` (F) splits the BERT as ALBEF does: the first L - F layers are the text tower, the last F
 become fusion layers (self-attention and FFN copied from those layers, cross-attention freshly initialised);
 ``F = 0`` gives ITC-only towers (no fusion encoder, no ITM / MLM heads) and F must stay below L.
@@ -169,4 +170,20 @@ def build_albef_vit_b16(config: ModelConfig) -> AlbefModel:
     """ALBEF's architecture: ViT-B/16 + bert-base (random init); set fusion_layers=6 and embed_dim=256 as ALBEF."""
     sizes = albef_vit_b16_sizes(config)
     image_encoder = create_timm_tower(str(sizes["image_tower"]), config.image_size)
-    return build_albef(config, image_encoder, random_bert(config.context_length))
+    return build_albef(config, image_encoder, _vit_b16_bert(config))
+
+
+def _vit_b16_bert(config: ModelConfig) -> nn.Module:
+    """Random bert-base, or ``model.text_tower=hf:<dir>``: a local pretrained BERT (e.g. bert-base-uncased saved
+    with ``save_pretrained``), as ALBEF starts from."""
+    if not config.text_tower:
+        return random_bert(config.context_length)
+    kind, _, directory = config.text_tower.partition(":")
+    if kind != "hf" or not directory:
+        raise ModelError(f"model.text_tower={config.text_tower!r}: albef-vit-b16 takes 'hf:<local BERT directory>' "
+                         "(or nothing, for a random bert-base)")
+    bert = load_hf_encoder(Path(directory), pretrained=True)
+    if len(bert.encoder.layer) != 12 or bert.config.hidden_size != 768:
+        raise ModelError(f"model.text_tower={config.text_tower!r}: albef-vit-b16 needs a 12-layer, 768-wide BERT, got "
+                         f"{len(bert.encoder.layer)} layers of width {bert.config.hidden_size}")
+    return bert
