@@ -71,6 +71,7 @@ bench: install debian-data
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.loss_memory
 	$(BIN)/python -m bench.eval
+	$(BIN)/python -m bench.albef
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) runs

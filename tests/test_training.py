@@ -189,3 +189,14 @@ def test_attention_kernel_choice_keeps_the_loss_and_gradients(tmp_path: Path, pr
     tolerance = 1e-5 if precision == "fp32" else 2e-2
     assert results[0][0] == pytest.approx(results[1][0], rel=tolerance)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=tolerance * 10, atol=tolerance)
+
+
+def test_glibc_keeps_freed_memory_when_asked() -> None:
+    """``train.malloc_cache`` (default on, CPU): glibc accepts the raised mmap / trim thresholds on these machines."""
+    import platform
+
+    from vlp.training.cpu_memory import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not a glibc system: the setting is a no-op there")
+    assert keep_freed_memory() is True

@@ -134,6 +134,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = usable cores minus loader workers (at least 1) on CPU
     attention: Literal["auto", "math", "flash", "efficient", "default"] = "auto"
     compile: bool = False
+    malloc_cache: bool = True  # CPU: glibc keeps freed memory for the next step (vlp.training.cpu_memory)
     max_consecutive_skips: int = 5
     tensorboard: bool = True
 

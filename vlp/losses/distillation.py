@@ -37,6 +37,14 @@ def _float(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _matmul_dtype(features: Tensor) -> torch.dtype:
+    """The dtype a matmul of ``features`` runs in: the autocast dtype when autocast is on for its device."""
+    device_type = features.device.type
+    if torch.is_autocast_enabled(device_type) and features.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return features.dtype
+
+
 def _direction(
     queries: Tensor, queries_m: Tensor, keys: Tensor, positives: Tensor, scale: Tensor, alpha: float
 ) -> tuple[Tensor, Tensor]:
@@ -45,12 +53,13 @@ def _direction(
     Returns:
         (loss summed over the R rows (scalar), hits (R,) bool: the row's argmax column is a positive).
     """
-    sim = _float(queries @ keys.T) * _float(scale)  # (R, K)
+    # the scale multiplies the (R, D) queries, not the (R, K) logits: K / D times less elementwise work
+    sim = _float((queries * scale.to(queries.dtype)) @ keys.T)  # (R, K)
     with torch.no_grad():
         counts = positives.sum(dim=1, keepdim=True).clamp_(min=1)
         targets = positives.to(sim.dtype) / counts  # (R, K); all zero for a row without positives
         if alpha > 0.0:
-            sim_m = _float(queries_m @ keys.T) * _float(scale.detach())  # (R, K)
+            sim_m = _float((queries_m * scale.detach().to(queries_m.dtype)) @ keys.T)  # (R, K)
             targets = targets.mul_(1.0 - alpha).add_(sim_m.softmax(dim=1), alpha=alpha)
         hits = positives.gather(1, sim.argmax(dim=1, keepdim=True)).squeeze(1)  # (R,)
     loss = -(F.log_softmax(sim, dim=1) * targets).sum()
@@ -132,8 +141,10 @@ def momentum_distilled_itc(
     """
     features = [image_features, text_features, image_features_m, text_features_m]
     _check(features, [image_keys, text_keys], sample_ids, key_ids, alpha, chunk_size)
-    # constants, in the dtype of the online features they meet (the queue is float32; features may be bf16)
-    text_keys, image_keys = text_keys.detach().to(image_features.dtype), image_keys.detach().to(text_features.dtype)
+    # constants, cast once to the dtype the matmuls run in (autocast's, else the features'): autocast would cast
+    # the (K, D) keys again in each of the four matmuls and their backward (the queue is float32)
+    text_keys = text_keys.detach().to(_matmul_dtype(image_features))
+    image_keys = image_keys.detach().to(_matmul_dtype(text_features))
     image_features_m = image_features_m.detach().to(image_features.dtype)
     text_features_m = text_features_m.detach().to(text_features.dtype)
     batch = image_features.shape[0]

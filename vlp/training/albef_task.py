@@ -36,6 +36,8 @@ from vlp.training.schedules import alpha_at, momentum_at
 from vlp.training.task import attention_context, autocast_context, clamp_logit_scale
 from vlp.types import Batch, LossOutput, ModelOutput
 
+MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision
+
 
 class AlbefTask:
     """Owns the online model (maybe DDP-wrapped), its momentum copy, the feature queues and the ALBEF objectives.
@@ -89,8 +91,9 @@ class AlbefTask:
         # loss.gather=none: this rank's batch + the queue as keys (the original ALBEF); otherwise every rank's batch
         batch_keys = (image_m, text_m, ids) if self.config.loss.gather == "none" else gathered
         queue_image, queue_text, queue_ids = self.queue.valid()
-        keys = (torch.cat([batch_keys[0], queue_image]), torch.cat([batch_keys[1], queue_text]),
-                torch.cat([batch_keys[2], queue_ids]))
+        dtype = MATMUL_DTYPES.get(self.precision, torch.float32)  # keys are cast once here, not in every matmul
+        keys = (torch.cat([batch_keys[0].to(dtype), queue_image.to(dtype)]),
+                torch.cat([batch_keys[1].to(dtype), queue_text.to(dtype)]), torch.cat([batch_keys[2], queue_ids]))
         outputs, offset = [], 0
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))

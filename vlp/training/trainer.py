@@ -24,6 +24,7 @@ from tqdm import tqdm
 from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.optim import build_optimizer, set_lr
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
@@ -72,6 +73,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / EXPORT_CONFIG)
         _set_threads(config, self.dist.device)
+        if config.train.malloc_cache and self.dist.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         self.model, loss_fn = build_training_objects(config, self.dist.device)
