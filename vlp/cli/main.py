@@ -9,7 +9,8 @@ import sys
 
 # Each module exposes ``register(subparsers)``, adding its parser(s) with ``set_defaults(func=...)``;
 # ``func(args) -> int`` returns the process exit code.
-COMMAND_MODULES = ("vlp.cli.shards", "vlp.cli.data", "vlp.cli.train", "vlp.cli.eval", "vlp.cli.convert")
+COMMAND_MODULES = ("vlp.cli.shards", "vlp.cli.data", "vlp.cli.train", "vlp.cli.eval", "vlp.cli.convert",
+                   "vlp.cli.retrieval")
 
 
 def build_parser() -> argparse.ArgumentParser:

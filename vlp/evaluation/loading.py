@@ -28,7 +28,7 @@ class LoadedModel:
     pretrained: str
 
 
-def _find_run_files(checkpoint: Path) -> tuple[Path, Path]:
+def find_run_files(checkpoint: Path) -> tuple[Path, Path]:
     """(weights file, config.yaml) for any accepted checkpoint form."""
     if checkpoint.is_file():
         weights, config = checkpoint, checkpoint.parent / "config.yaml"
@@ -69,7 +69,7 @@ def load_model_for_eval(
     if (checkpoint is None) == (model is None):
         raise ConfigError("give exactly one of --checkpoint (a vlp run) or --model (e.g. open_clip:ViT-B-32)")
     if checkpoint is not None:
-        weights, config_path = _find_run_files(Path(checkpoint))
+        weights, config_path = find_run_files(Path(checkpoint))
         config = load_config(config_path).model
         network = create_model(replace(config, pretrained=""))
         load_model_weights(network, weights)

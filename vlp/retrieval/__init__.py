@@ -1,0 +1,1 @@
+"""Retrieval inference: embedding indexes, search back ends, the search API and the HTTP service."""
