@@ -187,3 +187,26 @@ def test_cli_build_and_search(corpus: tuple[Path, Path, Path], tmp_path: Path,
     assert "not an index" in capsys.readouterr().err
     assert main(["search", "--index", str(out), "--text", "x", "--backend", "hnsw"]) == 1
     assert "no 'hnsw' back end was built" in capsys.readouterr().err
+
+
+def _build_rank(rank: int, world_size: int, run: str, shards: str, out: str) -> dict:
+    report = build_index(run, shards, Path(out), options=OPTIONS)
+    return {"rows": report.rows, "embedded": report.parts_embedded}
+
+
+def test_two_ranks_build_the_same_index_as_one_process(corpus: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Under torchrun each rank embeds its shards (3 shards: 2 on rank 0, 1 on rank 1); rank 0 writes the manifest."""
+    import functools
+
+    from dist_utils import run_distributed
+
+    shards, run, single = corpus
+    ranks = run_distributed(functools.partial(_build_rank, run=str(run), shards=str(shards),
+                                              out=str(tmp_path / "index")), world_size=2, timeout_s=180)
+    assert [r["rows"] for r in ranks] == [21, 21] and [r["embedded"] for r in ranks] == [3, 3]
+    one, two = Index.load(single, load_model=False), Index.load(tmp_path / "index", load_model=False)
+    assert one.metadata == two.metadata and torch.equal(one.text_rows, two.text_rows)
+    # the same rows in the same order; values agree to float16 resolution (the ranks run 1 torch thread, this
+    # process 2, so matmul sums are ordered differently)
+    torch.testing.assert_close(one.image_embeddings.float(), two.image_embeddings.float(), atol=2e-3, rtol=0)
+    torch.testing.assert_close(one.text_embeddings.float(), two.text_embeddings.float(), atol=2e-3, rtol=0)
