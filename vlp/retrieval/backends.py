@@ -205,7 +205,7 @@ class ExactBackend:
 
     kind = "exact"
 
-    def __init__(self, embeddings: torch.Tensor, chunk_rows: int = 16384, query_batch: int = 1024) -> None:
+    def __init__(self, embeddings: torch.Tensor, chunk_rows: int = 65536, query_batch: int = 1024) -> None:
         _check_embeddings(embeddings)
         if chunk_rows < 1 or query_batch < 1:
             raise SearchBackendError(f"chunk_rows and query_batch must be >= 1, got {chunk_rows}, {query_batch}")
