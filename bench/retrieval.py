@@ -8,24 +8,28 @@ Data: a seeded synthetic clustered corpus of unit vectors, ``--rows`` x 512 (def
 cluster have cosine ~0.5), float32. Queries: ``--queries`` (1,024) held-out points of the same clusters (not in
 the corpus) with further noise of norm 0.3 added, normalised.
 
-1. Exact search. ``ExactBackend`` on the float32 corpus and on its float16 copy (as the index stores it) against
-   ``faiss.IndexFlatIP`` on the float32 corpus: one batched search of all queries, top ``--k`` (10), per run;
-   rounds alternate ``ours f32, faiss, ours f16`` (reversed every other round) after one untimed warm-up run each.
+1. Exact search. ``ExactBackend`` (defaults: with the bfloat16 pre-filter where the CPU has native bf16 matmul)
+   on the float32 corpus and on its float16 copy (as the index stores it), and without the pre-filter on the
+   float32 corpus (``ours_f32_plain``: float32 GEMM + top-k only), against ``faiss.IndexFlatIP`` on the float32
+   corpus: one batched search of all queries, top ``--k`` (10), per run; rounds alternate
+   ``ours f32, faiss, ours f16, ours f32 plain`` (reversed every other round) after one untimed warm-up run each.
    The same thread count everywhere: ``torch.set_num_threads``, ``faiss.omp_set_num_threads`` and (through
    threadpoolctl, when installed) the BLAS libraries of numpy and faiss; on the CPU our float32 GEMM runs in
    numpy's OpenBLAS, faiss's in the OpenBLAS of its wheel (the JSON records both and the kernels they picked).
    Reported: queries/s (median over rounds), ``exact_f32_over_faiss_flat`` (target >= 1.0) and the f16 ratio,
    per-round ratios, and how well the ids agree with faiss (same id at the same rank; same top-k set).
+   Both searches are exact: ids differ only where float32 scores tie to a few ulps.
 
 2. Approximate search on the first ``--ann-rows`` rows (default 500,000, to keep the full run near 15 minutes:
    building HNSW over 1M x 512 alone takes ~8 minutes on 2 cores; quick: 10,000), same queries. Built with
    ``build_backend``: HNSW (M 32, efConstruction 80) and IVF-PQ (``--ivf-nlist`` lists, default 1,024 in a full
    run instead of the rule's ~2,800, whose k-means training alone would take minutes here; quick: the rule;
    m = D / 8 = 64 sub-quantizers of 8 bits, trained on at most 256 rows per list). Build time and rows/s, file
-   size and load time of each. Then rounds alternate the exact float32 search on the same rows with every setting:
-   HNSW efSearch 16 .. 256, IVF-PQ nprobe 8 .. 64 with refine k_factor 4, and nprobe 32 without and with k_factor
-   16. Per setting: recall@10 against exact, queries/s (median), speedup over exact queries/s. Target: recall@10
-   >= 0.95 at >= 20x exact queries/s; the JSON says which settings meet it.
+   size and load time of each. Then rounds alternate our exact search (defaults, float32) on the same rows with
+   every setting: HNSW efSearch 16 .. 256; IVF-PQ nprobe 8 .. 64 with refine k_factor 4, nprobe 32 without
+   re-ranking, and k_factor 16 / 32 at a few nprobe. Per setting: recall@10 against exact, queries/s (median),
+   speedup over exact queries/s. Target: recall@10 >= 0.95 at >= 20x exact queries/s; the JSON says which
+   settings meet it.
 
 3. Index build throughput in images/s (``vlp.retrieval.build``) is not measured yet: it will be a
    ``_build_throughput(args)`` part returning a dict, added to the payload under ``"build_throughput"``.
@@ -49,7 +53,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import emit, format_table, machine_info, median, ratio
-from vlp.retrieval.backends import FAISS_FILES, BackendSpec, ExactBackend, FaissBackend, build_backend, load_backend
+from vlp.retrieval.backends import (
+    FAISS_FILES,
+    BackendSpec,
+    ExactBackend,
+    FaissBackend,
+    bf16_prefilter_available,
+    build_backend,
+    load_backend,
+)
 
 DIM = 512
 CLUSTERS = 1000
@@ -59,7 +71,8 @@ EXACT_TARGET = 1.0
 RECALL_TARGET = 0.95
 SPEEDUP_TARGET = 20.0
 HNSW_EF_SEARCH = (16, 32, 64, 128, 256)
-IVF_SETTINGS = ((8, 4), (16, 4), (32, 4), (64, 4), (32, 0), (32, 16))  # (nprobe, refine k_factor)
+IVF_SETTINGS = ((8, 4), (16, 4), (32, 4), (64, 4), (32, 0),  # (nprobe, refine k_factor)
+                (8, 16), (16, 16), (32, 16), (8, 32), (16, 32))
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -133,10 +146,10 @@ def measure_exact(corpus: torch.Tensor, queries: torch.Tensor, k: int, rounds: i
     for start in range(0, corpus.shape[0], 65536):
         flat.add(corpus[start: start + 65536].numpy())
     corpus16 = corpus.half()
-    ours32, ours16 = ExactBackend(corpus), ExactBackend(corpus16)
+    ours32, ours16, plain32 = ExactBackend(corpus), ExactBackend(corpus16), ExactBackend(corpus, prefilter=False)
     array = queries.numpy()
     runs = {"ours_f32": lambda: ours32.search(queries, k), "faiss_flat": lambda: flat.search(array, k),
-            "ours_f16": lambda: ours16.search(queries, k)}
+            "ours_f16": lambda: ours16.search(queries, k), "ours_f32_plain": lambda: plain32.search(queries, k)}
     warm = {name: timed(run) for name, run in runs.items()}  # also the results compared below
     ids32, faiss_ids = warm["ours_f32"][1][1], torch.from_numpy(warm["faiss_flat"][1][1])
     seconds = alternate_many(runs, rounds)
@@ -151,12 +164,16 @@ def measure_exact(corpus: torch.Tensor, queries: torch.Tensor, k: int, rounds: i
                                                                               seconds["faiss_flat"], strict=True)],
         "ours_f16_over_faiss_rounds": [round(ratio(f, o), 4) for o, f in zip(seconds["ours_f16"],
                                                                               seconds["faiss_flat"], strict=True)],
+        "ours_f32_plain_over_faiss_rounds": [round(ratio(f, o), 4) for o, f in zip(
+            seconds["ours_f32_plain"], seconds["faiss_flat"], strict=True)],
         "ids_same_rank_vs_faiss": round(float((ids32 == faiss_ids).float().mean()), 6),
         "ids_same_set_vs_faiss": round(recall_at(ids32, faiss_ids), 6),
         "max_abs_score_diff_vs_faiss": float((warm["ours_f32"][1][0] - torch.from_numpy(warm["faiss_flat"][1][0]))
                                              .abs().max()),
+        "ids_same_rank_plain_vs_prefiltered": round(float((warm["ours_f32_plain"][1][1] == ids32).float().mean()), 6),
         "f16_recall_vs_f32": round(recall_at(warm["ours_f16"][1][1], ids32), 6),
         "ours_chunk_rows": ours32.chunk_rows, "ours_query_batch": ours32.query_batch,
+        "ours_prefilter": ours32.prefilter,
     }
     log(format_table(["exact search", "queries/s", "x faiss"],
                      [[name, value, ratio(value, qps["faiss_flat"])] for name, value in qps.items()]))
@@ -278,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {
         "exact_f32_over_faiss_flat": round(ours_over_faiss, 4),
         "exact_f16_over_faiss_flat": round(ratio(exact["qps"]["ours_f16"], exact["qps"]["faiss_flat"]), 4),
+        "exact_f32_plain_over_faiss_flat": round(ratio(exact["qps"]["ours_f32_plain"], exact["qps"]["faiss_flat"]),
+                                                 4),
         "exact_f32_over_faiss_flat_rounds": exact["ours_f32_over_faiss_rounds"],
         **best,
         **{f"{name}_speedup": row["speedup_over_exact"] for name, row in ann["settings"].items()},
@@ -301,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"rows": args.rows, "ann_rows": args.ann_rows, "dim": DIM, "clusters": CLUSTERS,
                      "cluster_spread": CLUSTER_SPREAD, "query_noise": QUERY_NOISE, "queries": args.queries,
                      "k": args.k, "rounds": args.rounds, "threads": args.threads, "ivf_nlist": args.ivf_nlist,
-                     "seed": args.seed, "thread_pools": pools},
+                     "seed": args.seed, "bf16_prefilter_available": bf16_prefilter_available(),
+                     "thread_pools": pools},
         "wall_s": round(time.perf_counter() - started, 1),
         "machine": {**machine_info(packages=("torch", "faiss-cpu", "numpy")), "load_average_before": load_before},
     }

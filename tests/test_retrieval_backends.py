@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vlp.retrieval import backends
 from vlp.retrieval.backends import (
     FAISS_FILES,
     BackendSpec,
     ExactBackend,
     SearchBackendError,
+    bf16_prefilter_available,
     build_backend,
     load_backend,
 )
@@ -21,6 +23,10 @@ from vlp.retrieval.backends import (
 # the recall thresholds documented in vlp/retrieval/backends.py
 HNSW_RECALL_AT_10 = 0.95
 IVFPQ_REFINE_RECALL_AT_10 = 0.90
+
+# the exact search with and without the bfloat16 pre-filter (only where it would be on by default)
+PREFILTER = [False, pytest.param(True, marks=pytest.mark.skipif(not bf16_prefilter_available(),
+                                                                 reason="no native bf16 matmul"))]
 
 
 def unit_rows(rows: int, dim: int, seed: int) -> torch.Tensor:
@@ -41,25 +47,58 @@ def recall_at(found: torch.Tensor, truth: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------- exact
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000, 1005, 65536])
+@pytest.mark.parametrize("prefilter", PREFILTER)
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 300, 305, 65536])  # ..., N, > N
 @pytest.mark.parametrize("query_batch", [3, 1024])
-def test_exact_equals_brute_force(chunk_rows: int, query_batch: int) -> None:
-    corpus, queries = unit_rows(1000, 32, seed=0), unit_rows(20, 32, seed=1)
-    scores, ids = ExactBackend(corpus, chunk_rows=chunk_rows, query_batch=query_batch).search(queries, 10)
+def test_exact_equals_brute_force(chunk_rows: int, query_batch: int, prefilter: bool) -> None:
+    corpus, queries = unit_rows(300, 32, seed=0), unit_rows(80, 32, seed=1)
+    backend = ExactBackend(corpus, chunk_rows=chunk_rows, query_batch=query_batch, prefilter=prefilter)
+    scores, ids = backend.search(queries, 10)
     ref_scores, ref_ids = brute_force(queries, corpus, 10)
-    assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (20, 10)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (80, 10)
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=0)
 
 
-def test_exact_group_preselection_path_equals_brute_force() -> None:
-    """Chunks with many more than k groups of columns (the group-maximum fast path), k of 1 and 50."""
-    corpus, queries = unit_rows(9000, 16, seed=2), unit_rows(64, 16, seed=3)
-    for k in (1, 50):
-        scores, ids = ExactBackend(corpus, chunk_rows=4096, query_batch=16).search(queries, k)
+@pytest.mark.parametrize("prefilter", PREFILTER)
+def test_exact_many_groups_per_chunk_equals_brute_force(prefilter: bool) -> None:
+    """Chunks with many more than k groups of columns (the group-maximum fast paths), k of 1, 10 and 50."""
+    corpus, queries = unit_rows(9000, 16, seed=2), unit_rows(200, 16, seed=3)
+    for k in (1, 10, 50):
+        scores, ids = ExactBackend(corpus, chunk_rows=4096, query_batch=100, prefilter=prefilter).search(queries, k)
         ref_scores, ref_ids = brute_force(queries, corpus, k)
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prefilter", PREFILTER)
+@pytest.mark.parametrize("spread", [1e-4, 1e-2])
+def test_exact_near_duplicates_are_a_true_top_k(prefilter: bool, spread: float) -> None:
+    """100 near copies of each of 200 rows: the bf16 scores cannot tell them apart, the float32 rescoring does.
+    Entries whose float32 scores differ by a few ulps may swap places, so compare scores, not ids."""
+    generator = torch.Generator().manual_seed(4)
+    base = unit_rows(200, 64, seed=5)
+    corpus = F.normalize(base.repeat(100, 1) + spread * torch.randn(20_000, 64, generator=generator), dim=1)
+    queries = F.normalize(base[:100] + 0.05 * torch.randn(100, 64, generator=generator), dim=1)
+    scores, ids = ExactBackend(corpus, chunk_rows=8192, prefilter=prefilter).search(queries, 10)
+    full = queries @ corpus.T
+    assert bool((full.gather(1, ids) >= full.topk(10, dim=1).values[:, -1:] - 1e-6).all())
+    torch.testing.assert_close(scores, full.gather(1, ids), atol=1e-6, rtol=0)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    assert all(len(set(row)) == 10 for row in ids.tolist())
+
+
+@pytest.mark.skipif(not bf16_prefilter_available(), reason="no native bf16 matmul")
+def test_exact_prefilter_with_too_many_candidates_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "PREFILTER_MAX_CANDIDATES", 1)  # every chunk has more: float32 from the first on
+    float32_blocks = []
+    original = ExactBackend._float32_block
+    monkeypatch.setattr(ExactBackend, "_float32_block", staticmethod(
+        lambda *args: float32_blocks.append(1) or original(*args)))
+    corpus, queries = unit_rows(5000, 32, seed=6), unit_rows(100, 32, seed=7)
+    scores, ids = ExactBackend(corpus, chunk_rows=1000, prefilter=True).search(queries, 10)
+    assert torch.equal(ids, brute_force(queries, corpus, 10)[1])
+    assert len(float32_blocks) == 5
 
 
 def test_exact_k_larger_than_corpus() -> None:
@@ -70,10 +109,11 @@ def test_exact_k_larger_than_corpus() -> None:
     assert torch.equal(ids.sort(dim=1).values, torch.arange(30).expand(5, 30))
 
 
-def test_exact_float16_corpus_uses_the_stored_values() -> None:
+@pytest.mark.parametrize("prefilter", PREFILTER)
+def test_exact_float16_corpus_uses_the_stored_values(prefilter: bool) -> None:
     corpus = unit_rows(2000, 64, seed=6).half()
-    queries = unit_rows(50, 64, seed=7)
-    backend = ExactBackend(corpus, chunk_rows=300, query_batch=16)
+    queries = unit_rows(150, 64, seed=7)
+    backend = ExactBackend(corpus, chunk_rows=300, query_batch=75, prefilter=prefilter)
     assert backend.embeddings is corpus  # kept as given, not copied to float32
     scores, ids = backend.search(queries, 10)
     ref_scores, ref_ids = brute_force(queries, corpus.float(), 10)
@@ -90,13 +130,14 @@ def test_exact_query_dtype_float16_and_empty_query_set() -> None:
     assert scores.shape == ids.shape == (0, 5)
 
 
+@pytest.mark.parametrize("prefilter", PREFILTER)
 @pytest.mark.parametrize("chunk_rows", [1, 7, 250, 4096])
-def test_exact_ties_resolve_to_the_lower_id(chunk_rows: int) -> None:
+def test_exact_ties_resolve_to_the_lower_id(chunk_rows: int, prefilter: bool) -> None:
     """Every row appears three times (ids r, r + 250, r + 500): equal scores come out in id order."""
     base = unit_rows(250, 8, seed=10)
     corpus = torch.cat([base, base, base])
-    queries = torch.cat([unit_rows(30, 8, seed=11), base[:5]])  # the last 5 have three exact best matches
-    scores, ids = ExactBackend(corpus, chunk_rows=chunk_rows, query_batch=8).search(queries, 7)
+    queries = torch.cat([unit_rows(95, 8, seed=11), base[:5]])  # the last 5 have three exact best matches
+    scores, ids = ExactBackend(corpus, chunk_rows=chunk_rows, query_batch=100, prefilter=prefilter).search(queries, 7)
     assert torch.equal(ids, brute_force(queries, corpus, 7)[1])
     assert torch.equal(ids[-5:, :3], torch.arange(5)[:, None] + torch.tensor([0, 250, 500]))
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
