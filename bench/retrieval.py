@@ -58,10 +58,10 @@ from vlp.retrieval.backends import (
     BackendSpec,
     ExactBackend,
     FaissBackend,
-    bf16_prefilter_available,
     build_backend,
     load_backend,
 )
+from vlp.retrieval.exact import bf16_prefilter_available
 
 DIM = 512
 CLUSTERS = 1000

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.retrieval import backends
+from vlp.retrieval import exact
 from vlp.retrieval.backends import (
     FAISS_FILES,
     BackendSpec,
     ExactBackend,
     SearchBackendError,
-    bf16_prefilter_available,
     build_backend,
     load_backend,
 )
+from vlp.retrieval.exact import bf16_prefilter_available
 
 # the recall thresholds documented in vlp/retrieval/backends.py
 HNSW_RECALL_AT_10 = 0.95
@@ -90,7 +90,7 @@ def test_exact_near_duplicates_are_a_true_top_k(prefilter: bool, spread: float) 
 
 @pytest.mark.skipif(not bf16_prefilter_available(), reason="no native bf16 matmul")
 def test_exact_prefilter_with_too_many_candidates_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "PREFILTER_MAX_CANDIDATES", 1)  # every chunk has more: float32 from the first on
+    monkeypatch.setattr(exact, "PREFILTER_MAX_CANDIDATES", 1)  # every chunk has more: float32 from the first on
     float32_blocks = []
     original = ExactBackend._float32_block
     monkeypatch.setattr(ExactBackend, "_float32_block", staticmethod(
