@@ -26,6 +26,21 @@ def require_itm(model: torch.nn.Module) -> None:
                          f"model.fusion_layers > 0); {type(model).__name__} has none")
 
 
+def itm_match_logits(model: torch.nn.Module, image_tokens: torch.Tensor, text_ids: torch.Tensor,
+                     text_mask: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+    """ITM match logits (P,) float32 on the CPU of P pairs (image_tokens[p], caption text_index[p]).
+
+    Args:
+        image_tokens: (P, N, C) image tokens of each pair; text_ids / text_mask: (U, L) the U distinct captions
+            (the text layers run once per caption); text_index: (P,) int64 caption of each pair.
+    Column 1 of the ITM head on the fused [CLS] (the positive class in training). Call under ``torch.no_grad()``.
+    """
+    _, hidden = model.text_pass(text_ids, text_mask)  # (U, L, H)
+    logits = model(task="itm", image_tokens=image_tokens, text_hidden=hidden[text_index],
+                   text_mask=text_mask[text_index])  # (P, 2)
+    return logits[:, 1].float().cpu()
+
+
 def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
     """Every rank's rows (n_r, ...) in rank order (identity at world size 1); float32 travels through the gather."""
     if distributed.get_world_size() == 1 or not distributed.is_initialized():
@@ -132,13 +147,9 @@ def itm_reranker(
     def match_scores(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
         """ITM match logits (P,) of the pairs (image_index[p], text_index[p])."""
         unique, inverse = torch.unique(text_index, return_inverse=True)
-        ids, mask = text_ids[unique].to(device), text_mask[unique].to(device)
         with autocast_context(device, precision):
-            _, hidden = model.text_pass(ids, mask)  # (U, L, H), once per distinct caption
-            tokens = image_tokens[image_index].to(device, torch.float32)  # (P, N, C)
-            logits = model(task="itm", image_tokens=tokens, text_hidden=hidden[inverse.to(device)],
-                           text_mask=mask[inverse.to(device)])  # (P, 2)
-        return logits[:, 1].float().cpu()
+            return itm_match_logits(model, image_tokens[image_index].to(device, torch.float32),
+                                    text_ids[unique].to(device), text_mask[unique].to(device), inverse.to(device))
 
     def rerank(query_indices: torch.Tensor, candidates: torch.Tensor, direction: Direction) -> torch.Tensor:
         queries = query_indices.cpu()[:, None].expand_as(candidates).reshape(-1)

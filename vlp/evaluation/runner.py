@@ -97,7 +97,7 @@ def score_retrieval(loaded: LoadedModel, image_features: torch.Tensor, text_feat
         rerank = itm_reranker(loaded.model, itm_corpus, image_features.cpu(), text_features.cpu(), device=device,
                               precision=precision)
     metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks),
-                                rerank=rerank, rerank_k=max(rerank_k, 1))
+                                rerank=rerank, rerank_k=rerank_k)
     record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
     record["samples"], record["captions"] = image_features.shape[0], int(text_to_image.numel())
     record["skipped"], record["rerank_k"] = skipped, rerank_k

@@ -73,7 +73,8 @@ def _shown(names: Sequence[str]) -> str:
     return ", ".join(names[:SHOW]) + more
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` with an image extension (``IMAGE_EXTENSIONS``, any case), sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
@@ -110,7 +111,7 @@ def scan_imagefolder(
         raise EvalSourceError(f"{root}: {len(classes)} class folders, expected {expected_classes}{hint}")
     files: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
-        images = _image_files(root / name)
+        images = image_files(root / name)
         if not images:
             raise EvalSourceError(f"{root / name}: class folder {index} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         files += [(path, index) for path in images]
@@ -201,7 +202,7 @@ def is_imagefolder(path: str | Path) -> bool:
     if not path.is_dir() or any(path.glob("*.tar")):
         return False
     subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return any(_image_files(d) for d in subdirs[:3])
+    return any(image_files(d) for d in subdirs[:3])
 
 
 # ------------------------------------------------------------------------------------------------ Karpathy splits

@@ -167,11 +167,11 @@ class AlbefModel(DualEncoder):
         return self.fusion
 
     def _features(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> ModelOutput:
-        image_pooled, image_tokens = self.image_pass(images)
+        image_features, image_tokens = self.encode_image_tokens(images)
         text_pooled, text_hidden = self.text_pass(text_ids, text_mask)
         logit_scale, logit_bias = self.temperature()
         return ModelOutput(
-            image_features=F.normalize(self.image_projection(image_pooled), dim=-1),  # (B, D)
+            image_features=image_features,  # (B, D)
             text_features=F.normalize(self.text_projection(text_pooled), dim=-1),  # (B, D)
             logit_scale=logit_scale,
             logit_bias=logit_bias,

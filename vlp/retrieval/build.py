@@ -171,8 +171,9 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, weight
     if missing:
         raise IndexStoreError(f"{out}: parts {missing[:5]} were not written (a rank failed?); run the build again")
     rows, captions = sum(r.rows for r in receipts), sum(r.captions for r in receipts)
+    skipped = sum_counts(r.skipped for r in receipts)
     if rows == 0:
-        raise IndexStoreError(f"{out}: no image could be embedded (skipped: {sum_counts(r.skipped for r in receipts)})")
+        raise IndexStoreError(f"{out}: no image could be embedded (skipped: {skipped})")
     built = []
     if backends:
         image = torch.cat([read_part(out, unit.name)[0]["image"] for unit in units])
@@ -185,7 +186,7 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, weight
         "parts": [{"name": u.name, "rows": r.rows, "captions": r.captions} for u, r in zip(units, receipts,
                                                                                           strict=True)],
         "rows": rows, "captions": captions,
-        "skipped": sum_counts(r.skipped for r in receipts),
+        "skipped": skipped,
         "backends": [dataclasses.asdict(spec) for spec in backends],
     })
-    return BuildReport(rows, captions, 0, 0, sum_counts(r.skipped for r in receipts), 0.0, 0.0, built)
+    return BuildReport(rows, captions, 0, 0, skipped, 0.0, 0.0, built)

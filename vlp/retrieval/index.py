@@ -28,6 +28,7 @@ from vlp.data import counters as reasons
 from vlp.data.decode import DecodeLimits, SampleError, decode_image
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import build_image_transform, collate_images
+from vlp.evaluation.itm_rerank import itm_match_logits
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
 from vlp.retrieval.build import model_identity
@@ -229,18 +230,17 @@ class Index:
         """ITM match logits (K,) of one query against its candidate rows."""
         model, device = self._model(), self._device()
         with torch.no_grad(), autocast_context(device, "fp32"):
-            if target == "image":  # a text query against candidate images
+            if target == "image":  # a text query against candidate images: the text layers run once
                 pixels = self._pixels([_stored(self, int(row)) for row in candidates])
                 _, tokens = model.encode_image_tokens(pixels)  # (K, N, C)
-                ids, mask = self.tokenize([query] * len(candidates))
+                ids, mask = self.tokenize([query])
+                text_index = torch.zeros(len(candidates), dtype=torch.long)
             else:  # an image query against candidate captions
                 _, tokens = model.encode_image_tokens(self._pixels([query]))
                 tokens = tokens.expand(len(candidates), -1, -1)
                 ids, mask = self.tokenize([self.metadata[int(row)].get("caption", "") for row in candidates])
-            ids, mask = ids.to(device), mask.to(device)
-            _, hidden = model.text_pass(ids, mask)
-            return model(task="itm", image_tokens=tokens, text_hidden=hidden, text_mask=mask)[:, 1].float().cpu()
-
+                text_index = torch.arange(len(candidates))
+            return itm_match_logits(model, tokens, ids.to(device), mask.to(device), text_index.to(device))
 
 def _stored(index: Index, row: int) -> bytes:
     try:

@@ -25,7 +25,7 @@ from vlp.data.tar_stream import iter_shard
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import build_image_transform
 from vlp.data.urls import expand_urls
-from vlp.evaluation.sources import IMAGE_EXTENSIONS
+from vlp.evaluation.sources import IMAGE_EXTENSIONS, image_files
 from vlp.retrieval.store import IndexStoreError, SourceUnit
 
 CHUNK = 64  # images per chunk a worker hands over
@@ -73,15 +73,11 @@ def _stat(path: str) -> tuple[int, int]:
     return info.st_size, info.st_mtime_ns
 
 
-def _folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 def source_units(data: str, files_per_part: int = 5000) -> list[SourceUnit]:
     """The units of ``data``: a folder of images (no ``*.tar`` in it), or any shard url spec."""
     folder = Path(data)
     if folder.is_dir() and not any(folder.glob("*.tar")):
-        files = _folder_images(folder)
+        files = image_files(folder)
         if not files:
             raise IndexStoreError(f"--data {data}: no shards (*.tar) and no images ({', '.join(IMAGE_EXTENSIONS)})")
         units = []
