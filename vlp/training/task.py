@@ -2,10 +2,13 @@
 
 Gradient accumulation must keep every negative of the accumulated batch (GradCache; open_clip's accum-freq):
 features of all micro-batches are first computed without gradient and cached; then each micro-batch is
-recomputed with gradient (with its RNG state replayed), spliced into the cached features, and the loss over the
-whole accumulated batch is back-propagated through that micro-batch only. The summed gradients equal those of
-one big batch. The temperature (and SigLIP bias) enters every micro-step's loss, so its gradient is scaled by
-1/k there (value unchanged), making the sum over k micro-steps exactly one full gradient.
+recomputed with gradient, spliced into the cached features, and the loss over the whole accumulated batch is
+back-propagated through that micro-batch only. The recomputation replays the RNG state its cached pass started
+from -- the CPU generator and the generator of the accelerator the pass runs on -- so dropout draws the same
+masks in both passes. The summed gradients equal those of one big batch (with dropout: one big batch whose
+towers draw their masks micro-batch by micro-batch, in order). The temperature (and SigLIP bias)
+enters every micro-step's loss, so its gradient is scaled by 1/k there (value unchanged), making the sum over k
+micro-steps exactly one full gradient.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vlp.training.rng import capture_rng, restore_rng
 from vlp.types import Batch, LossOutput, ModelOutput
 
 _SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
@@ -98,12 +102,12 @@ class ContrastiveTask:
         rng_states, cached = [], []
         with torch.no_grad():
             for batch in micro_batches:
-                rng_states.append(torch.get_rng_state())
+                rng_states.append(capture_rng(self.device))
                 cached.append(self._forward(self.model, batch))
         fraction = 1.0 / len(micro_batches)
         result = None
         for index, batch in enumerate(micro_batches):
-            torch.set_rng_state(rng_states[index])
+            restore_rng(rng_states[index])
             last = index == len(micro_batches) - 1
             with self._maybe_no_sync(not last):
                 fresh = self._forward(self.train_model, batch)
