@@ -3,18 +3,23 @@ stored images, and every bad input answered with a 4xx and a message while the s
 
 from __future__ import annotations
 
+import asyncio
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from server_utils import running_server, tiny_index
+from server_utils import AsgiReply, call_asgi, multipart_framing, running_server, tiny_index
 from shard_factory import png_bytes
 
 from vlp.retrieval.index import Index
-from vlp.retrieval.server import ServiceLimits
+from vlp.retrieval.server import ServiceLimits, create_app
 
 LIMITS = ServiceLimits(max_upload_bytes=256 * 1024, max_k=50, concurrency=1, queue_timeout_s=20.0)
 
@@ -30,8 +35,12 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    index = Index.load(tiny_index(tmp_path_factory.mktemp("server")))
+def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
+    return Index.load(tiny_index(tmp_path_factory.mktemp("server")))
+
+
+@pytest.fixture(scope="module")
+def server(index: Index) -> str:
     with running_server(index, LIMITS) as url:
         yield url
 
@@ -127,3 +136,116 @@ def test_a_full_queue_answers_503(tmp_path: Path) -> None:
                               range(4)))
         assert sorted(codes)[0] == 200 and 503 in codes
         assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+
+
+def test_an_oversized_streamed_upload_is_refused_at_the_chunk_that_crosses_the_cap(index: Index) -> None:
+    """A chunked upload 16x the cap: 413 once the file part passes the cap, the rest of the body never read."""
+    cap, chunk = 64 * 1024, 4096
+    app = create_app(index, ServiceLimits(max_upload_bytes=cap))
+    headers, head, tail = multipart_framing({"k": "3"})
+    oversized = [head, *[b"\x00" * chunk] * (16 * cap // chunk), tail]
+    reply = asyncio.run(call_asgi(app, "POST", "/api/search/image", headers, oversized))
+    assert reply.status == 413
+    assert reply.consumed <= len(head) + cap + chunk, reply.consumed  # at most the cap and the chunk crossing it
+    assert "image larger than" in reply.json()["error"]
+    at_cap = asyncio.run(call_asgi(app, "POST", "/api/search/image", headers,
+                                   [head, *[b"\x00" * chunk] * (cap // chunk), tail]))
+    assert at_cap.status == 400 and "undecodable_image" in at_cap.json()["error"]  # read whole, then decoded
+
+
+class BlockingIndex:
+    """``index`` whose searches wait until ``release`` is set: they hold the search slots for as long as a test
+    needs."""
+
+    def __init__(self, index: Index) -> None:
+        self._index, self.release = index, threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+    def search(self, **query: Any) -> list:
+        self.release.wait(60)
+        return self._index.search(**query)
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        time.sleep(0.02)
+
+
+def test_past_max_waiting_a_request_gets_503_at_once(index: Index) -> None:
+    """concurrency=1, max_waiting=2: one search holds the slot, two wait; the next text and image requests are
+    answered 503 with Retry-After immediately (the queue timeout is 60 s), and the held three then complete."""
+    blocking = BlockingIndex(index)
+    limits = ServiceLimits(concurrency=1, max_waiting=2, queue_timeout_s=60.0)
+    with running_server(blocking, limits) as url, ThreadPoolExecutor(max_workers=3) as pool:
+        try:
+            held = [pool.submit(httpx.post, f"{url}/api/search", json={"text": f"caption {i}"}, timeout=60)
+                    for i in range(3)]
+
+            def queue() -> tuple[int, int]:
+                health = httpx.get(f"{url}/health", timeout=10).json()
+                return health["searches_running"], health["searches_waiting"]
+
+            _until(lambda: queue() == (1, 2))
+            started = time.monotonic()
+            busy = httpx.post(f"{url}/api/search", json={"text": "one more"}, timeout=10)
+            upload = httpx.post(f"{url}/api/search/image", files={"file": ("q.png", png_bytes(5), "image/png")},
+                                timeout=10)
+            elapsed = time.monotonic() - started
+        finally:
+            blocking.release.set()
+        assert busy.status_code == 503 and "too many requests waiting" in busy.json()["error"]
+        assert busy.headers["retry-after"] == "1"
+        assert upload.status_code == 503 and upload.headers["retry-after"] == "1"
+        assert elapsed < 5.0
+        assert [f.result().status_code for f in held] == [200, 200, 200]
+        _until(lambda: queue() == (0, 0))
+
+
+def test_a_refused_upload_is_not_read(index: Index) -> None:
+    """With the slot held and max_waiting requests waiting, an upload's 503 comes before any of its body is read."""
+    blocking = BlockingIndex(index)
+    app = create_app(blocking, ServiceLimits(concurrency=1, max_waiting=1, queue_timeout_s=60.0))
+    headers, head, tail = multipart_framing()
+
+    async def scenario() -> tuple[AsgiReply, list[AsgiReply]]:
+        text = [b'{"text": "caption 1", "k": 2}']
+        held = [asyncio.create_task(call_asgi(app, "POST", "/api/search", {"content-type": "application/json"},
+                                              text)) for _ in range(2)]
+        try:
+            for _ in range(1500):
+                health = (await call_asgi(app, "GET", "/health")).json()
+                if (health["searches_running"], health["searches_waiting"]) == (1, 1):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the two searches never held the slot and the queue")
+            refused = await asyncio.wait_for(call_asgi(app, "POST", "/api/search/image", headers,
+                                                       [head, png_bytes(5), *[b"\x00" * 4096] * 64, tail]), 10)
+        finally:
+            blocking.release.set()
+        return refused, await asyncio.gather(*held)
+
+    refused, held = asyncio.run(scenario())
+    assert refused.status == 503 and refused.headers["retry-after"] == "1"
+    assert refused.consumed == 0
+    assert [reply.status for reply in held] == [200, 200]
+
+
+def test_vlp_serve_takes_max_waiting(index: Index, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """``--max-waiting N`` reaches the service limits (default 16); a negative value is refused, naming the flag."""
+    import vlp.retrieval.server as server_module
+    from vlp.cli.main import main
+
+    served: list[ServiceLimits] = []
+    monkeypatch.setattr(Index, "load", classmethod(lambda cls, *args, **kwargs: index))
+    monkeypatch.setattr(server_module, "serve", lambda index, host, port, limits: served.append(limits))
+    assert main(["serve", "--index", "somewhere", "--max-waiting", "3"]) == 0
+    assert main(["serve", "--index", "somewhere"]) == 0
+    assert [limits.max_waiting for limits in served] == [3, 16]
+    assert main(["serve", "--index", "somewhere", "--max-waiting", "-1"]) == 2
+    assert "--max-waiting must be >= 0" in capsys.readouterr().err

@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--checkpoint", default=None, help="the index's model, if it moved (fingerprint checked)")
     serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default: 10)")
     serve.add_argument("--concurrency", type=int, default=2, help="searches running at once (default: 2)")
+    serve.add_argument("--max-waiting", type=int, default=16,
+                       help="requests waiting for a search slot; past this, 503 at once (default: 16)")
     serve.set_defaults(func=run_serve)
 
 
@@ -134,12 +136,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.max_upload_mb <= 0 or not 0 <= args.port < 65536:
         print("error: --concurrency must be >= 1, --max-upload-mb > 0, --port in 0..65535", file=sys.stderr)
         return 2
+    if args.max_waiting < 0:
+        print(f"error: --max-waiting must be >= 0, got {args.max_waiting}", file=sys.stderr)
+        return 2
     try:
         index = Index.load(args.index, checkpoint=args.checkpoint, backend=args.backend)
     except (ConfigError, IndexStoreError, SearchBackendError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    limits = ServiceLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.concurrency)
+    limits = ServiceLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), concurrency=args.concurrency,
+                           max_waiting=args.max_waiting)
     print(f"serving {args.index} ({index.size} images) on http://{args.host}:{args.port}/", flush=True)
     serve(index, args.host, args.port, limits)
     return 0
