@@ -142,10 +142,10 @@ def test_cli_zeroshot_on_an_imagefolder(run_dir: Path, folder: Path, tmp_path: P
     base = ["eval", "zeroshot", "--checkpoint", str(run_dir), "--data", str(folder), "--classnames",
             str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"), "--workers", "0"]
     assert main([*base, "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "zeroshot.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_classification.json")).read_text())
     assert record["task"] == "zeroshot_classification" and record["samples"] == 6
     assert sum(record["skipped"].values()) == 1
-    per_class = json.loads((tmp_path / "out" / "zeroshot_per_class.json").read_text())
+    per_class = json.loads(next((tmp_path / "out" / "per_class").glob("*.json")).read_text())
     assert per_class["class_folders"] == sorted(CLASSES)
     assert main([*base, "--imagenet", "--out", str(tmp_path / "out2")]) == 1
     err = capsys.readouterr().err
@@ -156,7 +156,7 @@ def test_cli_retrieval_on_a_karpathy_split(run_dir: Path, tmp_path: Path, capsys
     split_json, images = _karpathy(tmp_path)
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--karpathy-json", str(split_json), "--images",
                  str(images), "--workers", "0", "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_retrieval.json")).read_text())
     assert record["task"] == "zeroshot_retrieval" and record["samples"] == 2 and record["captions"] == 6
     assert record["dataset"] == "dataset_toy_test" and record["metrics"]["text_retrieval_recall@1"] >= 0.5
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--karpathy-json", str(split_json),
@@ -168,7 +168,7 @@ def test_cli_retrieval_on_multi_caption_shards(run_dir: Path, tmp_path: Path) ->
     _multi_caption_shards(tmp_path / "shards")
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "shards"),
                  "--multi-caption", "--dataset", "multi", "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_retrieval.json")).read_text())
     assert record["samples"] == 3 and record["captions"] == 7 and record["dataset"] == "multi"
     assert record["skipped"] == {"undecodable_image": 1, "captions_without_image": 1}
 
