@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from shard_factory import write_dataset
+from shard_factory import add_member, png_bytes, write_dataset
 
 from vlp.cli.main import main
 from vlp.config import load_config
@@ -18,6 +18,7 @@ from vlp.evaluation.retrieval import retrieval_metrics
 from vlp.evaluation.sources import (
     EvalSourceError,
     encode_shard_retrieval,
+    find_multiline_txt,
     imagefolder_batches,
     imagenet_synsets,
     is_imagefolder,
@@ -227,3 +228,34 @@ def test_multi_caption_shards_group_by_image(run_dir: Path, tmp_path: Path, worl
         assert images.shape[0] == 4 and texts.shape[0] == 7
     metrics = retrieval_metrics(images, texts, text_to_image, ks=(1,))
     assert 0.0 <= metrics["text_retrieval_recall@1"] <= 1.0
+
+
+def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2) -> None:
+    """CLIP_benchmark's retrieval-shard layout: ``X.png`` + ``X.txt`` holding one caption per line, no json."""
+    directory.mkdir(parents=True)
+    with tarfile.open(directory / "00000.tar", "w") as tar:
+        for index in range(images):
+            text = "".join(f"image {index} caption {line}\n" for line in range(lines)).encode()
+            for name, data in ((f"s{index}.png", png_bytes(40 * index)), (f"s{index}.txt", text)):
+                add_member(tar, name, data)
+
+
+def test_multiline_txt_is_detected_only_in_multiline_shards(tmp_path: Path) -> None:
+    _txt_lines_shards(tmp_path / "lines")
+    write_dataset(tmp_path / "single", [4])
+    assert find_multiline_txt(str(tmp_path / "lines")).endswith("00000.tar:s0")
+    assert find_multiline_txt(str(tmp_path / "single")) is None
+
+
+def test_cli_retrieval_reads_each_txt_line_of_clip_benchmark_shards(run_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    _txt_lines_shards(tmp_path / "shards")
+    base = ["eval", "retrieval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "shards"), "--workers", "0"]
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    record = json.loads(next((tmp_path / "auto").glob("*_zeroshot_retrieval.json")).read_text())
+    assert (record["samples"], record["captions"], record["multi_caption"]) == (3, 6, True)
+    assert "every line was read as a caption" in capsys.readouterr().err
+    assert main([*base, "--single-caption", "--out", str(tmp_path / "one")]) == 0
+    record = json.loads(next((tmp_path / "one").glob("*_zeroshot_retrieval.json")).read_text())
+    assert (record["samples"], record["captions"], record["multi_caption"]) == (3, 3, False)
+    assert "every line" not in capsys.readouterr().err
