@@ -54,17 +54,18 @@ def test_clip_benchmark_build_merges_two_datasets_and_a_retrieval(trained: tuple
     assert main([*zeroshot, "--data", str(root / "other" / "val")]) == 0
     assert main(["eval", "retrieval", "--checkpoint", str(run), "--data", str(root / "toy" / "test"),
                  "--workers", "0", "--out", str(out)]) == 0
+    clip_benchmark_build()(argparse.Namespace(files=[str(out)], output=str(tmp_path / "benchmark.csv")))
+    with open(tmp_path / "benchmark.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    rows = {(row["dataset"], row["task"]): row for row in table}
+    assert len(table) == 3 and set(rows) == {("toy_test", "zeroshot_classification"),
+                                             ("other_val", "zeroshot_classification"),
+                                             ("toy_test", "zeroshot_retrieval")}
     records = {path.name: json.loads(path.read_text()) for path in out.glob("*.json")}
     assert sorted(records) == ["other_val_myrun_tiny_en_zeroshot_classification.json",
                                "toy_test_myrun_tiny_en_zeroshot_classification.json",
                                "toy_test_myrun_tiny_en_zeroshot_retrieval.json"]
     assert sorted(path.name for path in (out / "per_class").iterdir()) == sorted(records)[:2]
-
-    clip_benchmark_build()(argparse.Namespace(files=[str(out)], output=str(tmp_path / "benchmark.csv")))
-    with open(tmp_path / "benchmark.csv", newline="") as handle:
-        rows = {(row["dataset"], row["task"]): row for row in csv.DictReader(handle)}
-    assert set(rows) == {("toy_test", "zeroshot_classification"), ("other_val", "zeroshot_classification"),
-                         ("toy_test", "zeroshot_retrieval")}
     weights = str(run / "model.safetensors")
     for record in records.values():
         row = rows[(record["dataset"], record["task"])]
@@ -74,7 +75,19 @@ def test_clip_benchmark_build_merges_two_datasets_and_a_retrieval(trained: tuple
             assert float(row[name]) == value, name
     assert rows[("toy_test", "zeroshot_classification")]["samples"] == "24"
     assert rows[("other_val", "zeroshot_classification")]["samples"] == "8"
-    assert rows[("toy_test", "zeroshot_retrieval")]["image_retrieval_recall@1"] != ""
+    assert rows[("toy_test", "zeroshot_retrieval")]["ties"] == "pessimistic"
+
+
+def test_cli_tie_rule_option(trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run, root = trained
+    base = ["eval", "retrieval", "--checkpoint", str(run), "--data", str(root / "toy" / "test"), "--workers", "0",
+            "--out", str(tmp_path)]
+    assert main([*base, "--ties", "clip_benchmark"]) == 0
+    record = json.loads(next(tmp_path.glob("*_zeroshot_retrieval.json")).read_text())
+    assert record["ties"] == "clip_benchmark"
+    assert set(record["ties_at_cutoff"]) == {f"{d}_retrieval@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert main([*base, "--ties", "clip_benchmark", "--rerank", "2"]) == 2
+    assert "no --rerank" in capsys.readouterr().err
 
 
 def test_names_follow_clip_benchmark(tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = commands.add_parser("demo", help="the demo's evaluations: Fashion-MNIST zero-shot, Tux Paint retrieval",
                                description="Evaluate a demo run on the held-out demo splits and write RUN/results.json "
-                                           "(keys zeroshot.acc1, retrieval.image_retrieval_recall@1, ...).")
+                                           "(keys zeroshot.acc1, retrieval.image_retrieval_recall@1, ...); the "
+                                           "CLIP_benchmark records go to RUN/eval/ (clip_benchmark build RUN/eval).")
     demo.add_argument("--run", default="runs/demo", help="the demo run directory (default: runs/demo)")
     demo.add_argument("--data", default="data/demo", help="the demo shards (default: data/demo)")
     demo.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
