@@ -120,3 +120,17 @@ def test_vlp_checkpoints_are_named_after_their_run(tmp_path: Path) -> None:
 ])
 def test_dataset_names_derived_from_paths(data: str, name: str) -> None:
     assert dataset_name(data) == name
+
+
+def test_demo_records_build_in_their_own_folder(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, root = trained
+    data = tmp_path / "demo"
+    write_dataset(data / "fashion_mnist" / "test", [10])
+    write_dataset(data / "tuxpaint" / "test", [6])
+    assert main(["eval", "demo", "--run", str(run), "--data", str(data), "--workers", "0"]) == 0
+    clip_benchmark_build()(argparse.Namespace(files=[str(run / "eval")], output=str(tmp_path / "demo.csv")))
+    with open(tmp_path / "demo.csv", newline="") as handle:
+        rows = {(row["dataset"], row["task"]): row for row in csv.DictReader(handle)}
+    assert set(rows) == {("fashion_mnist_test", "zeroshot_classification"), ("tuxpaint_test", "zeroshot_retrieval")}
+    summary = json.loads((run / "results.json").read_text())
+    assert float(rows[("fashion_mnist_test", "zeroshot_classification")]["acc1"]) == summary["zeroshot.acc1"]
