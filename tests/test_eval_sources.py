@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from shard_factory import write_dataset
+from shard_factory import add_member, png_bytes, write_dataset
 
 from vlp.cli.main import main
 from vlp.config import load_config
@@ -18,6 +18,7 @@ from vlp.evaluation.retrieval import retrieval_metrics
 from vlp.evaluation.sources import (
     EvalSourceError,
     encode_shard_retrieval,
+    find_multiline_txt,
     imagefolder_batches,
     imagenet_synsets,
     is_imagefolder,
@@ -142,10 +143,10 @@ def test_cli_zeroshot_on_an_imagefolder(run_dir: Path, folder: Path, tmp_path: P
     base = ["eval", "zeroshot", "--checkpoint", str(run_dir), "--data", str(folder), "--classnames",
             str(tmp_path / "classes.txt"), "--templates", str(tmp_path / "templates.txt"), "--workers", "0"]
     assert main([*base, "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "zeroshot.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_classification.json")).read_text())
     assert record["task"] == "zeroshot_classification" and record["samples"] == 6
     assert sum(record["skipped"].values()) == 1
-    per_class = json.loads((tmp_path / "out" / "zeroshot_per_class.json").read_text())
+    per_class = json.loads(next((tmp_path / "out" / "per_class").glob("*.json")).read_text())
     assert per_class["class_folders"] == sorted(CLASSES)
     assert main([*base, "--imagenet", "--out", str(tmp_path / "out2")]) == 1
     err = capsys.readouterr().err
@@ -156,7 +157,7 @@ def test_cli_retrieval_on_a_karpathy_split(run_dir: Path, tmp_path: Path, capsys
     split_json, images = _karpathy(tmp_path)
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--karpathy-json", str(split_json), "--images",
                  str(images), "--workers", "0", "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_retrieval.json")).read_text())
     assert record["task"] == "zeroshot_retrieval" and record["samples"] == 2 and record["captions"] == 6
     assert record["dataset"] == "dataset_toy_test" and record["metrics"]["text_retrieval_recall@1"] >= 0.5
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--karpathy-json", str(split_json),
@@ -168,7 +169,7 @@ def test_cli_retrieval_on_multi_caption_shards(run_dir: Path, tmp_path: Path) ->
     _multi_caption_shards(tmp_path / "shards")
     assert main(["eval", "retrieval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "shards"),
                  "--multi-caption", "--dataset", "multi", "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    record = json.loads(next((tmp_path / "out").glob("*_zeroshot_retrieval.json")).read_text())
     assert record["samples"] == 3 and record["captions"] == 7 and record["dataset"] == "multi"
     assert record["skipped"] == {"undecodable_image": 1, "captions_without_image": 1}
 
@@ -227,3 +228,34 @@ def test_multi_caption_shards_group_by_image(run_dir: Path, tmp_path: Path, worl
         assert images.shape[0] == 4 and texts.shape[0] == 7
     metrics = retrieval_metrics(images, texts, text_to_image, ks=(1,))
     assert 0.0 <= metrics["text_retrieval_recall@1"] <= 1.0
+
+
+def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2) -> None:
+    """CLIP_benchmark's retrieval-shard layout: ``X.png`` + ``X.txt`` holding one caption per line, no json."""
+    directory.mkdir(parents=True)
+    with tarfile.open(directory / "00000.tar", "w") as tar:
+        for index in range(images):
+            text = "".join(f"image {index} caption {line}\n" for line in range(lines)).encode()
+            for name, data in ((f"s{index}.png", png_bytes(40 * index)), (f"s{index}.txt", text)):
+                add_member(tar, name, data)
+
+
+def test_multiline_txt_is_detected_only_in_multiline_shards(tmp_path: Path) -> None:
+    _txt_lines_shards(tmp_path / "lines")
+    write_dataset(tmp_path / "single", [4])
+    assert find_multiline_txt(str(tmp_path / "lines")).endswith("00000.tar:s0")
+    assert find_multiline_txt(str(tmp_path / "single")) is None
+
+
+def test_cli_retrieval_reads_each_txt_line_of_clip_benchmark_shards(run_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    _txt_lines_shards(tmp_path / "shards")
+    base = ["eval", "retrieval", "--checkpoint", str(run_dir), "--data", str(tmp_path / "shards"), "--workers", "0"]
+    assert main([*base, "--out", str(tmp_path / "auto")]) == 0
+    record = json.loads(next((tmp_path / "auto").glob("*_zeroshot_retrieval.json")).read_text())
+    assert (record["samples"], record["captions"], record["multi_caption"]) == (3, 6, True)
+    assert "every line was read as a caption" in capsys.readouterr().err
+    assert main([*base, "--single-caption", "--out", str(tmp_path / "one")]) == 0
+    record = json.loads(next((tmp_path / "one").glob("*_zeroshot_retrieval.json")).read_text())
+    assert (record["samples"], record["captions"], record["multi_caption"]) == (3, 3, False)
+    assert "every line" not in capsys.readouterr().err

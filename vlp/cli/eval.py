@@ -9,6 +9,11 @@ from pathlib import Path
 
 from vlp.config import ConfigError
 
+DATASET_HELP = ("dataset name stored in the results and their file name (default: derived from --data, e.g. "
+                "data/tuxpaint/test -> tuxpaint_test)")
+OUT_HELP = ("output directory: one CLIP_benchmark record per run, {dataset}_{pretrained}_{model}_en_{task}.json "
+            "(clip_benchmark build OUT merges them); zero-shot per-class detail in OUT/per_class/")
+
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
@@ -42,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--classnames", default=None, help="file: one class name per line (default: ImageNet)")
     zeroshot.add_argument("--templates", default=None,
                           help="file: one template per line with {} (default: the 80 OpenAI ImageNet templates)")
-    zeroshot.add_argument("--dataset", default=None, help="name stored in the results (default: --data)")
-    zeroshot.add_argument("--out", required=True, help="output directory for zeroshot.json and per-class results")
+    zeroshot.add_argument("--dataset", "--dataset-name", dest="dataset", default=None, help=DATASET_HELP)
+    zeroshot.add_argument("--out", required=True, help=OUT_HELP)
     zeroshot.set_defaults(func=run_zeroshot_command)
 
     retrieval = commands.add_parser("retrieval", help="image<->text Recall@1/5/10 and ranks",
@@ -51,16 +56,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                 "or a Karpathy split JSON + image folder (all captions).")
     _add_model_options(retrieval)
     retrieval.add_argument("--data", default=None, help="shards: a directory, brace pattern or :: list")
-    retrieval.add_argument("--multi-caption", action="store_true",
-                           help="with --data: every caption of a sample (json 'captions' list, or each .txt line as "
-                                "in CLIP_benchmark shards); samples sharing a json 'image_id' are one image")
+    captions = retrieval.add_mutually_exclusive_group()
+    captions.add_argument("--multi-caption", action="store_true", default=None,
+                          help="with --data: every caption of a sample (json 'captions' list, or each .txt line as "
+                               "in CLIP_benchmark shards); samples sharing a json 'image_id' are one image (default: "
+                               "on when a .txt of several lines is among the first shard's first 64 samples)")
+    captions.add_argument("--single-caption", action="store_false", dest="multi_caption",
+                          help="with --data: one caption per sample, a .txt read whole (line breaks and all)")
     retrieval.add_argument("--karpathy-json", default=None,
                            help="instead of --data: dataset_coco.json / dataset_flickr30k.json (needs --images)")
     retrieval.add_argument("--images", default=None,
                            help="with --karpathy-json: image root (files at IMAGES/filepath/filename)")
     retrieval.add_argument("--split", default="test", help="with --karpathy-json: split to use (default: test)")
-    retrieval.add_argument("--dataset", default=None, help="name stored in the results (default: --data)")
-    retrieval.add_argument("--out", required=True, help="output directory for retrieval.json")
+    retrieval.add_argument("--dataset", "--dataset-name", dest="dataset", default=None, help=DATASET_HELP)
+    retrieval.add_argument("--out", required=True, help=OUT_HELP)
+    retrieval.add_argument("--ties", choices=["pessimistic", "clip_benchmark"], default="pessimistic",
+                           help="recall@k tie rule: pessimistic (a negative scoring equal to the positive ranks above "
+                                "it; order-independent; default) or clip_benchmark (torch.topk on CLIP_benchmark's "
+                                "score matrix: its numbers on the same ordered inputs)")
     retrieval.add_argument("--rerank", type=int, default=0, metavar="K",
                            help="rescore the top K candidates of every query with the ITM head (ALBEF models with "
                                 "a fusion encoder); score = ITM match logit + similarity (default: 0 = off)")
@@ -68,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = commands.add_parser("demo", help="the demo's evaluations: Fashion-MNIST zero-shot, Tux Paint retrieval",
                                description="Evaluate a demo run on the held-out demo splits and write RUN/results.json "
-                                           "(keys zeroshot.acc1, retrieval.image_retrieval_recall@1, ...).")
+                                           "(keys zeroshot.acc1, retrieval.image_retrieval_recall@1, ...); the "
+                                           "CLIP_benchmark records go to RUN/eval/ (clip_benchmark build RUN/eval).")
     demo.add_argument("--run", default="runs/demo", help="the demo run directory (default: runs/demo)")
     demo.add_argument("--data", default="data/demo", help="the demo shards (default: data/demo)")
     demo.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
@@ -93,9 +107,14 @@ def _report(record: dict) -> None:
     if distributed.get_rank() == 0:
         for name, value in record["metrics"].items():
             print(f"{name:32s} {value:.4f}")
+        tied = {name: n for name, n in record.get("ties_at_cutoff", {}).items() if n}
+        if tied:
+            print(f"queries whose hit at k a tie decides (ties={record['ties']}): "
+                  + ", ".join(f"{name} {n}" for name, n in tied.items()))
 
 
 def run_zeroshot_command(args: argparse.Namespace) -> int:
+    from vlp.evaluation.records import dataset_name
     from vlp.evaluation.runner import run_zeroshot
     from vlp.evaluation.sources import imagenet_synsets, is_imagefolder, run_zeroshot_imagefolder
     from vlp.evaluation.zero_shot import imagenet_classnames, imagenet_templates, load_classnames, load_templates
@@ -104,7 +123,7 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
         loaded, device = _load(args)
         classnames = load_classnames(args.classnames) if args.classnames else imagenet_classnames()
         templates = load_templates(args.templates) if args.templates else imagenet_templates()
-        options = dict(dataset=args.dataset or args.data, out_dir=args.out, batch_size=args.batch_size,
+        options = dict(dataset=args.dataset or dataset_name(args.data), out_dir=args.out, batch_size=args.batch_size,
                        workers=args.workers, device=device, precision=args.precision)
         if is_imagefolder(args.data):
             synsets = imagenet_synsets() if args.imagenet else None
@@ -124,8 +143,8 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.itm_rerank import require_itm
-    from vlp.evaluation.runner import run_retrieval
-    from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_multicaption
+    from vlp.evaluation.records import dataset_name
+    from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_shards
     from vlp.registry import ModelError
 
     if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
@@ -134,20 +153,26 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
     if args.rerank < 0:
         print(f"error: --rerank must be >= 0, got {args.rerank}", file=sys.stderr)
         return 2
+    if args.rerank and args.ties == "clip_benchmark":
+        print("error: --ties clip_benchmark reproduces CLIP_benchmark's similarity ranking, which has no --rerank",
+              file=sys.stderr)
+        return 2
     try:
         loaded, device = _load(args)
         if args.rerank:
             require_itm(loaded.model)
         options = dict(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
-                       precision=args.precision, rerank_k=args.rerank)
+                       precision=args.precision, rerank_k=args.rerank, ties=args.ties)
         if args.karpathy_json:
             record = run_retrieval_karpathy(loaded, args.karpathy_json, args.images, split=args.split,
                                             dataset=args.dataset, **options)
-        elif args.multi_caption:
-            options.pop("workers")
-            record = run_retrieval_multicaption(loaded, args.data, dataset=args.dataset or args.data, **options)
         else:
-            record = run_retrieval(loaded, args.data, dataset=args.dataset or args.data, **options)
+            record = run_retrieval_shards(loaded, args.data, dataset=args.dataset or dataset_name(args.data),
+                                          multi_caption=args.multi_caption, **options)
+            if args.multi_caption is None and record["multi_caption"]:
+                print(f"note: {args.data}: .txt members hold several lines (CLIP_benchmark's layout): every line "
+                      f"was read as a caption ({record['captions']} captions of {record['samples']} images); "
+                      "--single-caption reads each .txt as one caption", file=sys.stderr)
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -9,9 +9,17 @@ from vlp.evaluation.metrics import (
     per_class_accuracy,
     recall_at_k,
     retrieval_ranks,
+    ties_at_cutoff,
     topk_accuracy,
+    topk_hits,
 )
-from vlp.evaluation.retrieval import Reranker, retrieval_metrics, retrieval_ranks_both_directions
+from vlp.evaluation.retrieval import (
+    Reranker,
+    RetrievalResult,
+    retrieval_evaluation,
+    retrieval_metrics,
+    retrieval_ranks_both_directions,
+)
 from vlp.evaluation.zero_shot import (
     ZeroShotDataError,
     ZeroShotResult,
@@ -27,6 +35,7 @@ from vlp.evaluation.zero_shot import (
 
 __all__ = [
     "Reranker",
+    "RetrievalResult",
     "ZeroShotDataError",
     "ZeroShotResult",
     "best_positive_ranks",
@@ -43,9 +52,12 @@ __all__ = [
     "median_rank",
     "per_class_accuracy",
     "recall_at_k",
+    "retrieval_evaluation",
     "retrieval_metrics",
     "retrieval_ranks",
     "retrieval_ranks_both_directions",
+    "ties_at_cutoff",
     "topk_accuracy",
+    "topk_hits",
     "zero_shot_metrics",
 ]

@@ -4,7 +4,9 @@ Conventions:
     - Ranks are 0-based inside the kernels (rank 0 = the top candidate); the reported mean / median ranks
       are 1-based, as in CLIP_benchmark and the Karpathy retrieval protocol (rank 1 = top).
     - Ties are pessimistic: a negative whose score equals the best positive's score counts as ranked above
-      it, so the result does not depend on the order of the candidates.
+      it, so the result does not depend on the order of the candidates. :func:`ties_at_cutoff` counts the
+      queries whose hit at k a tie decides; :func:`topk_hits` is CLIP_benchmark's rule (the first k of
+      ``torch.topk``, so the order of tied candidates decides).
 """
 
 from __future__ import annotations
@@ -106,8 +108,10 @@ def mean_per_class_recall(confusion: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------ retrieval
 
 
-def best_positive_ranks(scores: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's best-ranked positive: the number of negatives scoring >= its score.
+def best_positive_ranks(scores: torch.Tensor, positive_mask: torch.Tensor, *, optimistic: bool = False
+                        ) -> torch.Tensor:
+    """0-based rank of each query's best-ranked positive: the number of negatives scoring >= its score
+    (``optimistic=True``: scoring > its score, i.e. ties resolved in the positive's favour).
 
     Args:
         scores: (Q, C) query-candidate scores.
@@ -123,7 +127,7 @@ def best_positive_ranks(scores: torch.Tensor, positive_mask: torch.Tensor) -> to
         raise ValueError(f"query {missing} (within this chunk) has no positive candidate")
     lowest = torch.finfo(scores.dtype).min if scores.is_floating_point() else torch.iinfo(scores.dtype).min
     best_positive = scores.masked_fill(~positive_mask, lowest).amax(dim=1, keepdim=True)  # (Q, 1)
-    above = (scores >= best_positive) & ~positive_mask  # (Q, C)
+    above = ((scores > best_positive) if optimistic else (scores >= best_positive)) & ~positive_mask  # (Q, C)
     return above.sum(dim=1)
 
 
@@ -172,6 +176,31 @@ def recall_at_k(ranks: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int
     if ranks.numel() == 0:
         raise ValueError("recall@k of an empty set of queries")
     return {k: float((ranks < k).double().mean()) for k in ks}
+
+
+def ties_at_cutoff(ranks: torch.Tensor, optimistic_ranks: torch.Tensor, ks: Iterable[int] = (1, 5, 10)
+                   ) -> dict[int, int]:
+    """For each k, the number of queries whose hit at k depends on how ties are broken: the best positive ties
+    with negatives across the cut-off (optimistic rank < k <= pessimistic rank).
+
+    Args:
+        ranks: (N_q,) pessimistic 0-based ranks; optimistic_ranks: (N_q,) optimistic ones
+            (:func:`best_positive_ranks` with ``optimistic=True``).
+    """
+    return {k: int(((optimistic_ranks < k) & (ranks >= k)).sum()) for k in ks}
+
+
+def topk_hits(scores: torch.Tensor, positive_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """CLIP_benchmark's recall rule: is a positive among the ``min(k, C)`` candidates ``torch.topk`` returns?
+    Tied candidates enter in the order ``topk`` picks them, so the result depends on the candidates' order.
+
+    Args:
+        scores: (Q, C); positive_mask: (Q, C) bool.
+    Returns:
+        (Q,) bool.
+    """
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices  # (Q, k)
+    return positive_mask.gather(1, top).any(dim=1)
 
 
 def mean_rank(ranks: torch.Tensor) -> float:

@@ -2,13 +2,13 @@
 
 Each rank reads its share of the shards exactly once (``ShardLoader(train=False, epochs=1)``) and the features
 are gathered from all ranks, so no rank does all the work. Result files are written by rank 0 only, into the
-output directory: ``<task>.json`` (CLIP_benchmark keys: dataset, model, pretrained, task, metrics), plus for
-zero-shot the confusion matrix and per-class accuracy.
+output directory, named and laid out as CLIP_benchmark's (:mod:`vlp.evaluation.records`):
+``{dataset}_{pretrained}_{model}_en_{task}.json``, plus for zero-shot the confusion matrix and per-class accuracy
+in ``per_class/`` under the same name.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from vlp.config import DataConfig, SourceConfig
 from vlp.data.pipeline import ShardLoader
 from vlp.evaluation.itm_rerank import ItmCorpus, itm_reranker
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
-from vlp.evaluation.retrieval import retrieval_metrics
+from vlp.evaluation.records import RETRIEVAL_TASK, ZEROSHOT_TASK, benchmark_record, write_record
+from vlp.evaluation.retrieval import TieRule, retrieval_evaluation
 from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset, gather_uneven, zero_shot_metrics
 
 
@@ -43,39 +44,19 @@ def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int
     )
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
-def benchmark_record(loaded: LoadedModel, dataset: str, task: str, metrics: dict[str, float]) -> dict:
-    """One result in the CLIP_benchmark layout (its ``build`` command merges these)."""
-    return {
-        "dataset": dataset,
-        "model": loaded.name,
-        "pretrained": loaded.pretrained,
-        "task": task,
-        "metrics": metrics,
-        "language": "en",
-    }
-
-
 def score_zeroshot(loaded: LoadedModel, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
                    templates: Sequence[Template], *, dataset: str, skipped: dict[str, int],
                    out_dir: str | Path | None = None, device: torch.device | str = "cpu",
                    per_class_extra: dict | None = None) -> dict:
-    """Classify encoded images with the class-name x template classifier; the CLIP_benchmark record, and on
-    rank 0 ``zeroshot.json`` + ``zeroshot_per_class.json`` (with ``per_class_extra`` merged in) in ``out_dir``."""
+    """Classify encoded images with the class-name x template classifier; the CLIP_benchmark record, written on
+    rank 0 into ``out_dir`` with the per-class accuracy and confusion matrix (``per_class_extra`` merged in) in
+    ``out_dir/per_class/`` (see :func:`vlp.evaluation.records.write_record`)."""
     classifier = build_classifier(text_encoder_fn(loaded, device), list(classnames), list(templates))
     result = zero_shot_metrics(features, labels.cpu(), classifier)
-    record = benchmark_record(loaded, dataset, "zeroshot_classification", result.metrics)
+    record = benchmark_record(loaded.name, loaded.pretrained, dataset, ZEROSHOT_TASK, result.metrics)
     record["samples"], record["skipped"] = int(labels.numel()), skipped
     if out_dir is not None and distributed.get_rank() == 0:
-        out = Path(out_dir)
-        write_json(out / "zeroshot.json", record)
-        write_json(out / "zeroshot_per_class.json", {
+        write_record(out_dir, record, per_class={
             "classnames": list(classnames), **(per_class_extra or {}),
             "per_class_accuracy": result.per_class_accuracy.tolist(),
             "confusion_matrix": result.confusion.tolist()})
@@ -86,23 +67,26 @@ def score_retrieval(loaded: LoadedModel, image_features: torch.Tensor, text_feat
                     text_to_image: torch.Tensor, *, dataset: str, skipped: dict[str, int],
                     out_dir: str | Path | None = None, ks: Sequence[int] = (1, 5, 10),
                     itm_corpus: ItmCorpus | None = None, rerank_k: int = 0, device: torch.device | str = "cpu",
-                    precision: str = "fp32") -> dict:
-    """Retrieval metrics of encoded images and captions; the CLIP_benchmark record, and on rank 0
-    ``retrieval.json`` in ``out_dir``. With ``rerank_k > 0`` and an ``itm_corpus`` (rows aligned with the
-    features), the fusion encoder's ITM head rescores the top ``rerank_k`` candidates of every query."""
+                    precision: str = "fp32", ties: TieRule = "pessimistic") -> dict:
+    """Retrieval metrics of encoded images and captions; the CLIP_benchmark record, written on rank 0 into
+    ``out_dir``. With ``rerank_k > 0`` and an ``itm_corpus`` (rows aligned with the features), the fusion encoder's
+    ITM head rescores the top ``rerank_k`` candidates of every query. ``ties``: the recall tie rule (see
+    :func:`vlp.evaluation.retrieval.retrieval_metrics`); the record says which, and counts the queries whose hit
+    at each k a tie decides (``ties_at_cutoff``)."""
     rerank = None
     if rerank_k > 0:
         if itm_corpus is None:
             raise ValueError("rerank_k > 0 needs the ITM corpus (image tokens and caption ids) of the retrieval set")
         rerank = itm_reranker(loaded.model, itm_corpus, image_features.cpu(), text_features.cpu(), device=device,
                               precision=precision)
-    metrics = retrieval_metrics(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks),
-                                rerank=rerank, rerank_k=rerank_k)
-    record = benchmark_record(loaded, dataset, "zeroshot_retrieval", metrics)
+    result = retrieval_evaluation(image_features.cpu(), text_features.cpu(), text_to_image.cpu(), ks=tuple(ks),
+                                  rerank=rerank, rerank_k=rerank_k, ties=ties)
+    record = benchmark_record(loaded.name, loaded.pretrained, dataset, RETRIEVAL_TASK, result.metrics)
     record["samples"], record["captions"] = image_features.shape[0], int(text_to_image.numel())
     record["skipped"], record["rerank_k"] = skipped, rerank_k
+    record["ties"], record["ties_at_cutoff"] = ties, result.ties_at_cutoff
     if out_dir is not None and distributed.get_rank() == 0:
-        write_json(Path(out_dir) / "retrieval.json", record)
+        write_record(out_dir, record)
     return record
 
 
@@ -175,15 +159,17 @@ def run_retrieval(
     precision: str = "fp32",
     ks: Sequence[int] = (1, 5, 10),
     rerank_k: int = 0,
+    ties: TieRule = "pessimistic",
 ) -> dict:
     """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file.
-    ``rerank_k > 0`` reranks the top candidates with the ITM head (models with a fusion encoder)."""
+    ``rerank_k > 0`` reranks the top candidates with the ITM head (models with a fusion encoder); ``ties`` as in
+    :func:`score_retrieval`."""
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
     image_features, text_features, keys = encode_pairs(loaded, loader, device, precision, corpus)
     return score_retrieval(loaded, image_features, text_features, torch.arange(len(keys)), dataset=dataset,
                            skipped=loader.skip_counts(), out_dir=out_dir, ks=ks, itm_corpus=corpus,
-                           rerank_k=rerank_k, device=device, precision=precision)
+                           rerank_k=rerank_k, device=device, precision=precision, ties=ties)
 
 
 DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musical instrument")

@@ -8,7 +8,8 @@ is the standard class order, the order of open_clip's ``IMAGENET_CLASSNAMES`` (i
 
 Multi-caption shards: all captions of a sample (json ``captions`` list, else the lines of ``.txt`` as
 CLIP_benchmark's retrieval shards store them, else json ``caption``); samples sharing a json ``image_id`` are one
-image with the union of their captions.
+image with the union of their captions. :func:`run_retrieval_shards` reads shards this way when asked to, or when
+it finds a ``.txt`` of several lines among the first shard's first samples (:func:`find_multiline_txt`).
 
 Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``{"images": [{"filename",
 "filepath"?, "split", "sentences": [{"raw"}, ...]}]}``; every caption of an image is a positive for it.
@@ -41,7 +42,9 @@ from vlp.data.transforms import build_image_transform, collate_images
 from vlp.data.urls import expand_urls
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
-from vlp.evaluation.runner import score_retrieval, score_zeroshot
+from vlp.evaluation.records import write_record
+from vlp.evaluation.retrieval import TieRule
+from vlp.evaluation.runner import run_retrieval, score_retrieval, score_zeroshot
 from vlp.evaluation.zero_shot import Template, encode_dataset, gather_uneven
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -316,16 +319,18 @@ def run_retrieval_karpathy(
     loaded: LoadedModel, split_json: str | Path, image_root: str | Path, *, split: str = "test",
     dataset: str | None = None, out_dir: str | Path | None = None, batch_size: int = 256, workers: int = 2,
     device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
+    ties: TieRule = "pessimistic",
 ) -> dict:
-    """Image<->text Recall@k and ranks on a Karpathy split (all captions of an image are positives); writes
-    ``retrieval.json`` like ``run_retrieval`` (``rerank_k``: ITM reranking, as there)."""
+    """Image<->text Recall@k and ranks on a Karpathy split (all captions of an image are positives); writes the
+    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, as there)."""
     data = karpathy_split(split_json, image_root, split)
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_retrieval_set(
         loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision, itm_corpus=corpus)
     return score_retrieval(loaded, image_features, text_features, text_to_image,
                            dataset=dataset or f"{Path(split_json).stem}_{split}", skipped=skipped, out_dir=out_dir,
-                           ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device, precision=precision)
+                           ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device, precision=precision,
+                           ties=ties)
 
 
 # ------------------------------------------------------------------------------------------------ multi-caption shards
@@ -340,6 +345,17 @@ def sample_captions(txt: bytes | None, metadata: dict) -> list[str]:
     else:
         texts = [metadata["caption"]] if isinstance(metadata.get("caption"), str) else []
     return [t.strip() for t in texts if t.strip()]
+
+
+def find_multiline_txt(urls: str, samples: int = 64) -> str | None:
+    """``shard:key`` of the first ``.txt`` member holding more than one non-empty line among the first
+    ``samples`` samples of the first shard (CLIP_benchmark's one-caption-per-line layout), else None."""
+    for index, sample in enumerate(iter_shard(expand_urls(urls)[0], SkipCounters())):
+        if index >= samples:
+            break
+        if sample.txt is not None and len(sample_captions(sample.txt, {})) > 1:
+            return f"{sample.url}:{sample.key}"
+    return None
 
 
 def _image_key(value: str) -> int:
@@ -440,12 +456,33 @@ def encode_shard_retrieval(
 def run_retrieval_multicaption(
     loaded: LoadedModel, urls: str, *, dataset: str, out_dir: str | Path | None = None, batch_size: int = 256,
     device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
+    ties: TieRule = "pessimistic",
 ) -> dict:
-    """Retrieval on shards with several captions per image (see :func:`encode_shard_retrieval`); writes
-    ``retrieval.json`` like ``run_retrieval`` (``rerank_k``: ITM reranking, as there)."""
+    """Retrieval on shards with several captions per image (see :func:`encode_shard_retrieval`); writes the
+    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, as there)."""
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_shard_retrieval(
         loaded, urls, batch_size=batch_size, device=device, precision=precision, itm_corpus=corpus)
     return score_retrieval(loaded, image_features, text_features, text_to_image, dataset=dataset, skipped=skipped,
                            out_dir=out_dir, ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device,
-                           precision=precision)
+                           precision=precision, ties=ties)
+
+
+def run_retrieval_shards(
+    loaded: LoadedModel, urls: str, *, dataset: str, multi_caption: bool | None = None, workers: int = 2,
+    **options,  # noqa: ANN003 - out_dir, batch_size, device, precision, ks, rerank_k, ties as in run_retrieval
+) -> dict:
+    """Retrieval on image-caption shards. ``multi_caption``: True reads every caption of a sample
+    (:func:`run_retrieval_multicaption`), False one caption per sample (``run_retrieval``: a ``.txt`` is one
+    caption, line breaks and all); None (default) reads every caption when :func:`find_multiline_txt` finds a
+    ``.txt`` of several lines, CLIP_benchmark's layout. The record's ``multi_caption`` says which reading ran."""
+    if multi_caption is None:
+        multi_caption = find_multiline_txt(urls) is not None
+    if multi_caption:
+        record = run_retrieval_multicaption(loaded, urls, dataset=dataset, **options)
+    else:
+        record = run_retrieval(loaded, urls, dataset=dataset, workers=workers, **options)
+    record["multi_caption"] = multi_caption
+    if options.get("out_dir") is not None and distributed.get_rank() == 0:
+        write_record(options["out_dir"], record)  # again, with the reading it used
+    return record
