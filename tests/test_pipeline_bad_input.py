@@ -11,11 +11,13 @@ import zlib
 from pathlib import Path
 
 import pytest
-from shard_factory import png_bytes, standard_members, write_dataset, write_shard
+from shard_factory import png_bytes, standard_members, write_dataset, write_shard, write_varied_shard
 
 from vlp.config import DataConfig, SourceConfig
 from vlp.data import counters as reasons
+from vlp.data.check import check_shard
 from vlp.data.counters import SkipCounters
+from vlp.data.layout import END_OF_ARCHIVE_BYTES, ShardRecord, write_manifest
 from vlp.data.pipeline import ShardLoader
 from vlp.data.tar_stream import iter_shard
 from vlp.data.urls import ShardSource
@@ -136,8 +138,69 @@ def test_corrupt_header_that_stops_tarfile_quietly_is_detected(tmp_path: Path) -
     data[offset: offset + 512] = os.urandom(512)
     shard.write_bytes(bytes(data))
     read, counts = _read_epoch(tmp_path / "ds")
-    assert read == 5
-    assert counts == {reasons.CORRUPT_SHARD: 1}
+    assert read == 4  # the 5th sample, last before the damage, may have lost members: dropped and counted
+    assert counts == {reasons.CORRUPT_SHARD: 1, reasons.LOST_IN_CORRUPT_SHARD: 1, reasons.UNKNOWN_LOSS: 1}
+
+
+CUT_STEP = 256  # every 256-byte offset: every 512-byte header boundary and every point half-way between
+
+
+def _archive_end(path: Path) -> int:
+    """Where the zero padding after the last member begins."""
+    with tarfile.open(path) as tar:
+        tar.getmembers()
+        return tar.offset
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_every_cut_point_is_reported_as_the_checker_reports_it(tmp_path: Path, manifest: bool) -> None:
+    shard = write_varied_shard(tmp_path / "ds", 10, manifest=manifest)
+    full, proper_end = shard.read_bytes(), _archive_end(shard) + END_OF_ARCHIVE_BYTES
+    source = ShardSource.from_spec(str(tmp_path / "ds"))
+    silent, checker_disagrees = [], []
+    for cut in range(0, len(full) + 1, CUT_STEP):
+        shard.write_bytes(full[:cut])
+        counters = SkipCounters()
+        read = sum(1 for _ in iter_shard(str(shard), counters, expected_samples=source.expected.get(str(shard))))
+        counts = counters.as_dict()
+        damaged = cut < proper_end
+        if not damaged:
+            assert (read, counts) == (10, {}), cut  # only end-of-archive padding was cut
+        elif counts.get(reasons.CORRUPT_SHARD) != 1:
+            silent.append(cut)
+        elif manifest:
+            assert read + counts.get(reasons.LOST_IN_CORRUPT_SHARD, 0) == 10, (cut, read, counts)
+        else:
+            assert counts[reasons.UNKNOWN_LOSS] == 1, (cut, counts)
+        if bool(check_shard(shard)[1]) != damaged:
+            checker_disagrees.append(cut)
+    assert silent == [] and checker_disagrees == []
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_cut_shards_are_reported_in_the_loaders_skip_counts(tmp_path: Path, manifest: bool) -> None:
+    """Every cut of a shard as its own shard of one source, streamed by the loader: samples out + lost add up."""
+    full = write_varied_shard(tmp_path / "whole", 10, manifest=False).read_bytes()
+    proper_end = _archive_end(tmp_path / "whole" / "00000.tar") + END_OF_ARCHIVE_BYTES
+    directory, records = tmp_path / "cuts", []
+    directory.mkdir()
+    cuts = list(range(0, len(full) + 1, CUT_STEP))
+    for index, cut in enumerate(cuts):
+        (directory / f"{index:05d}.tar").write_bytes(full[:cut])
+        records.append(ShardRecord(f"{index:05d}.tar", 10, cut, ""))
+    if manifest:
+        write_manifest(directory, records)
+    config = DataConfig(sources=(SourceConfig(str(directory)),), batch_size=64, workers=0, shuffle_buffer=0,
+                        augment="none")
+    loader = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1)
+    out = sum(len(batch) for batch in loader)
+    counts = loader.skip_counts()
+    damaged = sum(cut < proper_end for cut in cuts)
+    assert counts[reasons.CORRUPT_SHARD] == damaged
+    if manifest:
+        assert out + counts[reasons.LOST_IN_CORRUPT_SHARD] == 10 * len(cuts)
+    else:
+        assert counts[reasons.UNKNOWN_LOSS] == damaged
 
 
 def test_unreadable_and_empty_shards(tmp_path: Path) -> None:

@@ -38,7 +38,6 @@ from vlp.data.writer import DEFAULT_MAX_IMAGE_PIXELS
 
 KNOWN_EXTENSIONS = (*layout.IMAGE_EXTENSIONS, "txt", "json", "cls")
 MAX_PROBLEMS_PER_SHARD = 20
-END_OF_ARCHIVE_BYTES = 2 * tarfile.BLOCKSIZE
 _GZIP_MAGIC, _BZIP2_MAGIC, _XZ_MAGIC = b"\x1f\x8b", b"BZh", b"\xfd7zXZ"
 
 
@@ -211,23 +210,14 @@ def _samples(tar: tarfile.TarFile, problems: _Problems) -> Iterator[tuple[str, d
 
 
 def _end_of_archive_problem(handle: BinaryIO, end_offset: int, file_size: int) -> str | None:
-    """The tar stopped at ``end_offset``: what follows must be zeros, at least :data:`END_OF_ARCHIVE_BYTES`."""
-    if end_offset > file_size:
-        return f"truncated: a member needs data up to byte {end_offset} but the file has {file_size} bytes"
+    """Apply :func:`vlp.data.layout.end_of_archive_problem` to the bytes after ``end_offset``."""
+    first_nonzero, position = None, end_offset
     handle.seek(end_offset)
-    position = end_offset
-    while block := handle.read(1 << 20):
+    while first_nonzero is None and (block := handle.read(1 << 20)):
         zeros = len(block) - len(block.lstrip(b"\0"))
-        if zeros < len(block) and file_size - end_offset < tarfile.BLOCKSIZE:
-            return f"truncated: the file ends inside a member header at byte {end_offset}"
-        if zeros < len(block):
-            return (f"corrupt header at byte {end_offset}: tar reading stopped there but data follows (byte "
-                    f"{position + zeros}); the samples after that point are lost")
+        first_nonzero = position + zeros if zeros < len(block) else None
         position += len(block)
-    if file_size - end_offset < END_OF_ARCHIVE_BYTES:
-        return (f"truncated: no end-of-archive marker ({file_size - end_offset} zero bytes after the last member, "
-                f"{END_OF_ARCHIVE_BYTES} expected)")
-    return None
+    return layout.end_of_archive_problem(end_offset, file_size, first_nonzero)
 
 
 def check_shard(path: str | Path, *, decode: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS

@@ -22,10 +22,11 @@ IGNORED_MEMBER = "ignored_member"
 # Shard-level reasons.
 CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"
-LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"
+LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"  # samples known lost (a manifest counts them)
+UNKNOWN_LOSS = "shard_with_unknown_loss"  # a damaged shard without a manifest: how many samples it lost is unknown
 
 # Reasons that log a warning every time (they are rare and mean the data set is damaged).
-_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNSAFE_MEMBER_NAME)
+_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNKNOWN_LOSS, UNSAFE_MEMBER_NAME)
 _QUIET_LOG_LIMIT = 5
 
 
