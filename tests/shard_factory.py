@@ -29,6 +29,13 @@ def noise_png_bytes(seed: int, size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def encoded_bytes(fmt: str, size: tuple[int, int] = (12, 10)) -> bytes:
+    """A small solid image encoded as ``fmt`` (any format PIL writes: TIFF, BMP, GIF, ...)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (30, 60, 90)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def jpeg_bytes(value: int, size: tuple[int, int] = (64, 48)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, (value % 256, 40, 90)).save(buffer, format="JPEG", quality=90)

@@ -11,8 +11,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from shard_factory import png_bytes, standard_members, write_dataset, write_shard, write_varied_shard
+from shard_factory import add_member, png_bytes, standard_members, write_dataset, write_shard, write_varied_shard
 
+from vlp.cli.main import main
 from vlp.config import DataConfig, SourceConfig
 from vlp.data import counters as reasons
 from vlp.data.check import check_shard
@@ -104,6 +105,35 @@ def test_pickle_members_are_never_unpickled(tmp_path: Path) -> None:
     assert keys == ["a0000", "a0001", "a0002", "c0004"]
     assert counts == {reasons.IGNORED_MEMBER: 3, reasons.MISSING_IMAGE: 1}
     assert not marker.exists()
+
+
+def test_links_are_counted_as_non_regular_members(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    link = tarfile.TarInfo("link0.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in _good("a", 2):
+            add_member(tar, name, data)
+        tar.addfile(link)
+        add_member(tar, "link0.txt", b"a sample whose image is a link")
+        for name, data in _good("c", 1, start=2):
+            add_member(tar, name, data)
+    keys, counts = _load_all_good(shard, 3)
+    assert keys == ["a0000", "a0001", "c0002"]
+    assert counts == {reasons.NON_REGULAR_MEMBER: 1, reasons.MISSING_IMAGE: 1}  # the link, then its sample
+
+
+def test_data_stream_says_how_many_epochs_its_skip_counts_cover(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, [("bad0.png", b"junk"), ("bad0.txt", b"junk image")] + _good("a", 4))
+    args = ["data", "stream", "--no-progress", "--batches", "3", "--warmup", "0", f"data.sources={shard}",
+            "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=0", "model.image_size=16"]
+    assert main([*args, "--json"]) == 0  # one epoch per batch: the bad sample is read 3 times
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["skipped"] == {reasons.UNDECODABLE_IMAGE: 3} and report["skipped_over_epochs"] == [3]
+    assert main(args) == 0
+    assert "skipped, summed over the 3 epochs read" in capsys.readouterr().out
 
 
 def _read_epoch(directory: Path) -> tuple[int, dict[str, int]]:

@@ -32,9 +32,9 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import layout
 from vlp.data.images import SkipSample, load_image, open_image_header
-from vlp.data.writer import DEFAULT_MAX_IMAGE_PIXELS
 
 KNOWN_EXTENSIONS = (*layout.IMAGE_EXTENSIONS, "txt", "json", "cls")
 MAX_PROBLEMS_PER_SHARD = 20
@@ -139,11 +139,11 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _check_image(data: bytes, decode: bool, max_pixels: int) -> str | None:
+def _check_image(data: bytes, ext: str, decode: bool, max_pixels: int) -> str | None:
     try:
-        image = open_image_header(data, max_pixels)
+        image = open_image_header(data, max_pixels, ext)
         if decode:
-            load_image(image)
+            load_image(image, max_pixels=max_pixels)
     except SkipSample as skip:
         return str(skip)
     return None
@@ -179,7 +179,7 @@ def sample_problems(fields: dict[str, bytes], decode: bool = True, max_pixels: i
     if "cls" in fields and not fields["cls"].strip().isdigit():
         problems.append(f"cls is not an integer: {fields['cls'][:20]!r}")
     for ext in images:
-        if error := _check_image(fields[ext], decode, max_pixels):
+        if error := _check_image(fields[ext], ext, decode, max_pixels):
             problems.append(f"{ext}: {error}")
         expected = metadata.get("sha256")
         if len(images) == 1 and isinstance(expected, str) and expected != hashlib.sha256(fields[ext]).hexdigest():
@@ -239,7 +239,7 @@ def _scan_shard(handle: BinaryIO, stats: ShardStats, problems: _Problems, decode
         problems.add("compressed tar: only uncompressed .tar shards are supported")
         return
     handle.seek(0)
-    reader, end_offset = _HashingReader(handle), None
+    reader, end_offset, tar = _HashingReader(handle), None, None
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for key, fields in _samples(tar, problems):
@@ -249,6 +249,7 @@ def _scan_shard(handle: BinaryIO, stats: ShardStats, problems: _Problems, decode
             end_offset = tar.offset
     except tarfile.ReadError as err:
         problems.add(f"unreadable tar after {stats.samples} samples (truncated or corrupt): {err}")
+    stats.members = len(tar.members) if tar is not None else 0  # every tar entry read, whatever its kind
     reader.drain()
     stats.bytes, stats.sha256 = reader.count, reader.digest.hexdigest()
     if end_offset is not None and (issue := _end_of_archive_problem(handle, end_offset, stats.bytes)):

@@ -15,10 +15,12 @@ EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_LONG = "caption_too_long"
 UNDECODABLE_IMAGE = "undecodable_image"
 IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_FORMAT_MISMATCH = "image_format_mismatch"  # e.g. a TIFF named .jpg: only the format the name says is decoded
 BAD_JSON = "bad_json"
 # Member-level reasons (a tar member ignored; the sample may survive without it).
 UNSAFE_MEMBER_NAME = "unsafe_member_name"
 IGNORED_MEMBER = "ignored_member"
+NON_REGULAR_MEMBER = "non_regular_member"  # a symlink, hard link, directory or device entry: never followed or read
 # Shard-level reasons.
 CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"

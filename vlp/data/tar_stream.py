@@ -110,9 +110,14 @@ def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
 
 def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters) -> Iterator[tuple[str, str, bytes | None]]:
     """(key, extension, bytes) of each regular, safely named member; bytes are None (never read) and the member
-    counted when its extension is not whitelisted, so a sample made only of such members still counts."""
+    counted when its extension is not whitelisted, so a sample made only of such members still counts. Links and
+    other non-regular members are counted and skipped (directories are skipped silently)."""
     for info in tar:
-        if not info.isreg():
+        if info.isdir():
+            continue
+        if not info.isreg():  # a link is never followed, a device never read
+            target = f" -> {info.linkname}" if info.issym() or info.islnk() else ""
+            counters.add(reasons.NON_REGULAR_MEMBER, f"{url}:{info.name}{target}", detail=f"tar type {info.type!r}")
             continue
         if is_unsafe_member_name(info.name):
             counters.add(reasons.UNSAFE_MEMBER_NAME, f"{url}:{info.name}")
