@@ -71,12 +71,14 @@ class _TailReader(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
+    def inspectable(self, offset: int) -> bool:
+        """Whether ``offset`` lies in the kept tail (tarfile reads at most one record ahead: it always does)."""
+        return offset >= self.position - len(self.tail)
+
     def first_nonzero_after(self, offset: int) -> tuple[int | None, int]:
         """Read the stream to its end: the offset of the first non-zero byte from ``offset`` (None if all zero),
-        and the stream's total size. ``offset`` must lie in the kept tail."""
+        and the stream's total size. ``offset`` must be :meth:`inspectable`."""
         tail_start = self.position - len(self.tail)
-        if offset < tail_start:
-            raise ValueError(f"offset {offset} is before the kept tail (from byte {tail_start})")
         first_nonzero = _first_nonzero(self.tail[offset - tail_start:], offset)
         while block := self.stream.read(1 << 16):
             self.position += len(block)
@@ -220,5 +222,7 @@ def _end_of_archive(tar: tarfile.TarFile, reader: _TailReader) -> str | None:
     """The end-of-archive rule's complaint about where tarfile stopped (uncompressed archives only)."""
     if getattr(tar.fileobj, "comptype", "tar") != "tar":
         return None  # a compressed stream's own end check (EOFError) catches a truncated file
+    if not reader.inspectable(tar.offset):
+        return f"the end of the archive at byte {tar.offset} could not be verified"
     first_nonzero, size = reader.first_nonzero_after(tar.offset)
     return end_of_archive_problem(tar.offset, size, first_nonzero)
