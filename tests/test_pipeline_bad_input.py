@@ -208,7 +208,8 @@ def test_every_cut_point_is_reported_as_the_checker_reports_it(tmp_path: Path, m
 
 
 @pytest.mark.parametrize("manifest", [False, True])
-def test_cut_shards_are_reported_in_the_loaders_skip_counts(tmp_path: Path, manifest: bool) -> None:
+def test_cut_shards_are_reported_in_the_loaders_skip_counts(tmp_path: Path, manifest: bool,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     """Every cut of a shard as its own shard of one source, streamed by the loader: samples out + lost add up."""
     full = write_varied_shard(tmp_path / "whole", 10, manifest=False).read_bytes()
     proper_end = _archive_end(tmp_path / "whole" / "00000.tar") + END_OF_ARCHIVE_BYTES
@@ -227,6 +228,9 @@ def test_cut_shards_are_reported_in_the_loaders_skip_counts(tmp_path: Path, mani
     counts = loader.skip_counts()
     damaged = sum(cut < proper_end for cut in cuts)
     assert counts[reasons.CORRUPT_SHARD] == damaged
+    warned = sorted(r.getMessage().split(" at ")[1].split(":")[0] for r in caplog.records
+                    if f"({reasons.CORRUPT_SHARD})" in r.getMessage())
+    assert warned == [str(directory / f"{i:05d}.tar") for i, cut in enumerate(cuts) if cut < proper_end]
     if manifest:
         assert out + counts[reasons.LOST_IN_CORRUPT_SHARD] == 10 * len(cuts)
     else:

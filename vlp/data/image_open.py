@@ -96,5 +96,6 @@ def open_image(data: bytes, formats: tuple[str, ...] | None, max_pixels: int) ->
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt headers
         raise ImageRejected(reasons.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from None
     if image.width * image.height > max_pixels:
-        raise ImageRejected(reasons.IMAGE_TOO_LARGE, f"{image.width}x{image.height} pixels > cap {max_pixels}")
+        raise ImageRejected(reasons.IMAGE_TOO_LARGE, f"{image.width}x{image.height} pixels > cap {max_pixels} "
+                                                     f"(data.max_image_pixels, --max-image-pixels)")
     return image
