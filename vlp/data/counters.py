@@ -20,7 +20,7 @@ BAD_JSON = "bad_json"
 # Member-level reasons (a tar member ignored; the sample may survive without it).
 UNSAFE_MEMBER_NAME = "unsafe_member_name"
 IGNORED_MEMBER = "ignored_member"
-NON_REGULAR_MEMBER = "non_regular_member"  # a symlink, hard link, directory or device entry: never followed or read
+NON_REGULAR_MEMBER = "non_regular_member"  # a symlink, hard link or device entry: never followed or read
 # Shard-level reasons.
 CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"
