@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -17,6 +18,21 @@ def png_bytes(value: int, size: tuple[int, int] = (12, 10), mode: str = "RGB") -
     colour = (value % 256, (value // 256) % 256, 7) if mode == "RGB" else value % 256
     buffer = io.BytesIO()
     Image.new(mode, size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise_png_bytes(seed: int, size: tuple[int, int]) -> bytes:
+    """A PNG of random pixels (incompressible: its byte size grows with ``size``, spanning several tar blocks)."""
+    pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", size, pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encoded_bytes(fmt: str, size: tuple[int, int] = (12, 10)) -> bytes:
+    """A small solid image encoded as ``fmt`` (any format PIL writes: TIFF, BMP, GIF, ...)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (30, 60, 90)).save(buffer, format=fmt)
     return buffer.getvalue()
 
 
@@ -64,3 +80,21 @@ def write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             add_member(tar, name, data)
+
+
+def write_varied_shard(directory: Path, samples: int, manifest: bool) -> Path:
+    """``00000.tar`` of ``samples`` good samples whose images span 1 to 5 tar blocks (so header boundaries fall
+    at irregular offsets), with or without ``manifest.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / shard_name(0)
+    members = []
+    for index in range(samples):
+        key = sample_key(0, index)
+        caption = f"caption {index} " + "words " * (index * 37 % 150)
+        meta = {"key": key, "caption": caption, "label": index}
+        members += [(f"{key}.png", noise_png_bytes(index, (10 + index * 7 % 31, 16))),
+                    (f"{key}.txt", caption.encode()), (f"{key}.json", json.dumps(meta).encode())]
+    write_shard(path, members)
+    if manifest:
+        write_manifest(directory, [ShardRecord(path.name, samples, path.stat().st_size, file_sha256(path))])
+    return path

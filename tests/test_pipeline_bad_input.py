@@ -11,11 +11,14 @@ import zlib
 from pathlib import Path
 
 import pytest
-from shard_factory import png_bytes, standard_members, write_dataset, write_shard
+from shard_factory import add_member, png_bytes, standard_members, write_dataset, write_shard, write_varied_shard
 
+from vlp.cli.main import main
 from vlp.config import DataConfig, SourceConfig
 from vlp.data import counters as reasons
+from vlp.data.check import check_shard
 from vlp.data.counters import SkipCounters
+from vlp.data.layout import END_OF_ARCHIVE_BYTES, ShardRecord, write_manifest
 from vlp.data.pipeline import ShardLoader
 from vlp.data.tar_stream import iter_shard
 from vlp.data.urls import ShardSource
@@ -104,6 +107,35 @@ def test_pickle_members_are_never_unpickled(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_links_are_counted_as_non_regular_members(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    link = tarfile.TarInfo("link0.png")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in _good("a", 2):
+            add_member(tar, name, data)
+        tar.addfile(link)
+        add_member(tar, "link0.txt", b"a sample whose image is a link")
+        for name, data in _good("c", 1, start=2):
+            add_member(tar, name, data)
+    keys, counts = _load_all_good(shard, 3)
+    assert keys == ["a0000", "a0001", "c0002"]
+    assert counts == {reasons.NON_REGULAR_MEMBER: 1, reasons.MISSING_IMAGE: 1}  # the link, then its sample
+
+
+def test_data_stream_says_how_many_epochs_its_skip_counts_cover(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    shard = tmp_path / "00000.tar"
+    write_shard(shard, [("bad0.png", b"junk"), ("bad0.txt", b"junk image")] + _good("a", 4))
+    args = ["data", "stream", "--no-progress", "--batches", "3", "--warmup", "0", f"data.sources={shard}",
+            "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=0", "model.image_size=16"]
+    assert main([*args, "--json"]) == 0  # one epoch per batch: the bad sample is read 3 times
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["skipped"] == {reasons.UNDECODABLE_IMAGE: 3} and report["skipped_over_epochs"] == [3]
+    assert main(args) == 0
+    assert "skipped, summed over the 3 epochs read" in capsys.readouterr().out
+
+
 def _read_epoch(directory: Path) -> tuple[int, dict[str, int]]:
     source = ShardSource.from_spec(str(directory))
     counters = SkipCounters()
@@ -136,8 +168,73 @@ def test_corrupt_header_that_stops_tarfile_quietly_is_detected(tmp_path: Path) -
     data[offset: offset + 512] = os.urandom(512)
     shard.write_bytes(bytes(data))
     read, counts = _read_epoch(tmp_path / "ds")
-    assert read == 5
-    assert counts == {reasons.CORRUPT_SHARD: 1}
+    assert read == 4  # the 5th sample, last before the damage, may have lost members: dropped and counted
+    assert counts == {reasons.CORRUPT_SHARD: 1, reasons.LOST_IN_CORRUPT_SHARD: 1, reasons.UNKNOWN_LOSS: 1}
+
+
+CUT_STEP = 256  # every 256-byte offset: every 512-byte header boundary and every point half-way between
+
+
+def _archive_end(path: Path) -> int:
+    """Where the zero padding after the last member begins."""
+    with tarfile.open(path) as tar:
+        tar.getmembers()
+        return tar.offset
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_every_cut_point_is_reported_as_the_checker_reports_it(tmp_path: Path, manifest: bool) -> None:
+    shard = write_varied_shard(tmp_path / "ds", 10, manifest=manifest)
+    full, proper_end = shard.read_bytes(), _archive_end(shard) + END_OF_ARCHIVE_BYTES
+    source = ShardSource.from_spec(str(tmp_path / "ds"))
+    silent, checker_disagrees = [], []
+    for cut in range(0, len(full) + 1, CUT_STEP):
+        shard.write_bytes(full[:cut])
+        counters = SkipCounters()
+        read = sum(1 for _ in iter_shard(str(shard), counters, expected_samples=source.expected.get(str(shard))))
+        counts = counters.as_dict()
+        damaged = cut < proper_end
+        if not damaged:
+            assert (read, counts) == (10, {}), cut  # only end-of-archive padding was cut
+        elif counts.get(reasons.CORRUPT_SHARD) != 1:
+            silent.append(cut)
+        elif manifest:
+            assert read + counts.get(reasons.LOST_IN_CORRUPT_SHARD, 0) == 10, (cut, read, counts)
+        else:
+            assert counts[reasons.UNKNOWN_LOSS] == 1, (cut, counts)
+        if bool(check_shard(shard)[1]) != damaged:
+            checker_disagrees.append(cut)
+    assert silent == [] and checker_disagrees == []
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+def test_cut_shards_are_reported_in_the_loaders_skip_counts(tmp_path: Path, manifest: bool,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Every cut of a shard as its own shard of one source, streamed by the loader: samples out + lost add up."""
+    full = write_varied_shard(tmp_path / "whole", 10, manifest=False).read_bytes()
+    proper_end = _archive_end(tmp_path / "whole" / "00000.tar") + END_OF_ARCHIVE_BYTES
+    directory, records = tmp_path / "cuts", []
+    directory.mkdir()
+    cuts = list(range(0, len(full) + 1, CUT_STEP))
+    for index, cut in enumerate(cuts):
+        (directory / f"{index:05d}.tar").write_bytes(full[:cut])
+        records.append(ShardRecord(f"{index:05d}.tar", 10, cut, ""))
+    if manifest:
+        write_manifest(directory, records)
+    config = DataConfig(sources=(SourceConfig(str(directory)),), batch_size=64, workers=0, shuffle_buffer=0,
+                        augment="none")
+    loader = ShardLoader(config, image_size=16, context_length=8, train=False, epochs=1)
+    out = sum(len(batch) for batch in loader)
+    counts = loader.skip_counts()
+    damaged = sum(cut < proper_end for cut in cuts)
+    assert counts[reasons.CORRUPT_SHARD] == damaged
+    warned = sorted(r.getMessage().split(" at ")[1].split(":")[0] for r in caplog.records
+                    if f"({reasons.CORRUPT_SHARD})" in r.getMessage())
+    assert warned == [str(directory / f"{i:05d}.tar") for i, cut in enumerate(cuts) if cut < proper_end]
+    if manifest:
+        assert out + counts[reasons.LOST_IN_CORRUPT_SHARD] == 10 * len(cuts)
+    else:
+        assert counts[reasons.UNKNOWN_LOSS] == damaged
 
 
 def test_unreadable_and_empty_shards(tmp_path: Path) -> None:

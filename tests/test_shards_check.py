@@ -90,6 +90,7 @@ def test_clean_set_passes(clean_dir: Path, capsys: pytest.CaptureFixture) -> Non
     assert main(["shards", "check", pattern, "--json", "--no-progress", "--jobs", "2"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["ok"] is True and payload["total_samples"] == SAMPLES and len(payload["shards"]) == 3
+    assert [shard["members"] for shard in payload["shards"]] == [3 * PER_SHARD] * 3  # image, json, txt each
 
 
 def test_pattern_subset_warns_about_uncovered_manifest_shards(clean_dir: Path) -> None:

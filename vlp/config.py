@@ -18,6 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+# The one cap on image size (width x height, from the header, before decoding) that the loader, `vlp shards check`,
+# `vlp shards write`, evaluation and index builds all apply unless given another value (data.max_image_pixels).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
@@ -91,7 +95,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     augment: Literal["open_clip", "timm", "none"] = "open_clip"
     tokenizer: str = "open_clip"
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # one cap for loader, checker, writer, eval, index
     max_image_bytes: int = 32 * 1024 * 1024
     max_caption_chars: int = 2000
     prefetch_factor: int = 4

@@ -61,6 +61,7 @@ def run_stream(args: argparse.Namespace) -> int:
         "batches": args.batches, "batch_size": config.data.batch_size, "workers": config.data.workers,
         "samples_per_s": round(samples / (time.perf_counter() - start), 1) if timed else None,
         "epoch": loader.epoch, "source_epochs": loader.source_epochs(), "skipped": loader.skip_counts(),
+        "skipped_over_epochs": loader.epochs_read(),  # per source: the epochs the skip counts add up over
     }
     if args.json:
         print(json.dumps(report))
@@ -69,8 +70,16 @@ def run_stream(args: argparse.Namespace) -> int:
         print(f"streamed {args.batches} batches of {config.data.batch_size} with {config.data.workers} workers: "
               f"{rate}, epochs per source {loader.source_epochs()}")
         skipped = report["skipped"] or {"(nothing)": 0}
-        print("skipped: " + ", ".join(f"{reason}={count}" for reason, count in skipped.items()))
+        print(f"skipped, summed over {_epochs_text(report['skipped_over_epochs'])} (a shard re-read in a later "
+              "epoch counts again): " + ", ".join(f"{reason}={count}" for reason, count in skipped.items()))
     return 0
+
+
+def _epochs_text(epochs: list[int]) -> str:
+    """``the 3 epochs read`` or, with several sources, ``the epochs read per source [3, 1]``."""
+    if len(set(epochs)) == 1:
+        return f"the {epochs[0]} epoch{'s' if epochs[0] != 1 else ''} read"
+    return f"the epochs read per source {epochs}"
 
 
 def _pull(loader, args: argparse.Namespace, bar: tqdm) -> tuple[int, float]:  # noqa: ANN001 - a ShardLoader

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vlp.cli.shards import add_max_image_pixels
 from vlp.config import ConfigError
 
 BACKENDS = ("hnsw", "ivfpq")
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
     build.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_max_image_pixels(build)
     build.set_defaults(func=run_build)
 
     search = subparsers.add_parser("search", help="query an index by text or image",
@@ -73,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from vlp import distributed
+    from vlp.data.decode import DecodeLimits
     from vlp.retrieval.backends import BackendSpec, SearchBackendError
     from vlp.retrieval.build import build_index
     from vlp.retrieval.reading import BuildOptions
@@ -85,7 +88,8 @@ def run_build(args: argparse.Namespace) -> int:
         info = distributed.init_distributed(args.device)
         options = BuildOptions(batch_size=args.batch_size, workers=args.workers, files_per_part=args.files_per_part,
                                device=str(info.device), precision=args.precision,
-                               progress=args.progress and distributed.get_rank() == 0)
+                               progress=args.progress and distributed.get_rank() == 0,
+                               limits=DecodeLimits(max_image_pixels=args.max_image_pixels))
         backends = tuple(BackendSpec(kind=kind, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist)
                          for kind in dict.fromkeys(args.backend))
         report = build_index(args.checkpoint, args.data, args.out, options=options, backends=backends)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import layout
 
 
@@ -44,6 +45,7 @@ def _register_write(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes checking and re-encoding images (output is identical for any N)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    add_max_image_pixels(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_write)
 
@@ -62,7 +64,15 @@ def _register_check(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-decode", action="store_true", help="parse image headers only, skip full decoding")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_max_image_pixels(parser)
     parser.set_defaults(func=run_check)
+
+
+def add_max_image_pixels(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels N``: the one image-size cap (the loader's ``data.max_image_pixels``, same default)."""
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                        help="largest width x height accepted, checked from the header before decoding; the "
+                             f"training loader's data.max_image_pixels (default: {DEFAULT_MAX_IMAGE_PIXELS})")
 
 
 def _fail(command: str, err: Exception) -> int:
@@ -80,6 +90,7 @@ def run_write(args: argparse.Namespace) -> int:
             read_input(args.input), args.out, samples_per_shard=args.samples_per_shard, max_side=args.max_side,
             image_format=args.image_format, quality=args.quality, workers=args.workers,
             progress=not args.no_progress, total=count_inputs(args.input), overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     except (OSError, ValueError) as err:  # user errors: bad paths, existing output, bad options, bad tables
         return _fail("write", err)
@@ -96,7 +107,8 @@ def run_check(args: argparse.Namespace) -> int:
 
     try:
         report = check_shards(args.shards, world_size=args.world_size, workers=args.workers, jobs=args.jobs,
-                              decode=not args.no_decode, progress=not args.no_progress)
+                              decode=not args.no_decode, progress=not args.no_progress,
+                              max_image_pixels=args.max_image_pixels)
     except (OSError, ValueError) as err:
         return _fail("check", err)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.format())

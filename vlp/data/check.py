@@ -4,14 +4,16 @@ Checks, per shard:
 
 * the tar is readable to its end. Python's tarfile stops quietly at a corrupt or truncated header as if the
   archive had ended, so after the last member the rest of the file must be zero padding holding the
-  end-of-archive marker (at least two 512-byte zero blocks); anything else is reported.
+  end-of-archive marker (at least two 512-byte zero blocks); anything else is reported. The loader applies the
+  same rule (:func:`vlp.data.layout.end_of_archive_problem`).
 * every member is a regular file with a safe name and a known single extension (jpg/jpeg/png/webp/txt/json/
   cls). Unknown extensions (``.pyd``, ``.pth``, ``.pkl``, ...) are problems: our loader ignores them and they
   may be pickles; their bytes are never read, let alone unpickled. A basename with extra dots
   (``000000001.foo.jpg``) splits a sample under webdataset's key rule and is reported too.
 * each sample (consecutive members sharing a key) has exactly one image and a non-empty caption (``.txt``
   or ``caption`` in ``.json``); json parses; images decode (pixel count checked from the header first;
-  ``decode=False`` parses headers only); a ``sha256`` in the json matches the image bytes.
+  ``decode=False`` parses headers only; only as the format the member's extension names, under the one pixel
+  cap ``max_image_pixels``); a ``sha256`` in the json matches the image bytes.
 
 Against ``manifest.json`` next to the shards: every listed shard exists, sample count, byte size and sha256
 match, and shards missing from the manifest are reported. Without a manifest, a warning. With more loader
@@ -32,13 +34,12 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import layout
 from vlp.data.images import SkipSample, load_image, open_image_header
-from vlp.data.writer import DEFAULT_MAX_IMAGE_PIXELS
 
 KNOWN_EXTENSIONS = (*layout.IMAGE_EXTENSIONS, "txt", "json", "cls")
 MAX_PROBLEMS_PER_SHARD = 20
-END_OF_ARCHIVE_BYTES = 2 * tarfile.BLOCKSIZE
 _GZIP_MAGIC, _BZIP2_MAGIC, _XZ_MAGIC = b"\x1f\x8b", b"BZh", b"\xfd7zXZ"
 
 
@@ -140,11 +141,11 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _check_image(data: bytes, decode: bool, max_pixels: int) -> str | None:
+def _check_image(data: bytes, ext: str, decode: bool, max_pixels: int) -> str | None:
     try:
-        image = open_image_header(data, max_pixels)
+        image = open_image_header(data, max_pixels, ext)
         if decode:
-            load_image(image)
+            load_image(image, max_pixels=max_pixels)
     except SkipSample as skip:
         return str(skip)
     return None
@@ -180,7 +181,7 @@ def sample_problems(fields: dict[str, bytes], decode: bool = True, max_pixels: i
     if "cls" in fields and not fields["cls"].strip().isdigit():
         problems.append(f"cls is not an integer: {fields['cls'][:20]!r}")
     for ext in images:
-        if error := _check_image(fields[ext], decode, max_pixels):
+        if error := _check_image(fields[ext], ext, decode, max_pixels):
             problems.append(f"{ext}: {error}")
         expected = metadata.get("sha256")
         if len(images) == 1 and isinstance(expected, str) and expected != hashlib.sha256(fields[ext]).hexdigest():
@@ -211,23 +212,14 @@ def _samples(tar: tarfile.TarFile, problems: _Problems) -> Iterator[tuple[str, d
 
 
 def _end_of_archive_problem(handle: BinaryIO, end_offset: int, file_size: int) -> str | None:
-    """The tar stopped at ``end_offset``: what follows must be zeros, at least :data:`END_OF_ARCHIVE_BYTES`."""
-    if end_offset > file_size:
-        return f"truncated: a member needs data up to byte {end_offset} but the file has {file_size} bytes"
+    """Apply :func:`vlp.data.layout.end_of_archive_problem` to the bytes after ``end_offset``."""
+    first_nonzero, position = None, end_offset
     handle.seek(end_offset)
-    position = end_offset
-    while block := handle.read(1 << 20):
+    while first_nonzero is None and (block := handle.read(1 << 20)):
         zeros = len(block) - len(block.lstrip(b"\0"))
-        if zeros < len(block) and file_size - end_offset < tarfile.BLOCKSIZE:
-            return f"truncated: the file ends inside a member header at byte {end_offset}"
-        if zeros < len(block):
-            return (f"corrupt header at byte {end_offset}: tar reading stopped there but data follows (byte "
-                    f"{position + zeros}); the samples after that point are lost")
+        first_nonzero = position + zeros if zeros < len(block) else None
         position += len(block)
-    if file_size - end_offset < END_OF_ARCHIVE_BYTES:
-        return (f"truncated: no end-of-archive marker ({file_size - end_offset} zero bytes after the last member, "
-                f"{END_OF_ARCHIVE_BYTES} expected)")
-    return None
+    return layout.end_of_archive_problem(end_offset, file_size, first_nonzero)
 
 
 def check_shard(path: str | Path, *, decode: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -249,7 +241,7 @@ def _scan_shard(handle: BinaryIO, stats: ShardStats, problems: _Problems, decode
         problems.add("compressed tar: only uncompressed .tar shards are supported")
         return
     handle.seek(0)
-    reader, end_offset = _HashingReader(handle), None
+    reader, end_offset, tar = _HashingReader(handle), None, None
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:
             for key, fields in _samples(tar, problems):
@@ -259,6 +251,7 @@ def _scan_shard(handle: BinaryIO, stats: ShardStats, problems: _Problems, decode
             end_offset = tar.offset
     except tarfile.ReadError as err:
         problems.add(f"unreadable tar after {stats.samples} samples (truncated or corrupt): {err}")
+    stats.members = len(tar.members) if tar is not None else 0  # every tar entry read, whatever its kind
     reader.drain()
     stats.bytes, stats.sha256 = reader.count, reader.digest.hexdigest()
     if end_offset is not None and (issue := _end_of_archive_problem(handle, end_offset, stats.bytes)):

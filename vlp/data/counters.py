@@ -15,17 +15,20 @@ EMPTY_CAPTION = "empty_caption"
 CAPTION_TOO_LONG = "caption_too_long"
 UNDECODABLE_IMAGE = "undecodable_image"
 IMAGE_TOO_LARGE = "image_too_large"
+IMAGE_FORMAT_MISMATCH = "image_format_mismatch"  # e.g. a TIFF named .jpg: only the format the name says is decoded
 BAD_JSON = "bad_json"
 # Member-level reasons (a tar member ignored; the sample may survive without it).
 UNSAFE_MEMBER_NAME = "unsafe_member_name"
 IGNORED_MEMBER = "ignored_member"
+NON_REGULAR_MEMBER = "non_regular_member"  # a symlink, hard link or device entry: never followed or read
 # Shard-level reasons.
 CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"
-LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"
+LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"  # samples known lost (a manifest counts them)
+UNKNOWN_LOSS = "shard_with_unknown_loss"  # a damaged shard without a manifest: how many samples it lost is unknown
 
 # Reasons that log a warning every time (they are rare and mean the data set is damaged).
-_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNSAFE_MEMBER_NAME)
+_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNKNOWN_LOSS, UNSAFE_MEMBER_NAME)
 _QUIET_LOG_LIMIT = 5
 
 

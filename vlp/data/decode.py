@@ -6,14 +6,15 @@ with :func:`json.loads`: nothing from a shard is ever unpickled or passed to ``t
 
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import counters as reasons
+from vlp.data.image_open import ImageRejected, open_image, pil_formats, pil_pixel_limit
 
 
 class SampleError(ValueError):
@@ -28,7 +29,7 @@ class SampleError(ValueError):
 class DecodeLimits:
     """Caps applied before any decoding or tokenizing."""
 
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_image_bytes: int = 32 * 1024 * 1024
     max_caption_chars: int = 2000
     draft_size: int | None = None  # JPEG: let libjpeg decode at the smallest scale >= this on both sides
@@ -45,18 +46,18 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Decode image bytes to RGB after checking byte size and header pixel count."""
+def decode_image(data: bytes, limits: DecodeLimits, ext: str | None) -> Image.Image:
+    """Decode image bytes to RGB after checking byte size and header pixel count; only as the format the member's
+    or file's extension ``ext`` names (None: bytes without a name, any format vlp reads)."""
     if len(data) > limits.max_image_bytes:
         raise SampleError(reasons.IMAGE_TOO_LARGE, f"{len(data)} bytes > cap {limits.max_image_bytes}")
     try:
-        with warnings.catch_warnings():
+        image = open_image(data, pil_formats(ext), limits.max_image_pixels)
+    except ImageRejected as err:
+        raise SampleError(err.reason, str(err)) from None
+    try:
+        with pil_pixel_limit(limits.max_image_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise SampleError(reasons.IMAGE_TOO_LARGE,
-                                  f"{width}x{height} pixels > cap {limits.max_image_pixels}")
             if limits.draft_size and image.format == "JPEG":
                 image.draft("RGB", (limits.draft_size, limits.draft_size))
             image.load()

@@ -2,7 +2,7 @@
 
 Resizing uses LANCZOS and never upscales. Re-encoding to JPEG composites transparent images onto white;
 grayscale stays grayscale (mode ``L``); WEBP output is RGB or RGBA. The pixel count is checked against the cap
-from the header, before any decoding (decompression bombs).
+from the header, before any decoding (decompression bombs), the one cap of :mod:`vlp.data.image_open`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import numpy
 from PIL import Image
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
+from vlp.data import counters as reasons
+from vlp.data.image_open import ImageRejected, open_image, pil_formats, pil_pixel_limit
+
 _EXT_BY_PIL_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+_SKIP_REASONS = {reasons.IMAGE_TOO_LARGE: "too many pixels", reasons.UNDECODABLE_IMAGE: "undecodable image",
+                 reasons.IMAGE_FORMAT_MISMATCH: "image format mismatch"}
 
 
 class SkipSample(Exception):
@@ -35,27 +41,24 @@ class ImageOptions:
     max_image_pixels: int
 
 
-def open_image_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse only the header of encoded image bytes; :class:`SkipSample` if undecodable or over ``max_pixels``."""
+def open_image_header(data: bytes, max_pixels: int, ext: str | None = None) -> Image.Image:
+    """Parse only the header of encoded image bytes; :class:`SkipSample` if undecodable or over ``max_pixels``.
+
+    ``ext``, a shard member's extension, names the only format it is read as (a TIFF named ``.jpg`` is an
+    ``image format mismatch``); None (the writer's inputs, re-encoded anyway) reads any format PIL knows.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        raise SkipSample("too many pixels", str(err)) from None
-    except Image.UnidentifiedImageError:
-        raise SkipSample("undecodable image", "not a recognized image format") from None
-    except Exception as err:  # PIL raises many exception types on garbage input
-        raise SkipSample("undecodable image", f"{type(err).__name__}: {err}") from None
-    if image.width * image.height > max_pixels:
-        raise SkipSample("too many pixels", f"{image.width}x{image.height} exceeds {max_pixels} pixels")
-    return image
+        return open_image(data, None if ext is None else pil_formats(ext), max_pixels)
+    except ImageRejected as err:
+        raise SkipSample(_SKIP_REASONS[err.reason], str(err)) from None
 
 
-def load_image(image: Image.Image, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode the pixels (JPEG: at the smallest DCT scale still >= ``draft_size``); :class:`SkipSample` if corrupt."""
+def load_image(image: Image.Image, draft_size: tuple[int, int] | None = None,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode the pixels (JPEG: at the smallest DCT scale still >= ``draft_size``); :class:`SkipSample` if corrupt.
+    PIL's own pixel limit is kept at least at ``max_pixels`` meanwhile."""
     try:
-        with warnings.catch_warnings():
+        with pil_pixel_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if draft_size and image.format == "JPEG":
                 image.draft(None, draft_size)
@@ -72,12 +75,12 @@ def encode_image(data: bytes, options: ImageOptions) -> tuple[bytes, str, int, i
     source_ext = _EXT_BY_PIL_FORMAT.get(image.format)
     target = _target_size(width, height, options.max_side)
     if options.image_format == "keep" and source_ext and target is None:
-        load_image(image, draft_size=(max(1, width // 8), max(1, height // 8)))
+        load_image(image, draft_size=(max(1, width // 8), max(1, height // 8)), max_pixels=options.max_image_pixels)
         return data, source_ext, width, height
     out_ext = (source_ext or "png") if options.image_format == "keep" else options.image_format
     source_mode = image.mode
     icc_profile = image.info.get("icc_profile")
-    image = load_image(image, draft_size=target)
+    image = load_image(image, draft_size=target, max_pixels=options.max_image_pixels)
     try:
         image = _to_basic_mode(image)
         if target is not None:

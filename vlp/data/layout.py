@@ -22,6 +22,8 @@ MANIFEST_VERSION = 1
 SHARD_DIGITS = 5
 INDEX_DIGITS = 4
 MAX_SAMPLES_PER_SHARD = 10**INDEX_DIGITS
+TAR_BLOCK_BYTES = 512
+END_OF_ARCHIVE_BYTES = 2 * TAR_BLOCK_BYTES  # the end-of-archive marker: two zero blocks
 
 
 def shard_name(shard_id: int) -> str:
@@ -53,6 +55,28 @@ def split_member_name(name: str) -> tuple[str, str]:
 def is_unsafe_member_name(name: str) -> bool:
     """True for absolute paths, ``..`` components or backslashes: never valid in our shards."""
     return name.startswith(("/", "\\")) or "\\" in name or ".." in name.split("/") or name == ""
+
+
+def end_of_archive_problem(end_offset: int, size: int, first_nonzero: int | None) -> str | None:
+    """The end-of-archive rule shared by the checker and the loader; None when the archive ended properly.
+
+    Python's tarfile stops quietly at a missing, partial or corrupt header as if the archive had ended, so where
+    it stopped (``end_offset``, just after the last member's padded data) the rest of the file (``size`` bytes
+    in all) must be zeros, ``first_nonzero`` being the offset of the first non-zero byte after ``end_offset``
+    (None when all are zero), and at least :data:`END_OF_ARCHIVE_BYTES` long. A shard cut on a member
+    boundary passes every other check: only this rule sees it.
+    """
+    if end_offset > size:
+        return f"truncated: a member needs data up to byte {end_offset} but the file has {size} bytes"
+    if first_nonzero is not None and size - end_offset < TAR_BLOCK_BYTES:
+        return f"truncated: the file ends inside a member header at byte {end_offset}"
+    if first_nonzero is not None:
+        return (f"corrupt header at byte {end_offset}: tar reading stopped there but data follows (byte "
+                f"{first_nonzero}); the samples after that point are lost")
+    if size - end_offset < END_OF_ARCHIVE_BYTES:
+        return (f"truncated: no end-of-archive marker ({size - end_offset} zero bytes after the last member, "
+                f"{END_OF_ARCHIVE_BYTES} expected)")
+    return None
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class _BatchMaker:
         metadata = decode_metadata(raw.json)
         label = decode_label(metadata, raw.cls)
         caption = self._caption(raw.txt, metadata)
-        image = decode_image(raw.image, self.spec.limits)
+        image = decode_image(raw.image, self.spec.limits, raw.image_ext)
         if not (self.spec.train and self.spec.augment != "none"):
             return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
         with _trainer_rng_kept():
@@ -259,13 +259,20 @@ class ShardLoader:
         return [min((state["sources"][i]["epoch"] for state in self._states.values()), default=0)
                 for i in range(len(self.spec.sources))]
 
+    def epochs_read(self) -> list[int]:
+        """Per source, the epochs any worker of this rank has begun (a partial one included): skip counts add up
+        over them, so a damaged shard read in 3 epochs is counted 3 times."""
+        return [max((state["sources"][i]["epoch"] + 1 for state in self._states.values()), default=0)
+                for i in range(len(self.spec.sources))]
+
     @property
     def epoch(self) -> int:
         """Complete passes over the slowest source by every worker of this rank."""
         return min(self.source_epochs())
 
     def skip_counts(self) -> dict[str, int]:
-        """Dropped samples, members and shards by reason, summed over this rank's workers."""
+        """Dropped samples, members and shards by reason, summed over this rank's workers and over the epochs read
+        (:meth:`epochs_read`): a shard re-read in a later epoch is counted again."""
         return sum_counts(self._counts.values())
 
     def _fingerprint(self) -> dict:

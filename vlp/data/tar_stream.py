@@ -1,9 +1,13 @@
 """Stage 1 of the loader: one shard url -> raw samples (undecoded bytes of whitelisted members only).
 
-Python's tarfile, reading a stream, treats a corrupt header as the end of the archive and stops quietly. We
-catch that: after the last member, everything from the stopping offset to the end of the stream must be zero
-padding, and the sample count must match ``manifest.json`` when one is known. Damage is counted, logged with
-the shard name and the number of samples lost, and never crashes training.
+Python's tarfile, reading a stream, treats a missing, partial or corrupt header as the end of the archive and
+stops quietly. We catch that with the checker's end-of-archive rule (:func:`vlp.data.layout.end_of_archive_problem`:
+what follows the last member must be zeros holding the two-block end-of-archive marker), and the sample count
+must match ``manifest.json`` when one is known. The last sample of a shard is held back until the end of the
+archive is verified: in a damaged shard it may have lost members (its json, say), so it is dropped and counted as
+lost. Damage is counted, logged with the shard name and the number of samples lost ("unknown" past the last one
+read when there is no manifest), and never crashes training. Only the stream's tail is inspected: the check
+costs nothing per sample.
 """
 
 from __future__ import annotations
@@ -17,7 +21,13 @@ import webdataset
 
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters
-from vlp.data.layout import IMAGE_EXTENSIONS, TEXT_EXTENSIONS, is_unsafe_member_name, split_member_name
+from vlp.data.layout import (
+    IMAGE_EXTENSIONS,
+    TEXT_EXTENSIONS,
+    end_of_archive_problem,
+    is_unsafe_member_name,
+    split_member_name,
+)
 
 WANTED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
 _TAIL_BYTES = 1 << 20  # bytes kept behind the read position to inspect where tarfile stopped
@@ -61,17 +71,25 @@ class _TailReader(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
-    def nonzero_after(self, offset: int) -> bool | None:
-        """Whether any byte from ``offset`` to the end of the stream is non-zero (None if not inspectable)."""
+    def inspectable(self, offset: int) -> bool:
+        """Whether ``offset`` lies in the kept tail (tarfile reads at most one record ahead: it always does)."""
+        return offset >= self.position - len(self.tail)
+
+    def first_nonzero_after(self, offset: int) -> tuple[int | None, int]:
+        """Read the stream to its end: the offset of the first non-zero byte from ``offset`` (None if all zero),
+        and the stream's total size. ``offset`` must be :meth:`inspectable`."""
         tail_start = self.position - len(self.tail)
-        if offset < tail_start:
-            return None
-        if any(self.tail[offset - tail_start:]):
-            return True
+        first_nonzero = _first_nonzero(self.tail[offset - tail_start:], offset)
         while block := self.stream.read(1 << 16):
-            if any(block):
-                return True
-        return False
+            self.position += len(block)
+            if first_nonzero is None:
+                first_nonzero = _first_nonzero(block, self.position - len(block))
+        return first_nonzero, self.position
+
+
+def _first_nonzero(data: bytes | bytearray, start: int) -> int | None:
+    zeros = len(data) - len(data.lstrip(b"\0"))
+    return start + zeros if zeros < len(data) else None
 
 
 def _open(url: str) -> io.IOBase:
@@ -94,9 +112,14 @@ def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
 
 def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters) -> Iterator[tuple[str, str, bytes | None]]:
     """(key, extension, bytes) of each regular, safely named member; bytes are None (never read) and the member
-    counted when its extension is not whitelisted, so a sample made only of such members still counts."""
+    counted when its extension is not whitelisted, so a sample made only of such members still counts. Links and
+    other non-regular members are counted and skipped (directories are skipped silently)."""
     for info in tar:
-        if not info.isreg():
+        if info.isdir():
+            continue
+        if not info.isreg():  # a link is never followed, a device never read
+            target = f" -> {info.linkname}" if info.issym() or info.islnk() else ""
+            counters.add(reasons.NON_REGULAR_MEMBER, f"{url}:{info.name}{target}", detail=f"tar type {info.type!r}")
             continue
         if is_unsafe_member_name(info.name):
             counters.add(reasons.UNSAFE_MEMBER_NAME, f"{url}:{info.name}")
@@ -126,11 +149,20 @@ def _group(members: Iterator[tuple[str, str, bytes | None]], url: str) -> Iterat
         yield current
 
 
-def _report_damage(url: str, seen: int, expected: int | None, error: str, counters: SkipCounters) -> None:
-    counters.add(reasons.CORRUPT_SHARD, url, detail=error)
-    if expected is not None and expected > seen:
-        counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=expected - seen,
-                     detail=f"read {seen} of {expected} samples listed in the manifest")
+def _report_damage(url: str, read: int, expected: int | None, error: str, lost_indices: range,
+                   keep: Callable[[int], bool] | None, counters: SkipCounters) -> None:
+    """Count a damaged shard and the samples lost in it (those this reader would have kept)."""
+    lost = sum(1 for i in lost_indices if keep is None or keep(i))
+    if expected is None:
+        counters.add(reasons.CORRUPT_SHARD, url, detail=f"{error}; read {read} samples, an unknown number lost "
+                                                        f"(no manifest.json to count them)")
+        counters.add(reasons.UNKNOWN_LOSS, url, detail="samples lost in a damaged shard cannot be counted")
+    else:
+        counters.add(reasons.CORRUPT_SHARD, url, detail=f"{error}; read {read} of {expected} samples listed in "
+                                                        f"the manifest")
+    if lost:
+        counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=lost,
+                     detail="samples missing or cut short" + (f" of {expected} in the manifest" if expected else ""))
 
 
 def iter_shard(
@@ -149,24 +181,32 @@ def iter_shard(
             counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=expected_samples, detail="shard unreadable")
         return
     reader = _TailReader(stream)
-    seen = 0
+    seen, last = 0, None  # ``last``: the latest sample, held back until the next one starts or the archive ends
     error: str | None = None
     try:
         tar = tarfile.open(fileobj=reader, mode="r|*")  # type: ignore[arg-type]  # noqa: SIM115 - closed below
         for sample in _group(_members(tar, url, counters), url):
-            seen += 1
-            if keep is None or keep(sample.index):
-                yield sample
-        error = _trailing_garbage(tar, reader)
+            if last is not None and (keep is None or keep(last.index)):
+                yield last  # complete: a member of the next sample has been read
+            last, seen = sample, seen + 1
+        error = _end_of_archive(tar, reader)
     except (tarfile.TarError, OSError, EOFError) as err:
         error = f"{type(err).__name__}: {err}"
+        if last is not None and (keep is None or keep(last.index)):
+            yield last  # complete: the error came while reading the members of a later sample
+        last = None
     finally:
         close_error = _close(stream)
     error = error or close_error
-    if error is None and expected_samples is not None and seen != expected_samples:
-        error = f"{seen} samples where the manifest lists {expected_samples}"
-    if error is not None:
-        _report_damage(url, seen, expected_samples, error, counters)
+    if error is None:  # the archive ended properly: the last sample is complete
+        if last is not None and (keep is None or keep(last.index)):
+            yield last
+        if expected_samples is not None and seen != expected_samples:
+            _report_damage(url, seen, expected_samples, f"{seen} samples where the manifest lists {expected_samples}",
+                           range(seen, expected_samples), keep, counters)
+        return
+    read = seen - (last is not None)  # a held-back last sample may have lost members: it is dropped
+    _report_damage(url, read, expected_samples, error, range(read, max(seen, expected_samples or 0)), keep, counters)
 
 
 def _close(stream: io.IOBase) -> str | None:
@@ -178,11 +218,11 @@ def _close(stream: io.IOBase) -> str | None:
     return None
 
 
-def _trailing_garbage(tar: tarfile.TarFile, reader: _TailReader) -> str | None:
-    """An error message when tarfile stopped before the real end of an uncompressed archive."""
+def _end_of_archive(tar: tarfile.TarFile, reader: _TailReader) -> str | None:
+    """The end-of-archive rule's complaint about where tarfile stopped (uncompressed archives only)."""
     if getattr(tar.fileobj, "comptype", "tar") != "tar":
-        return None
-    stop = tar.offset
-    if reader.nonzero_after(stop):
-        return f"unreadable tar header at byte {stop}: the archive continues past where reading stopped"
-    return None
+        return None  # a compressed stream's own end check (EOFError) catches a truncated file
+    if not reader.inspectable(tar.offset):
+        return f"the end of the archive at byte {tar.offset} could not be verified"
+    first_nonzero, size = reader.first_nonzero_after(tar.offset)
+    return end_of_archive_problem(tar.offset, size, first_nonzero)

@@ -11,8 +11,9 @@ checking that it decodes); anything else is re-encoded, other source formats (GI
 An explicit format (``jpg``/``png``/``webp``) always re-encodes, so ``quality`` always applies. Resizing
 (``max_side``) uses LANCZOS and never upscales. Re-encoding to JPEG composites transparent images onto
 white; grayscale stays grayscale (mode ``L``); WEBP output is RGB or RGBA. The pixel count is checked
-against ``max_image_pixels`` from the header, before any decoding (decompression bombs); PIL's own limit
-(``2 * Image.MAX_IMAGE_PIXELS``) applies as well.
+against ``max_image_pixels`` (the one cap of loader, checker and writer, default
+:data:`vlp.config.DEFAULT_MAX_IMAGE_PIXELS`) from the header, before any decoding (decompression bombs); PIL's own
+limit never refuses what a larger cap allows (:mod:`vlp.data.image_open`).
 
 Bad inputs never stop a run: they are skipped, counted by reason in the :class:`WriteReport`, and the first
 :data:`MAX_LOGGED_SKIPS` are logged with their source and reason.
@@ -37,13 +38,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import layout
 from vlp.data.images import ImageOptions, SkipSample, encode_image
 
 logger = logging.getLogger(__name__)
 
 MAX_LOGGED_SKIPS = 20
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096 * 4
 _CHUNKSIZE = 16
 _MEMBER_MODE = 0o644
 

@@ -24,7 +24,7 @@ def read_images_by_key(urls: str, keys: set[str]) -> dict[str, Image.Image]:
     for url in expand_urls(urls):
         for sample in iter_shard(url, SkipCounters()):
             if sample.key in keys and sample.image is not None:
-                image = decode_image(sample.image, DecodeLimits())
+                image = decode_image(sample.image, DecodeLimits(), sample.image_ext)
                 image.thumbnail((THUMB, THUMB))
                 found[sample.key] = image
     return found

@@ -134,7 +134,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, label = self.items[index]
         try:
-            return self.transform(decode_image(path.read_bytes(), self.limits)), label, None
+            return self.transform(decode_image(path.read_bytes(), self.limits, path.suffix)), label, None
         except SampleError as err:
             return None, label, err.reason
         except OSError:
@@ -420,7 +420,7 @@ def encode_shard_retrieval(
                 try:
                     if sample.image is None:
                         raise SampleError(reasons.MISSING_IMAGE, "no image member")
-                    pending.append(transform(decode_image(sample.image, limits)))
+                    pending.append(transform(decode_image(sample.image, limits, sample.image_ext)))
                     image_ids.append(key)
                     encoded.add(key)
                 except SampleError as err:

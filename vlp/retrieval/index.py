@@ -147,8 +147,9 @@ class Index:
                 raise QueryError(f"query image of {image.width}x{image.height} pixels exceeds the cap")
             return image.convert("RGB")
         data = Path(image).read_bytes() if isinstance(image, str | Path) else image
+        ext = Path(image).suffix if isinstance(image, str | Path) else None  # bytes: any format vlp reads
         try:
-            return decode_image(data, dataclasses.replace(self.limits, draft_size=self._config().image_size))
+            return decode_image(data, dataclasses.replace(self.limits, draft_size=self._config().image_size), ext)
         except SampleError as err:
             detail = "not a readable image, or truncated" if err.reason == reasons.UNDECODABLE_IMAGE else str(err)
             raise QueryError(f"query image: {err.reason}: {detail}") from err

@@ -140,7 +140,7 @@ class UnitDataset(IterableDataset):
                 continue
             try:
                 metadata = decode_metadata(sample.json)
-                image = decode_image(sample.image, limits)
+                image = decode_image(sample.image, limits, sample.image_ext)
             except SampleError as err:
                 counters.add(err.reason, where, detail=str(err))
                 continue
@@ -152,7 +152,7 @@ class UnitDataset(IterableDataset):
         for path in map(Path, unit.paths):
             try:
                 data = path.read_bytes()
-                image = decode_image(data, limits)
+                image = decode_image(data, limits, path.suffix)
             except OSError as err:
                 counters.add(reasons.UNDECODABLE_IMAGE, str(path), detail=str(err))
                 continue
