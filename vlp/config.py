@@ -20,7 +20,8 @@ import yaml
 
 # The one cap on image size (width x height, from the header, before decoding) that the loader, `vlp shards check`,
 # `vlp shards write`, evaluation and index builds all apply unless given another value (data.max_image_pixels).
-DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# 64 Mpx: a 50-megapixel camera original still passes `vlp shards write`; below PIL's own bomb warning (89 Mpx).
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096 * 4
 
 
 class ConfigError(ValueError):
