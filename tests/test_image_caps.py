@@ -83,16 +83,21 @@ def test_a_tiff_named_jpg_is_refused_by_every_reader(tmp_path: Path) -> None:
 
 
 def test_one_default_pixel_cap_everywhere(tmp_path: Path) -> None:
-    """25 megapixels: above the default cap of 4096 x 4096, below the checker's and writer's former 4 x that."""
-    big = _claimed_png(5000, 5000)
+    """One default cap of 64 Mpx in every reader: 81 Mpx is refused as too large everywhere; 49 Mpx (which the
+    loader's former 16.7 Mpx cap refused while the checker and writer passed it) passes the cap everywhere and then
+    fails to decode (the header claims pixels the file does not hold)."""
+    big, fits = _claimed_png(9000, 9000), _claimed_png(7000, 7000)
     shard = tmp_path / "00000.tar"
-    write_shard(shard, GOOD + [("big0.png", big), ("big0.txt", b"big")])
-    assert _loader_counts(shard, 2) == (2, {reasons.IMAGE_TOO_LARGE: 1})
-    assert any("too many pixels" in p for p in check_shard(shard, decode=False)[1])
-    report = write_shards([SourceSample("big", image_bytes=big)], tmp_path / "written", progress=False)
-    assert report.skipped_by_reason == {"too many pixels": 1}
-    assert _index_counts(shard) == (2, {reasons.IMAGE_TOO_LARGE: 1})
-    assert _eval_counts(_folder(tmp_path / "folder", {"big.png": big})) == (0, {reasons.IMAGE_TOO_LARGE: 1})
+    write_shard(shard, GOOD + [("big0.png", big), ("big0.txt", b"big"), ("fits0.png", fits), ("fits0.txt", b"fits")])
+    expected = (2, {reasons.IMAGE_TOO_LARGE: 1, reasons.UNDECODABLE_IMAGE: 1})
+    assert _loader_counts(shard, 2) == expected
+    problems = check_shard(shard, decode=False)[1]
+    assert [("big0" in p, "too many pixels" in p) for p in problems] == [(True, True)], problems
+    samples = [SourceSample("big", image_bytes=big), SourceSample("fits", image_bytes=fits)]
+    report = write_shards(samples, tmp_path / "written", progress=False)
+    assert report.skipped_by_reason == {"too many pixels": 1, "undecodable image": 1}
+    assert _index_counts(shard) == expected
+    assert _eval_counts(_folder(tmp_path / "folder", {"big.png": big, "fits.png": fits})) == (0, expected[1])
 
 
 def test_pil_limit_never_overrides_a_larger_configured_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
