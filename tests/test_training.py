@@ -68,9 +68,13 @@ def _memorised(make, period: int):  # noqa: ANN001, ANN202
     return lambda index: make(index % period)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
-    big = _config(tmp_path / "a", "data.batch_size=12", "train.grad_accum=1")
-    small = _config(tmp_path / "b", "data.batch_size=4", "train.grad_accum=3")
+@pytest.mark.parametrize("loss", [(), ("loss.kind=siglip", "model.init_logit_bias=-10")], ids=["clip", "siglip"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, loss: tuple[str, ...]) -> None:
+    """3 micro-batches of 4 == one batch of 12: the loss and every gradient, with SigLIP also the bias's (its
+    gradient, like the scale's, sums over all pairs of the big batch while each micro-batch pass sees only its
+    rows' pairs in full)."""
+    big = _config(tmp_path / "a", "data.batch_size=12", "train.grad_accum=1", *loss)
+    small = _config(tmp_path / "b", "data.batch_size=4", "train.grad_accum=3", *loss)
     grads = []
     for config in (big, small):
         trainer = Trainer(config, batches=_batches(big), progress=False)
@@ -88,6 +92,11 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     assert grads_big.keys() == grads_small.keys()
     for name, grad in grads_big.items():
         torch.testing.assert_close(grads_small[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    temperature = {"logit_scale", "logit_bias"} if loss else {"logit_scale"}
+    assert temperature <= grads_big.keys()
+    for name in temperature:  # scalars: judged by their own size, not absolutely
+        assert abs(float(grads_big[name])) > 1e-3, name
+        assert float(grads_small[name]) == pytest.approx(float(grads_big[name]), rel=1e-5), name
 
 
 def _rows(batch, rows: slice):  # noqa: ANN001, ANN202
