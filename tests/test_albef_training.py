@@ -188,7 +188,8 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
         return torch.zeros(3 * b, 2, requires_grad=True)
 
     task.train_model = record
-    for _ in range(5):  # scale 100 x gap 0.9: any other candidate has probability ~1e-5 (ALBEF's epsilon) per draw
+    torch.manual_seed(0)  # scale 100 x gap 0.9: another candidate has probability ~3e-5 (ALBEF's epsilon) per draw
+    for _ in range(3):
         task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t))
         # rows: B positive pairs, B (image, negative text), B (text, negative image)
         assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
