@@ -70,9 +70,9 @@ def _memorised(make, period: int):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize("loss", [(), ("loss.kind=siglip", "model.init_logit_bias=-10")], ids=["clip", "siglip"])
 def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, loss: tuple[str, ...]) -> None:
-    """3 micro-batches of 4 == one batch of 12: the loss and every gradient, with SigLIP also the bias's (its
-    gradient, like the scale's, sums over all pairs of the big batch while each micro-batch pass sees only its
-    rows' pairs in full)."""
+    """3 micro-batches of 4 == one batch of 12: the loss and every gradient. The scale and SigLIP's bias are shared
+    by every pair of the big batch, so each micro-batch pass must add only its share of their gradients (CLIP has
+    no bias: only the SigLIP case sees a wrong share of the bias's)."""
     big = _config(tmp_path / "a", "data.batch_size=12", "train.grad_accum=1", *loss)
     small = _config(tmp_path / "b", "data.batch_size=4", "train.grad_accum=3", *loss)
     grads = []
