@@ -88,3 +88,31 @@ def test_fusion_objectives_train_under_ddp_with_identical_queues(tmp_path: Path,
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == STEPS and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert "itm" in records[-1]["parts"]
+
+
+def _first_step(rank: int, world_size: int, run_dir: str, extra: tuple[str, ...]) -> dict:
+    """Loss and (DDP-averaged, when ``world_size`` > 1) gradients of the first step on this rank's rows."""
+    config = _config(Path(run_dir), PER_RANK, *extra)
+    data = SyntheticBatches(PER_RANK, 32, 16, rank=rank, world_size=2, vocab=_vocab(config))
+    trainer = Trainer(config, batches=data, progress=False)
+    result = trainer.task.forward_backward([next(iter(data))], step=0)
+    return {"loss": result.loss.detach(), "grads": _summary(trainer)["grads"]}
+
+
+def test_gather_none_uses_only_this_ranks_keys(tmp_path: Path) -> None:
+    """``loss.gather=none`` (the original ALBEF): on the first step (empty queue) each rank's loss is a one-process
+    run's on that rank's half alone, and DDP's gradient is the mean of the two halves' gradients. With every rank's
+    momentum features as keys (``local``/``global``) each rank's loss would see twice the keys."""
+    extra = ("loss.gather=none",)
+    halves = [_first_step(rank, 1, str(tmp_path / f"half{rank}"), extra) for rank in range(2)]
+    ranks = run_distributed(functools.partial(_first_step, run_dir=str(tmp_path / "two"), extra=extra), world_size=2,
+                            timeout_s=180)
+    for rank in range(2):
+        assert float(ranks[rank]["loss"]) == pytest.approx(float(halves[rank]["loss"]), rel=1e-5), rank
+    assert float(halves[0]["loss"]) != pytest.approx(float(halves[1]["loss"]), rel=1e-3)  # the halves differ
+    assert len(halves[0]["grads"]) > 10
+    for name, first in halves[0]["grads"].items():
+        expected = (first + halves[1]["grads"][name]) / 2
+        scale = float(expected.abs().max()) + 1e-12
+        difference = float((ranks[0]["grads"][name] - expected).abs().max())
+        assert difference <= 1e-4 * scale + 1e-9, f"{name}: max difference {difference:.3g} at scale {scale:.3g}"

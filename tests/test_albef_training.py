@@ -14,7 +14,7 @@ from synthetic import SyntheticBatches
 from vlp.config import Config, ConfigError, load_config
 from vlp.training.schedules import alpha_at, momentum_at
 from vlp.training.trainer import Trainer
-from vlp.types import Batch
+from vlp.types import Batch, ModelOutput
 
 MINILM_VOCAB = 30522
 MOD_ONLY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
@@ -157,3 +157,40 @@ def test_an_albef_run_refuses_to_resume_from_a_clip_checkpoint(tmp_path: Path) -
     with pytest.raises(ConfigError, match="no momentum encoder or feature queues"):
         Trainer(_config(tmp_path, MOD_ONLY, "train.steps=2"), batches=_batches(clip), progress=False,
                 resume="latest")
+
+
+def _one_hot_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Rows r with ``e_i @ r = matrix[i, r]``: the features whose similarity to the basis vectors is ``matrix``."""
+    return matrix.T.contiguous()
+
+
+def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -> None:
+    """Each image's negative text is its most similar non-positive text by image->text similarity (online image
+    feature . momentum text feature), each text's negative image the most similar by text->image similarity; the
+    two are different permutations (and neither is the other's inverse), so swapping the matrices is caught."""
+    trainer = Trainer(_config(tmp_path, FUSION), batches=[], progress=False)
+    task, b = trainer.task, 4
+    i2t_hardest, t2i_hardest = [1, 2, 3, 0], [2, 3, 0, 1]  # image i -> text i+1; text t -> image t+2
+    # positives (the diagonal) at 0: they take part in ALBEF's softmax, so a high one would flatten the weights
+    sim_i2t, sim_t2i = torch.zeros(b, b), torch.zeros(b, b)
+    sim_i2t[range(b), i2t_hardest] = 0.9
+    sim_t2i[range(b), t2i_hardest] = 0.9
+    basis = torch.eye(b)  # online features e_i: similarities are then the momentum features' coordinates
+    student = ModelOutput(image_features=basis, text_features=basis, logit_scale=torch.tensor(100.0),
+                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
+                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
+    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
+                  torch.arange(b), torch.full((b,), -1), [str(i) for i in range(b)])
+    fused = {}
+
+    def record(**inputs: torch.Tensor) -> torch.Tensor:
+        fused.update(inputs)
+        return torch.zeros(3 * b, 2, requires_grad=True)
+
+    task.train_model = record
+    torch.manual_seed(0)  # scale 100 x gap 0.9: another candidate has probability ~3e-5 (ALBEF's epsilon) per draw
+    for _ in range(3):
+        task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t))
+        # rows: B positive pairs, B (image, negative text), B (text, negative image)
+        assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
+        assert fused["text_hidden"][:, 0, 0].tolist() == [*range(b), *i2t_hardest, *range(b)]

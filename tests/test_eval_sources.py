@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tarfile
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_distributed
 from PIL import Image
 from shard_factory import add_member, png_bytes, write_dataset
 
@@ -209,25 +211,37 @@ def test_sample_captions_sources() -> None:
     assert sample_captions(None, {"caption": "c"}) == ["c"] and sample_captions(None, {}) == []
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_multi_caption_shards_group_by_image(run_dir: Path, tmp_path: Path, world_size: int) -> None:
+def _encode_shards(rank: int, world_size: int, run_dir: str, shards: str) -> dict:
+    """One rank's view of the whole multi-caption set (rank and world size from the process group)."""
     from vlp.evaluation.loading import load_model_for_eval
 
+    images, texts, text_to_image, skipped = encode_shard_retrieval(load_model_for_eval(run_dir), shards, batch_size=2)
+    return {"images": images, "texts": texts, "text_to_image": text_to_image, "skipped": json.dumps(skipped),
+            "metrics": json.dumps(retrieval_metrics(images, texts, text_to_image, ks=(1, 2)))}
+
+
+def test_multi_caption_shards_group_by_image(run_dir: Path, tmp_path: Path) -> None:
     _multi_caption_shards(tmp_path / "shards")
-    loaded = load_model_for_eval(str(run_dir))
-    parts = [encode_shard_retrieval(loaded, str(tmp_path / "shards"), batch_size=2, rank=rank, world_size=world_size)
-             for rank in range(world_size)]
-    images = torch.cat([p[0] for p in parts])
-    texts = torch.cat([p[1] for p in parts])
-    offsets = [0] + [p[0].shape[0] for p in parts][:-1]
-    text_to_image = torch.cat([p[2] + offset for p, offset in zip(parts, offsets, strict=True)])
-    if world_size == 1:  # one rank sees everything: each image id once, every caption kept but the lost one
-        assert images.shape[0] == 3 and text_to_image.tolist() == [0, 0, 1, 1, 1, 2, 2]
-        assert parts[0][3] == {"undecodable_image": 1, "captions_without_image": 1}
-    else:  # image 7 spans both shards: each rank encodes it once (the gather de-duplicates it under torchrun)
-        assert images.shape[0] == 4 and texts.shape[0] == 7
-    metrics = retrieval_metrics(images, texts, text_to_image, ks=(1,))
-    assert 0.0 <= metrics["text_retrieval_recall@1"] <= 1.0
+    one = _encode_shards(0, 1, str(run_dir), str(tmp_path / "shards"))
+    # each image id once, every caption kept but the one of the undecodable image
+    assert one["images"].shape[0] == 3 and one["text_to_image"].tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert json.loads(one["skipped"]) == {"undecodable_image": 1, "captions_without_image": 1}
+    assert one["texts"].shape[0] == 7
+
+
+def test_multi_caption_shards_on_two_ranks_equal_one_process(run_dir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks read one shard each (image 7 spans both, so each rank encodes it): after the gather and the
+    de-duplication by image id every rank holds exactly the one-process features, caption map, skips and metrics."""
+    _multi_caption_shards(tmp_path / "shards")
+    one = _encode_shards(0, 1, str(run_dir), str(tmp_path / "shards"))
+    ranks = run_distributed(functools.partial(_encode_shards, run_dir=str(run_dir), shards=str(tmp_path / "shards")),
+                            world_size=2, timeout_s=120)
+    for rank, got in enumerate(ranks):
+        assert torch.equal(got["text_to_image"], one["text_to_image"]), rank
+        torch.testing.assert_close(got["images"], one["images"], rtol=1e-5, atol=1e-6, msg=f"rank {rank} images")
+        torch.testing.assert_close(got["texts"], one["texts"], rtol=1e-5, atol=1e-6, msg=f"rank {rank} texts")
+        assert json.loads(got["skipped"]) == json.loads(one["skipped"]), rank
+        assert json.loads(got["metrics"]) == pytest.approx(json.loads(one["metrics"])), rank
 
 
 def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2) -> None:

@@ -3,7 +3,9 @@ and ``vlp eval retrieval --rerank K`` works end to end on an ALBEF run (and refu
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from vlp.cli.main import main
 from vlp.config import ModelConfig, load_config
 from vlp.data.tokenizer import TextTokenizer
 from vlp.evaluation.itm_rerank import ItmCorpus, itm_reranker
-from vlp.evaluation.retrieval import retrieval_ranks_both_directions
+from vlp.evaluation.retrieval import retrieval_metrics, retrieval_ranks_both_directions
 from vlp.models import ModelError, create_model
 from vlp.training.trainer import Trainer
 
@@ -73,18 +75,70 @@ def test_reranker_scores_equal_the_per_pair_reference(encoded: tuple, direction:
             assert float(scores[queries.tolist().index(q), k]) == pytest.approx(expected, abs=2e-3)
 
 
+def _rigged(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose ITM head is scaled 1000x: match logits then spread over ~10, so the ITM score, not the ITC
+    similarity (within [-1, 1]), orders the reranked candidates, and reranking must change the ranks."""
+    rigged = copy.deepcopy(model)
+    with torch.no_grad():
+        rigged.itm_head.weight.mul_(1000.0)
+        rigged.itm_head.bias.zero_()
+    return rigged
+
+
+def _expected_ranks(similarity: torch.Tensor, scores: torch.Tensor, k: int) -> list[int]:
+    """Per query q (positive = candidate q): the positive's 0-based place when the top ``k`` candidates by
+    ``similarity`` (Q, N) are reordered by ``scores`` (Q, N) and the rest keep their similarity order."""
+    ranks = []
+    for q in range(similarity.shape[0]):
+        order = sorted(range(similarity.shape[1]), key=lambda c: -float(similarity[q, c]))
+        top = order[:k]
+        ranks.append(sorted(top, key=lambda c: -float(scores[q, c])).index(q) if q in top else order.index(q))
+    return ranks
+
+
 def test_reranked_ranks_follow_the_itm_scores(encoded: tuple) -> None:
-    """Reranking all candidates ranks each query's positive by its ITM + similarity score among all of them."""
-    model, corpus, image_features, text_features, _, _ = encoded
-    rerank = itm_reranker(model, corpus, image_features, text_features)
+    """With an ITM head whose scores dominate, the reranked places are those of an independent per-pair reference
+    (top ``rerank_k`` by similarity, reordered by ITM + similarity), and they and the recalls differ from the
+    ranks without reranking: a reranker that does nothing, or ignores the ITM head, fails here."""
+    model, corpus, image_features, text_features, images, (text_ids, text_mask) = encoded
+    rigged = _rigged(model)
     n = len(CAPTIONS)
-    image_ranks, text_ranks = retrieval_ranks_both_directions(
-        image_features, text_features, torch.arange(n), rerank=rerank, rerank_k=n)
-    everything = torch.arange(n)[None].expand(n, n)
-    for ranks, direction in ((image_ranks, "text_to_image"), (text_ranks, "image_to_text")):
-        full = rerank(torch.arange(n), everything, direction)  # (n, n): query q against every candidate
-        expected = (full >= full.diagonal()[:, None]).sum(dim=1) - 1  # others scored at or above the positive
-        assert torch.equal(ranks, expected), direction
+    similarity = image_features @ text_features.T  # (N_i, N_t)
+    with torch.no_grad():  # every (image, caption) pair through the model's own passes, in one batch
+        _, tokens = rigged.image_pass(images)  # (N_i, N, C)
+        _, hidden = rigged.text_pass(text_ids, text_mask)  # (N_t, L, H)
+        image_of, text_of = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+        logits = rigged(task="itm", image_tokens=tokens[image_of], text_hidden=hidden[text_of],
+                        text_mask=text_mask[text_of])  # (N_i * N_t, 2)
+    reference = logits[:, 1].reshape(n, n) + similarity  # (N_i, N_t)
+    rerank = itm_reranker(rigged, corpus, image_features, text_features)
+    for rerank_k in (4, n):
+        _check_reranked(image_features, text_features, reference, rerank, rerank_k)
+
+
+def _check_reranked(image_features: torch.Tensor, text_features: torch.Tensor, reference: torch.Tensor,
+                    rerank: Callable, rerank_k: int) -> None:
+    """Ranks and metrics with ``rerank`` on the top ``rerank_k`` == the reference (N_i, N_t) scores' ranks."""
+    n = image_features.shape[0]
+    similarity = image_features @ text_features.T  # (N_i, N_t)
+    plain = retrieval_ranks_both_directions(image_features, text_features, torch.arange(n))
+    reranked = retrieval_ranks_both_directions(image_features, text_features, torch.arange(n), rerank=rerank,
+                                               rerank_k=rerank_k)
+    expected = (_expected_ranks(similarity.T, reference.T, rerank_k), _expected_ranks(similarity, reference, rerank_k))
+    for direction, ranks, before, wanted in zip(("text_to_image", "image_to_text"), reranked, plain, expected,
+                                                strict=True):
+        assert ranks.tolist() == wanted, (direction, rerank_k)
+        assert ranks.tolist() != before.tolist(), f"{direction}: the rigged ITM head must reorder some queries"
+        outside = [q for q in range(n) if before[q] >= rerank_k]  # positives outside the top k keep their place
+        assert [int(ranks[q]) for q in outside] == [int(before[q]) for q in outside], (direction, rerank_k)
+    with_rerank = retrieval_metrics(image_features, text_features, torch.arange(n), ks=(1, 2), rerank=rerank,
+                                    rerank_k=rerank_k)
+    without = retrieval_metrics(image_features, text_features, torch.arange(n), ks=(1, 2))
+    for name, wanted in (("image_retrieval", expected[0]), ("text_retrieval", expected[1])):
+        for k in (1, 2):
+            assert with_rerank[f"{name}_recall@{k}"] == pytest.approx(sum(r < k for r in wanted) / n), (name, k)
+        assert with_rerank[f"{name}_mean_rank"] == pytest.approx(sum(wanted) / n + 1), (name, rerank_k)
+    assert with_rerank != without
 
 
 @pytest.fixture(scope="module")

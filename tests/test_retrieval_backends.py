@@ -101,6 +101,62 @@ def test_exact_prefilter_with_too_many_candidates_falls_back(monkeypatch: pytest
     assert len(float32_blocks) == 5
 
 
+def _bf16_adversarial_corpus(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corpus (128, 32), queries (64, 32)) float32 on which bf16 rounding reorders the true top-k as far as the
+    pre-filter's error bound allows.
+
+    Every query is q = (a, ..., a), a = 1 + 2^-8 - 2^-16, which bf16 rounds down to 1 (-u relative, u = 2^-8).
+    Rows 64..64+k ("winners", the true top-k, exact scores ~32.367, 1.5e-5 apart) have entries that bf16 also rounds
+    down, and their bf16 products sum to just below the midpoint 32.125, so their bf16 score is 32.0: an error of
+    -0.367, 96 % of the bound (0.384). Rows 0..k ("decoys", the first chunk) score 32.302 exactly, bf16 32.0. Rows
+    after the winners ("losers", entries rounded up) score 32.2498 exactly but 32.25 in bf16, above the winners.
+    With chunks of 64 rows the decoys set the running k-th score r = 32.302; a winner stays a candidate only while
+    its bf16 score (32.0) >= r - bound, so a bound under r - 32 = 0.302 (0.79x) loses every winner to the decoys.
+    """
+    dim, a = 32, 1 + 2**-8 - 2**-16
+
+    def near(last: float) -> torch.Tensor:
+        row = torch.full((dim,), a, dtype=torch.float64)
+        row[-1] = last
+        return row
+
+    winners = torch.stack([near(1.12109375 - 2**-16 * (1 + j)) for j in range(k)])
+    decoys = 0.998 * winners
+    losers = torch.full((8, dim), 1 + 2**-8 + 2**-16, dtype=torch.float64) - 2**-12 * torch.arange(8.0)[:, None]
+    generator = torch.Generator().manual_seed(8)
+
+    def filler(rows: int) -> torch.Tensor:
+        return 0.05 * torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+
+    corpus = torch.cat([decoys, filler(64 - k), winners, losers, filler(56 - k)]).float()
+    return corpus, torch.full((64, dim), a)
+
+
+@pytest.mark.skipif(not bf16_prefilter_available(), reason="no native bf16 matmul")
+def test_exact_prefilter_bound_holds_where_bf16_reorders_the_top_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On near-duplicates whose float32 scores differ by less than bf16's rounding (and whose bf16 order is the
+    reverse of the true one), the pre-filtered search equals the float32 brute-force top-k exactly; a bound half as
+    large loses the true top-k (so this corpus tests the bound, not just the rescoring)."""
+    k = 4
+    corpus, queries = _bf16_adversarial_corpus(k)
+    approx = (queries[:1].bfloat16() @ corpus.bfloat16().T).float()[0]
+    assert approx[64 + k] > approx[64] and bool((corpus[64:64 + k] @ queries[0] > corpus[64 + k] @ queries[0]).all())
+    float32_blocks = []
+    original = ExactBackend._float32_block
+    monkeypatch.setattr(ExactBackend, "_float32_block", staticmethod(
+        lambda *args: float32_blocks.append(1) or original(*args)))
+    ref_scores, ref_ids = brute_force(queries, corpus, k)
+    assert ref_ids[0].tolist() == list(range(64, 64 + k))
+    scores, ids = ExactBackend(corpus, chunk_rows=64, prefilter=True).search(queries, k)
+    assert float32_blocks == []  # every chunk went through the pre-filter
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-6, rtol=0)
+    bound = exact._bf16_bound_coefficient
+    monkeypatch.setattr(exact, "_bf16_bound_coefficient", lambda dim: bound(dim) / 2)
+    _, ids = ExactBackend(corpus, chunk_rows=64, prefilter=True).search(queries, k)
+    assert ids[0].tolist() == list(range(k))  # the decoys: the halved bound dropped every winner
+
+
 def test_exact_k_larger_than_corpus() -> None:
     corpus, queries = unit_rows(30, 8, seed=4), unit_rows(5, 8, seed=5)
     scores, ids = ExactBackend(corpus, chunk_rows=7).search(queries, 100)

@@ -4,11 +4,13 @@ commands."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from shard_factory import png_bytes, standard_members, write_dataset, write_shard
 
 from vlp.cli.main import main
@@ -83,7 +85,37 @@ def test_text_targets_and_image_queries(corpus: tuple[Path, Path, Path]) -> None
     assert all("caption" in h.metadata for h in text_hits) and len(text_hits) == 3
     image_hits = index.search(images=[png_bytes(9)], k=21)[0]
     assert sorted(h.row for h in image_hits) == list(range(21))
-    assert image_hits[0].score >= image_hits[-1].score
+    scores = [h.score for h in image_hits]
+    assert scores == sorted(scores, reverse=True)
+    # row 9's own image embeds as row 9 was stored (float16); its neighbours here differ by 1/255 in one channel,
+    # so ranking among them is left to the test below, on images that differ
+    torch.testing.assert_close(index.embed_images([png_bytes(9)])[0], index.image_embeddings[9].float(), atol=2e-3,
+                               rtol=0)
+    assert next(h.score for h in image_hits if h.row == 9) == pytest.approx(1.0, abs=2e-3)
+
+
+def _noise_png(seed: int) -> bytes:
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_query_finds_its_own_row_first(corpus: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """On 8 unlike images (noise, pairwise cosine <= ~0.9 under the tiny model), each image's own row is the top hit
+    with a score of ~1, for every query of one batched search."""
+    _, run, _ = corpus
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "00000.tar", [member for i in range(8) for member in
+                                                    ((f"00000{i:04d}.png", _noise_png(i)),
+                                                     (f"00000{i:04d}.txt", f"noise {i}".encode()))])
+    build_index(str(run), str(tmp_path / "shards"), tmp_path / "index", options=OPTIONS)
+    index = Index.load(tmp_path / "index")
+    assert [row["key"] for row in index.metadata] == [f"00000{i:04d}" for i in range(8)]
+    hits = index.search(images=[_noise_png(i) for i in range(8)], k=2)
+    assert [row[0].row for row in hits] == list(range(8))
+    assert [row[0].score for row in hits] == pytest.approx([1.0] * 8, abs=2e-3)
+    assert max(row[1].score for row in hits) < 0.99  # the runner-up is clearly another image
 
 
 def test_bad_queries_are_refused_with_a_reason(corpus: tuple[Path, Path, Path]) -> None:
