@@ -45,8 +45,16 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Decode image bytes to RGB after checking byte size and header pixel count."""
+def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
+    """RGB with the alpha policy: ``white`` composites transparency onto white, ``convert`` is ``convert("RGB")``."""
+    return _flatten_alpha(image) if alpha == "white" else image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: DecodeLimits, alpha: str = "white") -> Image.Image:
+    """Decode image bytes to RGB after checking byte size and header pixel count.
+
+    ``alpha``: ``white`` composites transparency onto white; ``convert`` is PIL's ``convert("RGB")`` (open_clip's
+    and torchvision's loaders). JPEGs are decoded at full scale unless ``limits.draft_size`` is set."""
     if len(data) > limits.max_image_bytes:
         raise SampleError(reasons.IMAGE_TOO_LARGE, f"{len(data)} bytes > cap {limits.max_image_bytes}")
     try:
@@ -60,7 +68,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
             if limits.draft_size and image.format == "JPEG":
                 image.draft("RGB", (limits.draft_size, limits.draft_size))
             image.load()
-            return _flatten_alpha(image)
+            return to_rgb(image, alpha)
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
