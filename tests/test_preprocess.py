@@ -208,3 +208,38 @@ def test_jpeg_draft_decoding_is_a_training_option_off_by_default(images, tmp_pat
         position = batch.keys.index(sorted(batch.keys)[1])
         torch.testing.assert_close(batch.images[position], wanted, atol=1e-5, rtol=0)
         assert to_dict(config)["data"]["jpeg_draft"] == bool(overrides)  # recorded in the run's config.yaml
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3),
+                                            "interpolation": "bilinear", "resize_mode": "squash"},
+                                       {"resize_mode": "longest", "fill_color": 7}])
+def test_open_clip_records_give_open_clip_pixels_bit_for_bit(overrides: dict) -> None:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    config = PreprocessCfg(**{"size": 48, **overrides})
+    theirs = image_transform_v2(config, is_train=False)
+    record = Preprocess.from_open_clip(vars(config))
+    assert record.source == "open_clip" and record.alpha == "convert"
+    ours = record.transform()
+    for data in (_transparent_png(), _large_jpeg(), _large_jpeg(90, 160, seed=1)):
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        pixels = ours(image)
+        assert pixels.dtype == torch.uint8  # loader workers ship uint8
+        assert torch.equal(record.normalize(pixels[None])[0], theirs(image))
+
+
+def test_an_open_clip_model_loads_with_its_open_clip_record(tmp_path: Path) -> None:
+    import json
+
+    import open_clip
+
+    arch = {"embed_dim": 16, "vision_cfg": {"image_size": 48, "layers": 1, "width": 32, "patch_size": 16,
+                                            "head_width": 16},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "vlp-record-arch.json"
+    path.write_text(json.dumps(arch))
+    loaded = load_model_for_eval(model=f"open_clip:{path}")
+    _, _, theirs = open_clip.create_model_and_transforms(path.stem)
+    image = Image.open(io.BytesIO(_transparent_png())).convert("RGB")
+    assert loaded.preprocess.source == "open_clip" and not loaded.preprocess.jpeg_draft
+    assert torch.equal(loaded.preprocess.collate([loaded.preprocess.transform()(image)])[0], theirs(image))

@@ -12,6 +12,9 @@ was trained with, or what its reference tool gives it:
   ``preprocess_cfg`` open_clip attaches to ``model.visual``) applied by open_clip's own eval transform
   (``open_clip.image_transform_v2``), after PIL's ``convert("RGB")`` as torchvision's and webdataset's loaders
   do, so the pixels are those of ``create_model_and_transforms(...)`` + ``torchvision.datasets.ImageFolder``.
+  Its PIL steps (resize, crop, mode) run per sample and yield uint8 pixels; its ``ToTensor`` + ``Normalize`` run
+  per batch (:meth:`Preprocess.normalize`) with the same element-wise operations, so the result is bit-identical
+  while loader workers ship a quarter of the bytes.
 
 JPEG draft decoding (libjpeg's reduced-scale DCT: faster, slightly different pixels) is off unless a record says
 ``jpeg_draft=True``; only training sets it, from ``data.jpeg_draft``.
@@ -27,7 +30,7 @@ from PIL import Image
 
 from vlp.config import ModelConfig, PreprocessConfig
 from vlp.data.decode import DecodeLimits, decode_image, to_rgb
-from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch
+from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch, pil_to_uint8
 
 ALPHA_POLICIES = ("white", "convert")
 SOURCES = ("vlp", "open_clip")
@@ -109,7 +112,8 @@ class Preprocess:
         return to_rgb(image, self.alpha)
 
     def transform(self, augment: str = "none", train: bool = False) -> ImageTransform:
-        """The per-sample transform: RGB PIL -> (3, H, W) uint8 (vlp) or normalised float32 (open_clip).
+        """The per-sample transform: RGB PIL -> (3, H, W) uint8, normalised per batch by :meth:`normalize` (timm's
+        training augmentation: normalised float32).
 
         ``train`` with ``augment`` other than ``none`` gives the training augmentation (vlp records only)."""
         if self.source == "open_clip":
@@ -120,14 +124,21 @@ class Preprocess:
             config = PreprocessCfg(size=self.image_size, mean=self.mean, std=self.std,
                                    interpolation=self.interpolation, resize_mode=self.resize,
                                    fill_color=self.fill_color)
-            return image_transform_v2(config, is_train=False)
+            return OpenClipPixels(image_transform_v2(config, is_train=False))
         return build_image_transform(augment, self.image_size, train=train, interpolation=self.interpolation,
                                      resize=self.resize, mean=self.mean, std=self.std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """A (B, 3, H, W) batch as the model's float32 input: uint8 pixels are normalised with this record's mean
-        and std; float batches (already normalised per sample) pass unchanged."""
-        return normalize_batch(images, self.mean, self.std) if images.dtype == torch.uint8 else images
+        and std (open_clip records: ``ToTensor`` then ``Normalize``, element for element as torchvision computes
+        them); float batches (already normalised per sample) pass unchanged."""
+        if images.dtype != torch.uint8:
+            return images
+        if self.source == "vlp":
+            return normalize_batch(images, self.mean, self.std)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return images.to(dtype=torch.float32).div(255).sub_(mean).div_(std)
 
     def collate(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Stack per-sample transform outputs into the model's float32 (B, 3, H, W) input."""
@@ -137,3 +148,21 @@ class Preprocess:
         """The record as plain JSON values (written into index manifests)."""
         values = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+class OpenClipPixels:
+    """open_clip's eval transform up to its pixels: its PIL steps (resize, crop, ``convert``), then (3, H, W) uint8.
+
+    The transform's last two steps must be ``ToTensor`` (uint8 / 255) and ``Normalize``; they are applied per batch
+    by :meth:`Preprocess.normalize`. Anything else is refused rather than approximated."""
+
+    def __init__(self, transform: object) -> None:
+        from torchvision.transforms import Compose, Normalize, ToTensor
+
+        steps = list(getattr(transform, "transforms", []))
+        if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+            raise ValueError(f"open_clip's eval transform does not end with ToTensor + Normalize: {transform}")
+        self.pil_steps = Compose(steps[:-2])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return pil_to_uint8(self.pil_steps(image))
