@@ -175,6 +175,13 @@ def test_index_build_and_image_search_use_the_recorded_preprocessing(images, tmp
     torch.testing.assert_close(index.embed_images(data), features, atol=1e-5, rtol=0)
     as_pil = Image.open(io.BytesIO(data[0]))
     torch.testing.assert_close(index.embed_images([as_pil]), features[:1], atol=1e-5, rtol=0)
+    default_run = _run_dir(tmp_path / "default", [])  # a PIL query of a white-record model is composited too
+    build_index(str(default_run), str(folder), tmp_path / "index_default",
+                options=BuildOptions(batch_size=8, workers=0, progress=False))
+    index = Index.load(tmp_path / "index_default")
+    with torch.no_grad():
+        white = index.loaded.model.encode_image(_default_input(data[0])[None], normalize=True)
+    torch.testing.assert_close(index.embed_images([as_pil]), white, atol=1e-5, rtol=0)
 
 
 def test_the_index_fingerprint_of_a_default_record_is_unchanged(tmp_path: Path) -> None:
