@@ -219,11 +219,8 @@ def _top5(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
 
 def _reference_predictions(arch: str, weights: Path, root: Path, classnames: list[str]):  # noqa: ANN202
     """open_clip's protocol: (model, preprocess, classifier, features (N, D), top-5 (N, 5), labels (N,))."""
-    import logging
-
     from torchvision.datasets import ImageFolder
 
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip logs its config at INFO
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
     model.eval()
     with torch.no_grad():
