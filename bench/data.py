@@ -1,6 +1,7 @@
 """Loader throughput: vlp's ``ShardLoader`` against open_clip's ``get_wds_dataset`` on the same shards.
 
-``python -m bench.data [--quick] [--samples N] [--rounds R] [--workers W] [--batch-size B] [--image-size S]``
+``python -m bench.data [--quick] [--samples N] [--rounds R] [--workers W] [--batch-size B] [--image-size S]
+[--jpeg-draft]``
 
 The shards (built once, cached under ``bench/.cache/data_shards/``) hold 224 px JPEGs (quality 90) with
 captions: every captioned Tux Paint stamp, alpha composited onto white, fitted into 224 px and padded to a
@@ -11,7 +12,10 @@ uses an existing shard set instead (or builds the benchmark set there if DIR is 
 Both loaders run with the same settings: the same output size, worker count, batch size, sample shuffle
 buffer (open_clip's module constants are patched to ours: ``initial == size == --shuffle-buffer``), DataLoader
 prefetch factor (2, PyTorch's default, which open_clip uses), CLIP BPE tokenizer at context length 77, and
-open_clip's own training transform (RandomResizedCrop 0.9-1, bicubic, normalise). Each measurement builds a
+open_clip's own training transform (RandomResizedCrop 0.9-1, bicubic, normalise), and full-scale JPEG decoding:
+our loader's JPEG draft decoding (``data.jpeg_draft``, a training option, off by default) is used only with
+``--jpeg-draft``, and the output says which. At the default sizes (224 px shards, 224 px output) draft decoding
+changes nothing: libjpeg never decodes below the output size. Each measurement builds a
 fresh loader (fresh worker processes), discards warm-up batches (worker start-up, shuffle buffer fill), then
 times a fixed number of batches; ``ours, open_clip`` alternate for ``--rounds`` rounds. Besides samples/s,
 each run records the CPU time (main process + workers) per sample over the timed batches: on this shared
@@ -84,6 +88,7 @@ class Settings:
     shuffle_buffer: int
     warmup_batches: int
     timed_batches: int
+    jpeg_draft: bool = False  # ours only: data.jpeg_draft (open_clip's loader always decodes at full scale)
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,7 @@ def ours_batches(settings: Settings) -> Iterator[Iterator[tuple[int, tuple, tupl
     config = DataConfig(sources=(SourceConfig(urls=shard_spec(settings.shards)),), mode="epoch", seed=0,
                         batch_size=settings.batch_size, workers=settings.workers,
                         shuffle_buffer=settings.shuffle_buffer, augment="open_clip", tokenizer="open_clip",
-                        prefetch_factor=PREFETCH_FACTOR)
+                        prefetch_factor=PREFETCH_FACTOR, jpeg_draft=settings.jpeg_draft)
     loader = ShardLoader(config, image_size=settings.image_size, context_length=CONTEXT_LENGTH, train=True,
                          rank=0, world_size=1)
     batches = iter(loader)
@@ -284,6 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timed-batches", type=int, default=None, help="timed batches (default 40; --quick: 16)")
     parser.add_argument("--shards", type=Path, default=None,
                         help="shard directory (default bench/.cache/data_shards/<samples>x224_q90_<shards>)")
+    parser.add_argument("--jpeg-draft", action="store_true",
+                        help="ours with data.jpeg_draft=true (reduced-scale JPEG decoding; open_clip has none)")
     return parser.parse_args(argv)
 
 
@@ -300,7 +307,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rounds=args.rounds or (2 if args.quick else 5), workers=args.workers, batch_size=args.batch_size,
         image_size=args.image_size, shuffle_buffer=args.shuffle_buffer,
         warmup_batches=args.warmup_batches or 3 * args.workers,
-        timed_batches=args.timed_batches or (16 if args.quick else 40),
+        timed_batches=args.timed_batches or (16 if args.quick else 40), jpeg_draft=args.jpeg_draft,
     )
 
 
@@ -330,6 +337,7 @@ def _payload(settings: Settings, runs: dict[str, list[Measurement]], quick: bool
         "rounds": settings.rounds, "batch_size": settings.batch_size, "workers": settings.workers,
         "image_size": settings.image_size, "samples": settings.samples, "shuffle_buffer": settings.shuffle_buffer,
         "warmup_batches": settings.warmup_batches, "timed_batches": settings.timed_batches, "quick": quick,
+        "jpeg_draft": settings.jpeg_draft,
         "per_round": {
             "ours_samples_per_s": [round(m.samples_per_s, 2) for m in ours],
             "open_clip_samples_per_s": [round(m.samples_per_s, 2) for m in peer],
@@ -351,7 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = machine_info(packages=())
     print(f"loader throughput: {settings.rounds} rounds x (ours, open_clip), {settings.workers} workers, batch "
           f"{settings.batch_size}, {settings.image_size} px, {settings.warmup_batches} warm-up + "
-          f"{settings.timed_batches} timed batches each", flush=True)
+          f"{settings.timed_batches} timed batches each; our JPEG draft decoding "
+          f"{'ON (--jpeg-draft)' if settings.jpeg_draft else 'off (as open_clip)'}", flush=True)
     runs: dict[str, list[Measurement]] = {"ours": [], "open_clip": []}
 
     def run(name: str) -> float:

@@ -24,9 +24,9 @@ PNG, upscaled to 224 px by each side's own evaluation transform; 10 classes, the
 Each run times the whole evaluation (classifier + one pass over the data, fresh loader workers) and reports
 images/s, and the CPU time per image of the process and its (reaped) loader workers -- far less disturbed by
 other tenants of this shared machine than wall time; ``cpu_ratio`` is open_clip's / ours (> 1: ours needs less
-CPU). ``ours, open_clip`` alternate for ``--rounds`` rounds. Both top-1s are reported: they must agree closely
-(the two resize the 28 px images with different bicubic code: torch on uint8 tensors vs PIL). The model is untrained,
-so the accuracies themselves are near chance; the benchmark is about speed.
+CPU). ``ours, open_clip`` alternate for ``--rounds`` rounds. Both top-1s are reported: they must be equal (an
+``open_clip:`` model is evaluated with open_clip's own preprocessing, see ``vlp.data.preprocess``). The model is
+untrained, so the accuracies themselves are near chance; the benchmark is about speed.
 """
 
 from __future__ import annotations

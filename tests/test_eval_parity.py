@@ -151,3 +151,173 @@ def test_run_zeroshot_matches_open_clip_protocol(tmp_path: Path) -> None:
     top6 = peer_logits.topk(6, dim=1).values
     assert float((top6[:, :-1] - top6[:, 1:]).min()) > 1e-3, "a tie within 1e-3: rankings would be a knife edge"
     assert torch.equal(ours_logits.topk(5, dim=1).indices, peer_logits.topk(5, dim=1).indices)
+
+
+# --------------------------------------------------------------------------- large JPEGs and transparent PNGs
+# A parity check that fails if evaluation decodes differently from open_clip: 30 JPEGs of 512-700 px (quality 95)
+# and 15 transparent PNGs (5 RGBA, 5 LA, 5 P with a transparent palette entry) in 15 class folders, evaluated by
+# `vlp eval zeroshot` (ImageFolder and shards) and by open_clip's protocol: `create_model_and_transforms(arch,
+# pretrained=file)`, `torchvision.datasets.ImageFolder(root, transform=preprocess)` (which opens every image with
+# `convert("RGB")`), `build_zero_shot_classifier`. The model is a small open_clip ViT at 224 px with seeded random
+# weights. The test first shows that the data catches both ways of decoding differently: open_clip's own
+# transform on draft-decoded JPEGs, and on transparent PNGs composited onto white, changes top-5 predictions.
+
+LARGE_SIZE = 224
+LARGE_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": LARGE_SIZE, "layers": 2, "width": 64, "patch_size": 32, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+LARGE_CLASSES = 15
+LARGE_TEMPLATES = ["a photo of a {}.", "a picture of the {}."]
+JPEGS, PNGS_PER_MODE = 30, 5
+
+
+def _large_jpegs(count: int, rng: np.random.Generator) -> list[bytes]:
+    """Fashion-MNIST images upscaled to 512-700 px (bicubic), tinted and mixed with 3 px random colour blocks."""
+    pixels, _ = load_fashion_split(FASHION_DEFAULT_ROOT, "test")
+    out = []
+    for index in range(count):
+        width, height = (int(v) for v in rng.integers(512, 701, size=2))
+        gray = np.asarray(Image.fromarray(pixels[index], mode="L").resize((width, height), Image.Resampling.BICUBIC),
+                          dtype=np.float32)
+        blocks = rng.uniform(0, 255, (height // 3 + 1, width // 3 + 1, 3)).repeat(3, 0).repeat(3, 1)[:height, :width]
+        rgb = 0.5 * gray[..., None] * rng.uniform(0.5, 1.0, 3) + 0.5 * blocks
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _transparent_pngs(per_mode: int) -> list[bytes]:
+    """Tux Paint stamps saved as RGBA, LA and P with transparency (the quantised palette keeps a clear entry)."""
+    stamps = sorted(Path("/usr/share/tuxpaint/stamps").rglob("*.png"))[: 6 * per_mode : 2]
+    out = []
+    for number, path in enumerate(stamps):
+        with Image.open(path) as source:
+            rgba = source.convert("RGBA")
+        image = (rgba, rgba.convert("LA"), rgba.quantize(64))[number % 3]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        assert Image.open(io.BytesIO(buffer.getvalue())).mode == ("RGBA", "LA", "P")[number % 3]
+        out.append(buffer.getvalue())
+    return out
+
+
+def _write_imagefolder(root: Path, images: list[tuple[str, bytes]]) -> list[tuple[Path, int]]:
+    """Image k into class folder k % LARGE_CLASSES; returns (file, label) in torchvision ImageFolder order."""
+    for number, (ext, data) in enumerate(images):
+        folder = root / f"class_{number % LARGE_CLASSES:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img_{number:03d}.{ext}").write_bytes(data)
+    return [(path, int(path.parent.name[-2:])) for path in sorted(root.glob("*/*"))]
+
+
+def _top5(features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+    return (features @ classifier).topk(5, dim=1).indices
+
+
+def _reference_predictions(arch: str, weights: Path, root: Path, classnames: list[str]):  # noqa: ANN202
+    """open_clip's protocol: (model, preprocess, classifier, features (N, D), top-5 (N, 5), labels (N,))."""
+    from torchvision.datasets import ImageFolder
+
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    model.eval()
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model, tokenizer=open_clip.get_tokenizer(arch), classnames=classnames,
+            templates=[_template_fn(t) for t in LARGE_TEMPLATES], num_classes_per_batch=10, device="cpu",
+            use_tqdm=False)
+        dataset = ImageFolder(str(root), transform=preprocess)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=0)
+        features, labels = [], []
+        for images, targets in loader:
+            features.append(model.encode_image(images, normalize=True))
+            labels.append(targets)
+    features = torch.cat(features)
+    return model, preprocess, classifier, features, _top5(features, classifier), torch.cat(labels)
+
+
+def _check_the_data_is_sensitive(model, preprocess, classifier, images, reference_top5) -> None:  # noqa: ANN001
+    """open_clip's own transform on draft-decoded JPEGs and on white-composited PNGs changes top-5 predictions."""
+    from vlp.data.decode import DecodeLimits, decode_image
+
+    draft = [decode_image(data, DecodeLimits(draft_size=LARGE_SIZE), ext, alpha="convert") if ext == "jpg"
+             else decode_image(data, DecodeLimits(), ext, alpha="white") for ext, data in images]
+    with torch.no_grad():
+        features = model.encode_image(torch.stack([preprocess(image) for image in draft]), normalize=True)
+    changed = (_top5(features, classifier) != reference_top5).any(dim=1)
+    is_jpeg = torch.tensor([ext == "jpg" for ext, _ in images])
+    jpeg_flips, png_flips = int(changed[is_jpeg].sum()), int(changed[~is_jpeg].sum())
+    assert jpeg_flips >= 2 and png_flips >= 4, (jpeg_flips, png_flips)
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_large_jpegs_and_transparent_pngs_match_open_clip_per_image(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from vlp.cli.main import main
+    from vlp.evaluation.sources import imagefolder_batches
+    from vlp.evaluation.zero_shot import encode_dataset
+
+    arch_path = tmp_path / "vlp-parity-vit224.json"
+    arch_path.write_text(json.dumps(LARGE_ARCH))
+    open_clip.add_model_config(arch_path)
+    torch.manual_seed(SEED)
+    seeded = open_clip.create_model(arch_path.stem, pretrained=None)
+    weights = tmp_path / "vit224.safetensors"
+    save_file({name: value.detach().contiguous() for name, value in seeded.state_dict().items()}, str(weights))
+    rng = np.random.default_rng(SEED)
+    images = [("jpg", data) for data in _large_jpegs(JPEGS, rng)]
+    images += [("png", data) for data in _transparent_pngs(PNGS_PER_MODE)]
+    root = tmp_path / "imagefolder"
+    files = _write_imagefolder(root, images)
+    classnames = list(IMAGENET_CLASSNAMES[:LARGE_CLASSES])
+    (tmp_path / "classes.txt").write_text("\n".join(classnames) + "\n")
+    (tmp_path / "templates.txt").write_text("\n".join(LARGE_TEMPLATES) + "\n")
+    samples = (SourceSample(caption=path.name, image_bytes=path.read_bytes(), label=label) for path, label in files)
+    write_shards(samples, tmp_path / "shards", samples_per_shard=25, progress=False)
+    shards = str(tmp_path / "shards")
+
+    model, preprocess, classifier, ref_features, ref_top5, ref_labels = _reference_predictions(
+        arch_path.stem, weights, root, classnames)
+    in_folder_order = [images[int(path.stem[-3:])] for path, _ in files]
+    is_jpeg = torch.tensor([ext == "jpg" for ext, _ in in_folder_order])
+    _check_the_data_is_sensitive(model, preprocess, classifier, in_folder_order, ref_top5)
+    top6 = (ref_features @ classifier).topk(6, dim=1).values
+    assert float((top6[:, :-1] - top6[:, 1:]).min()) > 1e-5, "a near tie: top-5 rankings would be a knife edge"
+    ref_acc1 = float((ref_top5[:, 0] == ref_labels).float().mean())
+    ref_acc5 = float((ref_top5 == ref_labels[:, None]).any(dim=1).float().mean())
+
+    # ---- ours: the loaders and the model `vlp eval zeroshot --model open_clip:<json> --pretrained <file>` uses
+    loaded = load_model_for_eval(model=f"open_clip:{arch_path}", pretrained=str(weights))
+    ours_classifier = build_classifier(text_encoder_fn(loaded), classnames, LARGE_TEMPLATES)
+    torch.testing.assert_close(ours_classifier, classifier, atol=1e-5, rtol=0)
+    folder = imagefolder_batches(root, preprocess=loaded.preprocess, batch_size=16, workers=0, expected_classes=None)
+    folder_features, folder_labels = encode_dataset(loaded.model, folder, "cpu")
+    keys, parts = [], []
+    with torch.no_grad():
+        for batch in eval_loader(loaded, shards, batch_size=16, workers=2, require_caption=False):
+            parts.append(loaded.model.encode_image(batch.images, normalize=True))
+            keys += batch.keys
+    shard_features = torch.cat(parts)[torch.tensor(sorted(range(len(keys)), key=keys.__getitem__))]
+
+    for layout, features in (("ImageFolder", folder_features), ("shards", shard_features)):
+        assert features.shape == ref_features.shape  # per image: top-5 and features equal open_clip's
+        changed = (_top5(features, ours_classifier) != ref_top5).any(dim=1)
+        assert not changed.any(), (f"{layout}: {int(changed.sum())} of {len(files)} images have another top-5 than "
+                                   f"open_clip's ({int(changed[is_jpeg].sum())} JPEGs, "
+                                   f"{int(changed[~is_jpeg].sum())} transparent PNGs)")
+        torch.testing.assert_close(features, ref_features, atol=1e-5, rtol=0)
+    assert torch.equal(folder_labels.cpu(), ref_labels)
+
+    # ---- the command itself on both layouts: the same acc1 / acc5 as open_clip's protocol
+    for data in (root, shards):
+        capsys.readouterr()
+        assert main(["eval", "zeroshot", "--model", f"open_clip:{arch_path}", "--pretrained", str(weights),
+                     "--data", str(data), "--classnames", str(tmp_path / "classes.txt"), "--templates",
+                     str(tmp_path / "templates.txt"), "--workers", "0", "--device", "cpu",
+                     "--out", str(tmp_path / "out" / Path(data).name)]) == 0
+        printed = dict(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("acc"))
+        assert (printed["acc1"], printed["acc5"]) == (f"{ref_acc1:.4f}", f"{ref_acc5:.4f}")

@@ -17,6 +17,7 @@ from vlp.data import counters as reasons
 from vlp.data.check import check_shard
 from vlp.data.decode import DecodeLimits
 from vlp.data.pipeline import ShardLoader
+from vlp.data.preprocess import Preprocess
 from vlp.data.writer import SourceSample, write_shards
 from vlp.evaluation.sources import FileImageLoader
 from vlp.retrieval.reading import BuildOptions, UnitDataset, source_units
@@ -46,7 +47,7 @@ def _index_counts(data: Path, limits: DecodeLimits | None = None) -> tuple[int, 
     options = BuildOptions(batch_size=8, workers=0, progress=False, limits=limits or DecodeLimits())
     units = source_units(str(data))
     rows, skipped = 0, {}
-    for chunk in UnitDataset(units, list(range(len(units))), 16, "open_clip", 8, options):
+    for chunk in UnitDataset(units, list(range(len(units))), Preprocess(16), "open_clip", 8, options):
         rows += len(chunk.images)
         skipped.update(chunk.skipped)
     return rows, skipped

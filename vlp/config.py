@@ -37,6 +37,31 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How a vlp model turns a decoded image into its input; saved with the run, used by training and by every
+    evaluation, index build and search of the model (``open_clip:`` models given by ``--model`` use open_clip's).
+
+    ``alpha``: ``white`` composites transparency (RGBA, LA, P with transparency) onto white; ``convert`` is PIL's
+    ``convert("RGB")``, as open_clip and CLIP_benchmark load images. ``resize``: ``shortest`` resizes the short side
+    to ``model.image_size`` and centre-crops; ``squash`` resizes both sides to it. ``mean`` / ``std``: per channel,
+    on the 0-1 scale (the defaults are OpenAI CLIP's).
+    """
+
+    alpha: Literal["white", "convert"] = "white"
+    resize: Literal["shortest", "squash"] = "shortest"
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise ConfigError(f"model.preprocess.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")
+        if min(self.std) <= 0:
+            raise ConfigError(f"model.preprocess.std: every value must be > 0, got {self.std}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which dual encoder to build (see ``vlp.models.list_models()``) and the sizes the data must match.
 
@@ -62,6 +87,7 @@ class ModelConfig:
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # SigLIP: -10.0
     fusion_layers: int = 0  # ALBEF presets: top BERT layers turned into cross-attention fusion layers (0: none)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
 
 @dataclass(frozen=True)
@@ -100,6 +126,7 @@ class DataConfig:
     max_image_bytes: int = 32 * 1024 * 1024
     max_caption_chars: int = 2000
     prefetch_factor: int = 4
+    jpeg_draft: bool = False  # training only: JPEGs decoded at a reduced DCT scale (faster, slightly other pixels)
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ def register_stream(data_commands: argparse._SubParsersAction) -> None:
 def run_stream(args: argparse.Namespace) -> int:
     """Stream batches and print the report; exit code 1 on a config or data-source error."""
     from vlp.data.pipeline import ShardLoader
+    from vlp.data.preprocess import Preprocess
 
     try:
         config = load_config(args.config, args.overrides)
         loader = ShardLoader(config.data, image_size=config.model.image_size,
-                             context_length=config.model.context_length, train=args.train)
+                             context_length=config.model.context_length, train=args.train,
+                             preprocess=Preprocess.from_model_config(config.model, jpeg_draft=config.data.jpeg_draft))
     except (ConfigError, DataSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

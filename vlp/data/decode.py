@@ -46,9 +46,17 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, limits: DecodeLimits, ext: str | None) -> Image.Image:
+def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
+    """RGB with the alpha policy: ``white`` composites transparency onto white, ``convert`` is ``convert("RGB")``."""
+    return _flatten_alpha(image) if alpha == "white" else image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str = "white") -> Image.Image:
     """Decode image bytes to RGB after checking byte size and header pixel count; only as the format the member's
-    or file's extension ``ext`` names (None: bytes without a name, any format vlp reads)."""
+    or file's extension ``ext`` names (None: bytes without a name, any format vlp reads).
+
+    ``alpha``: ``white`` composites transparency onto white; ``convert`` is PIL's ``convert("RGB")`` (open_clip's
+    and torchvision's loaders). JPEGs are decoded at full scale unless ``limits.draft_size`` is set."""
     if len(data) > limits.max_image_bytes:
         raise SampleError(reasons.IMAGE_TOO_LARGE, f"{len(data)} bytes > cap {limits.max_image_bytes}")
     try:
@@ -61,7 +69,7 @@ def decode_image(data: bytes, limits: DecodeLimits, ext: str | None) -> Image.Im
             if limits.draft_size and image.format == "JPEG":
                 image.draft("RGB", (limits.draft_size, limits.draft_size))
             image.load()
-            return _flatten_alpha(image)
+            return to_rgb(image, alpha)
     except SampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

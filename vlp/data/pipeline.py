@@ -4,7 +4,8 @@ Stages, in order (what the iterator holds after each):
 
 1. ``SlotStream``   (stream.py)     raw samples of this (rank, worker): shard order, split, shuffle buffer, mix
 2. ``decode``       (decode.py)     PIL RGB image + caption + label; bad samples skipped and counted by reason
-3. ``transform``                    (3, H, W) tensor, augmentation seeded by the sample's stream position
+                                    (the model's :class:`~vlp.data.preprocess.Preprocess`: alpha policy, draft)
+3. ``transform``    (preprocess.py) (3, H, W) tensor, augmentation seeded by the sample's stream position
 4. ``tokenize``     (tokenizer.py)  (B, L) ids and mask for a whole batch at once
 5. ``collate``                      Batch + a report (logical worker, stream position, skip counts)
 
@@ -29,10 +30,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.config import DataConfig
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters, sum_counts
-from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_image, decode_label, decode_metadata
+from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_label, decode_metadata
+from vlp.data.preprocess import Preprocess
 from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch
+from vlp.data.transforms import ImageTransform
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
 from vlp.types import Batch
@@ -73,6 +75,7 @@ class LoaderSpec:
     world_size: int
     num_workers: int
     require_caption: bool = True
+    preprocess: Preprocess | None = None  # None: the default record at image_size (see ShardLoader)
 
 
 @dataclass
@@ -98,7 +101,8 @@ class _BatchMaker:
 
     def __init__(self, spec: LoaderSpec, slot: Slot, stream: SlotStream, counters: SkipCounters) -> None:
         self.spec, self.slot, self.stream, self.counters = spec, slot, stream, counters
-        self.transform: ImageTransform = build_image_transform(spec.augment, spec.image_size, train=spec.train)
+        self.preprocess = spec.preprocess or Preprocess(spec.image_size)
+        self.transform: ImageTransform = self.preprocess.transform(spec.augment, train=spec.train)
         self.tokenizer = TextTokenizer(spec.tokenizer, spec.context_length)
 
     def _prepare(self, item: StreamItem) -> _Prepared:
@@ -108,7 +112,7 @@ class _BatchMaker:
         metadata = decode_metadata(raw.json)
         label = decode_label(metadata, raw.cls)
         caption = self._caption(raw.txt, metadata)
-        image = decode_image(raw.image, self.spec.limits, raw.image_ext)
+        image = self.preprocess.decode(raw.image, self.spec.limits, raw.image_ext)
         if not (self.spec.train and self.spec.augment != "none"):
             return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
         with _trainer_rng_kept():
@@ -200,24 +204,29 @@ class ShardLoader:
 
     Workers ship uint8 images (a quarter of the bytes of float32 through shared memory); they are normalised
     here, in the main process, unless ``uint8_images=True``: then ``Batch.images`` stays uint8 and the caller
-    normalises on the device with :func:`vlp.data.transforms.normalize_batch` (4x less host-to-device traffic).
+    normalises on the device with ``preprocess.normalize`` (4x less host-to-device traffic).
+
+    Images are decoded and transformed with ``preprocess`` (the model's record, see :mod:`vlp.data.preprocess`);
+    without one, with the default record at ``image_size`` (``data.jpeg_draft`` decides JPEG draft decoding). A
+    given record decides the output size; ``image_size`` is then not used.
     """
 
     def __init__(self, config: DataConfig, *, image_size: int, context_length: int, train: bool = True,
                  rank: int | None = None, world_size: int | None = None, batch_size: int | None = None,
-                 uint8_images: bool = False, epochs: int | None = None, require_caption: bool = True) -> None:
+                 uint8_images: bool = False, epochs: int | None = None, require_caption: bool = True,
+                 preprocess: Preprocess | None = None) -> None:
         sources = tuple(ShardSource.from_spec(s.urls, s.weight) for s in config.sources)
+        self.preprocess = preprocess = preprocess or Preprocess(image_size, jpeg_draft=config.jpeg_draft)
         self.num_workers = config.workers
         self.spec = LoaderSpec(
             sources=sources,
             settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0, epochs),
-            limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars,
-                                draft_size=image_size),
+            limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars),
             augment=config.augment, train=train, image_size=image_size, tokenizer=config.tokenizer,
             context_length=context_length, batch_size=batch_size or config.batch_size,
             rank=get_rank() if rank is None else rank,
             world_size=get_world_size() if world_size is None else world_size,
-            num_workers=max(1, config.workers), require_caption=require_caption,
+            num_workers=max(1, config.workers), require_caption=require_caption, preprocess=preprocess,
         )
         self.prefetch_factor = config.prefetch_factor
         self.uint8_images = uint8_images
@@ -251,7 +260,7 @@ class ShardLoader:
                 continue
             self._next_worker = (report.worker + 1) % self.spec.num_workers
             if batch.images.dtype == torch.uint8 and not self.uint8_images:
-                batch.images = normalize_batch(batch.images)
+                batch.images = self.preprocess.normalize(batch.images)
             yield batch
 
     def source_epochs(self) -> list[int]:

@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlp.data.counters import SkipCounters
-from vlp.data.decode import DecodeLimits, decode_image
+from vlp.data.decode import DecodeLimits
+from vlp.data.preprocess import Preprocess
 from vlp.data.tar_stream import iter_shard
 from vlp.data.urls import expand_urls
 
@@ -17,14 +18,15 @@ THUMB = 96
 CAPTION_WIDTH = 260
 
 
-def read_images_by_key(urls: str, keys: set[str]) -> dict[str, Image.Image]:
-    """The images of ``keys`` from the shards, read and decoded like training data (whitelisted members, pixel
-    caps), as RGB thumbnails."""
+def read_images_by_key(urls: str, keys: set[str], preprocess: Preprocess | None = None) -> dict[str, Image.Image]:
+    """The images of ``keys`` from the shards, read and decoded as the model decodes them (whitelisted members,
+    pixel caps, ``preprocess``'s alpha policy; default: the default record), as RGB thumbnails."""
+    preprocess = (preprocess or Preprocess(THUMB)).for_evaluation()
     found: dict[str, Image.Image] = {}
     for url in expand_urls(urls):
         for sample in iter_shard(url, SkipCounters()):
             if sample.key in keys and sample.image is not None:
-                image = decode_image(sample.image, DecodeLimits(), sample.image_ext)
+                image = preprocess.decode(sample.image, DecodeLimits(), sample.image_ext)
                 image.thumbnail((THUMB, THUMB))
                 found[sample.key] = image
     return found

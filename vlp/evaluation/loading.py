@@ -8,24 +8,30 @@ with ``weights_only=True`` for ``.pt`` files; nothing else is ever unpickled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from vlp.config import ConfigError, ModelConfig, load_config
+from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for inference with its config, tokenizer spec and the names results are filed under."""
+    """A model ready for inference with its config, tokenizer spec, the names results are filed under and its image
+    preprocessing (default: the record of ``config``, see :mod:`vlp.data.preprocess`; never JPEG draft decoding)."""
 
     model: torch.nn.Module
     config: ModelConfig
     tokenizer: str
     name: str
     pretrained: str
+    preprocess: Preprocess | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.preprocess = (self.preprocess or Preprocess.from_model_config(self.config)).for_evaluation()
 
 
 def find_run_files(checkpoint: Path) -> tuple[Path, Path]:
@@ -81,7 +87,18 @@ def load_model_for_eval(
             config = replace(config, image_size=image_size, context_length=context_length)
         network = create_model(config)
         name, source = model, pretrained or "random-init"
-    return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source)
+    preprocess = model_preprocess(network, config, open_clip=checkpoint is None)
+    return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source, preprocess)
+
+
+def model_preprocess(network: torch.nn.Module, config: ModelConfig, *, open_clip: bool) -> Preprocess:
+    """The image preprocessing of a loaded model: for an ``open_clip:`` model given by name (``open_clip=True``),
+    the config open_clip attached to its visual tower (what ``create_model_and_transforms`` builds its transform
+    from); otherwise the record in the model's config (what a vlp run was trained with)."""
+    visual = getattr(network.image_encoder, "visual", None) if hasattr(network, "image_encoder") else None
+    if open_clip and config.name.startswith("open_clip:") and getattr(visual, "preprocess_cfg", None):
+        return Preprocess.from_open_clip(visual.preprocess_cfg)
+    return Preprocess.from_model_config(config)
 
 
 def text_encoder_fn(loaded: LoadedModel, device: torch.device | str = "cpu"):  # noqa: ANN201 - a callable

@@ -25,7 +25,7 @@ from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset,
 
 
 def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int, require_caption: bool) -> ShardLoader:
-    """One pass over ``urls`` with the evaluation transform and the model's tokenizer."""
+    """One pass over ``urls`` with the model's preprocessing (``loaded.preprocess``) and tokenizer."""
     config = DataConfig(
         sources=(SourceConfig(urls=urls),),
         batch_size=batch_size,
@@ -41,6 +41,7 @@ def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int
         train=False,
         epochs=1,
         require_caption=require_caption,
+        preprocess=loaded.preprocess,
     )
 
 
@@ -185,5 +186,5 @@ def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, queries: S
     query_features = text_encoder_fn(loaded)(list(queries))
     scores, indices = (query_features @ image_features.T).topk(min(k, len(keys)), dim=1)  # (Q, k)
     top_keys = [[keys[int(i)] for i in row] for row in indices]
-    images = read_images_by_key(urls, {key for row in top_keys for key in row})
+    images = read_images_by_key(urls, {key for row in top_keys for key in row}, loaded.preprocess)
     return query_grid(list(queries), top_keys, scores, images, path)

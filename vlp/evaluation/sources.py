@@ -14,9 +14,10 @@ it finds a ``.txt`` of several lines among the first shard's first samples (:fun
 Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``{"images": [{"filename",
 "filepath"?, "split", "sentences": [{"raw"}, ...]}]}``; every caption of an image is a positive for it.
 
-Images are decoded with :func:`vlp.data.decode.decode_image` (pixel caps, alpha onto white) and transformed with
-the evaluation transform; files are split across ranks (``files[rank::world]``) and the features gathered, so
-each image is encoded once. Undecodable images are skipped and counted, never fatal.
+Images are decoded and transformed with the model's preprocessing (``loaded.preprocess``: pixel caps, its alpha
+policy, geometry and normalisation; no JPEG draft decoding, see :mod:`vlp.data.preprocess`); files are split
+across ranks (``files[rank::world]``) and the features gathered, so each image is encoded once. Undecodable
+images are skipped and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 from vlp import distributed
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters, sum_counts
-from vlp.data.decode import DecodeLimits, SampleError, decode_image, decode_metadata
+from vlp.data.decode import DecodeLimits, SampleError, decode_metadata
+from vlp.data.preprocess import Preprocess
 from vlp.data.tar_stream import iter_shard
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import build_image_transform, collate_images
 from vlp.data.urls import expand_urls
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
@@ -122,11 +123,11 @@ def scan_imagefolder(
 
 
 class _ImageFiles(Dataset):
-    """(file, label) pairs -> (uint8 image or None, label, skip reason or None)."""
+    """(file, label) pairs -> (transformed image or None, label, skip reason or None)."""
 
-    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int, limits: DecodeLimits) -> None:
-        self.items, self.limits = list(items), limits
-        self.transform = build_image_transform("none", image_size, train=False)
+    def __init__(self, items: Sequence[tuple[Path, int]], preprocess: Preprocess, limits: DecodeLimits) -> None:
+        self.items, self.limits, self.preprocess = list(items), limits, preprocess
+        self.transform = preprocess.transform()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -134,40 +135,53 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         path, label = self.items[index]
         try:
-            return self.transform(decode_image(path.read_bytes(), self.limits, path.suffix)), label, None
+            return self.transform(self.preprocess.decode(path.read_bytes(), self.limits, path.suffix)), label, None
         except SampleError as err:
             return None, label, err.reason
         except OSError:
             return None, label, "unreadable_file"
 
 
-def _collate(samples: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[ImageBatch | None, list[str]]:
-    kept = [(image, label) for image, label, _ in samples if image is not None]
-    why = [reason for _, _, reason in samples if reason is not None]
-    if not kept:
-        return None, why
-    images = collate_images([image for image, _ in kept])
-    return ImageBatch(images, torch.tensor([label for _, label in kept], dtype=torch.long)), why
+class _Collate:
+    """Batch the good samples (normalised with the model's record) and list the skip reasons of the rest."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, samples: list[tuple[torch.Tensor | None, int, str | None]]) -> tuple[ImageBatch | None,
+                                                                                             list[str]]:
+        kept = [(image, label) for image, label, _ in samples if image is not None]
+        why = [reason for _, _, reason in samples if reason is not None]
+        if not kept:
+            return None, why
+        images = self.preprocess.collate([image for image, _ in kept])
+        return ImageBatch(images, torch.tensor([label for _, label in kept], dtype=torch.long)), why
 
 
 class FileImageLoader:
     """One pass over this rank's share of image files, yielding :class:`ImageBatch`; bad images are counted.
+
+    Images go through ``preprocess`` (the model's record; default: the default record at ``image_size``), never
+    with JPEG draft decoding.
 
     Attributes:
         items: this rank's (file, label) pairs (``all_items[rank::world]``).
         classes: class folder names in label order (ImageFolder), else empty.
     """
 
-    def __init__(self, all_items: Sequence[tuple[Path, int]], *, image_size: int, batch_size: int, workers: int,
-                 rank: int | None = None, world_size: int | None = None,
-                 limits: DecodeLimits | None = None) -> None:
+    def __init__(self, all_items: Sequence[tuple[Path, int]], *, image_size: int | None = None, batch_size: int,
+                 workers: int, rank: int | None = None, world_size: int | None = None,
+                 limits: DecodeLimits | None = None, preprocess: Preprocess | None = None) -> None:
+        if preprocess is None and image_size is None:
+            raise ValueError("FileImageLoader needs the model's preprocess record (or an image_size)")
+        preprocess = (preprocess or Preprocess(image_size)).for_evaluation()
         rank = distributed.get_rank() if rank is None else rank
         world_size = distributed.get_world_size() if world_size is None else world_size
         self.items = list(all_items)[rank::world_size]
         self.classes: list[str] = []
         self.skipped: Counter[str] = Counter()
-        dataset = _ImageFiles(self.items, image_size, limits or DecodeLimits(draft_size=image_size))
-        self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        dataset = _ImageFiles(self.items, preprocess, limits or DecodeLimits())
+        self.loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_Collate(preprocess),
                                  shuffle=False)
 
     def __iter__(self) -> Iterator[ImageBatch]:
@@ -185,16 +199,17 @@ class FileImageLoader:
 
 
 def imagefolder_batches(
-    root: str | Path, *, image_size: int, batch_size: int, workers: int, rank: int | None = None,
+    root: str | Path, *, image_size: int | None = None, batch_size: int, workers: int, rank: int | None = None,
     world_size: int | None = None, expected_classes: int | None = 1000,
-    expected_synsets: Sequence[str] | None = None,
+    expected_synsets: Sequence[str] | None = None, preprocess: Preprocess | None = None,
 ) -> FileImageLoader:
     """This rank's batches of an ImageFolder tree (labels = sorted-folder index); see :func:`scan_imagefolder`.
 
+    Images go through ``preprocess`` (the model's record) or the default record at ``image_size``.
     The loader also carries ``classes`` (the sorted folder names)."""
     classes, files = scan_imagefolder(root, expected_classes=expected_classes, expected_synsets=expected_synsets)
     loader = FileImageLoader(files, image_size=image_size, batch_size=batch_size, workers=workers, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size, preprocess=preprocess)
     loader.classes = classes
     return loader
 
@@ -273,7 +288,7 @@ def run_zeroshot_imagefolder(
     device: torch.device | str = "cpu", precision: str = "fp32",
 ) -> dict:
     """Zero-shot top-1/top-5/mean-per-class recall on an ImageFolder tree; the same files as ``run_zeroshot``."""
-    loader = imagefolder_batches(root, image_size=loaded.config.image_size, batch_size=batch_size, workers=workers,
+    loader = imagefolder_batches(root, preprocess=loaded.preprocess, batch_size=batch_size, workers=workers,
                                  expected_classes=expected_classes, expected_synsets=expected_synsets)
     if len(loader.classes) != len(classnames):
         raise EvalSourceError(f"{root}: {len(loader.classes)} class folders but {len(classnames)} class names")
@@ -294,7 +309,7 @@ def encode_retrieval_set(
     Images are split across ranks and gathered; an undecodable image is dropped with its captions. With an
     ``itm_corpus`` the image tokens and caption ids are collected too, in the same row order."""
     items = [(path, index) for index, path in enumerate(data.images)]
-    loader = FileImageLoader(items, image_size=loaded.config.image_size, batch_size=batch_size, workers=workers)
+    loader = FileImageLoader(items, preprocess=loaded.preprocess, batch_size=batch_size, workers=workers)
     features, indices = encode_dataset(itm_corpus or loaded.model, loader, device, precision)
     skipped = loader.skip_counts()
     if indices.numel() == 0:
@@ -379,8 +394,8 @@ def encode_shard_retrieval(
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
     device, counters = torch.device(device), SkipCounters()
-    limits = DecodeLimits(draft_size=loaded.config.image_size)
-    transform = build_image_transform("none", loaded.config.image_size, train=False)
+    limits, preprocess = DecodeLimits(), loaded.preprocess
+    transform = preprocess.transform()
     encode_text = text_encoder_fn(loaded, device)
     image_encoder = itm_corpus or loaded.model
     tokenize = TextTokenizer(loaded.tokenizer, loaded.config.context_length) if itm_corpus is not None else None
@@ -395,7 +410,8 @@ def encode_shard_retrieval(
     def flush(final: bool) -> None:
         if pending and (final or len(pending) >= batch_size):
             with torch.no_grad(), autocast_context(device, precision):
-                images.append(image_encoder.encode_image(collate_images(pending).to(device), normalize=True).float())
+                pixels = preprocess.collate(pending).to(device)
+                images.append(image_encoder.encode_image(pixels, normalize=True).float())
             pending.clear()
         if captions and (final or len(captions) >= batch_size):
             texts.append(encode_text(captions))
@@ -420,7 +436,7 @@ def encode_shard_retrieval(
                 try:
                     if sample.image is None:
                         raise SampleError(reasons.MISSING_IMAGE, "no image member")
-                    pending.append(transform(decode_image(sample.image, limits, sample.image_ext)))
+                    pending.append(transform(preprocess.decode(sample.image, limits, sample.image_ext)))
                     image_ids.append(key)
                     encoded.add(key)
                 except SampleError as err:

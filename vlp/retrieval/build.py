@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from vlp import distributed
 from vlp.data.counters import sum_counts
-from vlp.data.transforms import normalize_batch
 from vlp.evaluation.loading import LoadedModel, find_run_files, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, build_backend
 from vlp.retrieval.reading import BuildOptions, Chunk, UnitDataset, source_units
@@ -62,11 +61,18 @@ class _PartBuffer:
 
 
 def model_identity(checkpoint: str) -> tuple[Path, str]:
-    """(weights file, fingerprint) of a vlp checkpoint (run dir, checkpoint dir or weights file)."""
-    from vlp.config import load_config, to_dict
+    """(weights file, fingerprint) of a vlp checkpoint (run dir, checkpoint dir or weights file).
+
+    The fingerprint covers the weights and the model config, preprocessing record included; a default record is
+    left out, so indexes built before configs carried ``model.preprocess`` keep their fingerprint."""
+    from vlp.config import PreprocessConfig, load_config, to_dict
 
     weights, config_path = find_run_files(Path(checkpoint))
-    return weights, model_fingerprint(weights, to_dict(load_config(config_path).model))
+    model = load_config(config_path).model
+    values = to_dict(model)
+    if model.preprocess == PreprocessConfig():
+        values.pop("preprocess")
+    return weights, model_fingerprint(weights, values)
 
 
 def _check_out_dir(out: Path, fingerprint: str) -> None:
@@ -86,7 +92,7 @@ def _embed_chunk(loaded: LoadedModel, chunk: Chunk, buffer: _PartBuffer, options
     offset = len(buffer.metadata)
     with torch.no_grad(), autocast_context(device, options.precision):
         if chunk.images.shape[0]:
-            features = loaded.model.encode_image(normalize_batch(chunk.images).to(device), normalize=True)
+            features = loaded.model.encode_image(loaded.preprocess.normalize(chunk.images).to(device), normalize=True)
             buffer.image.append(features.float().cpu().half())
         if chunk.text_ids.shape[0]:
             features = loaded.model.encode_text(chunk.text_ids.to(device), chunk.text_mask.to(device), normalize=True)
@@ -107,7 +113,7 @@ def _embed_units(loaded: LoadedModel, units: list[SourceUnit], todo: list[int], 
                  options: BuildOptions) -> int:
     """Embed the units ``todo`` (indices into ``units``) and write their parts; returns the rows embedded."""
     config = loaded.config
-    dataset = UnitDataset(units, todo, config.image_size, loaded.tokenizer, config.context_length, options)
+    dataset = UnitDataset(units, todo, loaded.preprocess, loaded.tokenizer, config.context_length, options)
     workers = min(options.workers, len(todo))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                         prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
@@ -181,7 +187,8 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, weight
             built += build_backend(spec, image, progress=progress).save(out)
     write_manifest(out, {
         "model": {"fingerprint": fingerprint, "checkpoint": str(Path(weights).resolve()), "name": loaded.name,
-                  "tokenizer": loaded.tokenizer, "config": to_dict(loaded.config)},
+                  "tokenizer": loaded.tokenizer, "config": to_dict(loaded.config),
+                  "preprocess": loaded.preprocess.as_dict()},
         "dim": int(loaded.model.embed_dim),
         "parts": [{"name": u.name, "rows": r.rows, "captions": r.captions} for u, r in zip(units, receipts,
                                                                                           strict=True)],

@@ -12,7 +12,6 @@ queries against captions; the candidates' images are read back from their shards
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +24,9 @@ from PIL import Image
 
 from vlp.config import ModelConfig
 from vlp.data import counters as reasons
-from vlp.data.decode import DecodeLimits, SampleError, decode_image
+from vlp.data.decode import DecodeLimits, SampleError
+from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import build_image_transform, collate_images
 from vlp.evaluation.itm_rerank import itm_match_logits
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
@@ -141,22 +140,29 @@ class Index:
         return self.loaded.config
 
     def decode_query_image(self, image: ImageQuery) -> Image.Image:
-        """A query image (bytes, a path or a PIL image) as RGB, through the same caps as training data."""
+        """A query image (bytes, a path or a PIL image) as RGB, through the same caps as training data and the
+        model's preprocessing record (alpha policy; no JPEG draft decoding)."""
+        preprocess = self._preprocess()
         if isinstance(image, Image.Image):
             if image.width * image.height > self.limits.max_image_pixels:
                 raise QueryError(f"query image of {image.width}x{image.height} pixels exceeds the cap")
-            return image.convert("RGB")
+            return preprocess.to_rgb(image)
         data = Path(image).read_bytes() if isinstance(image, str | Path) else image
         ext = Path(image).suffix if isinstance(image, str | Path) else None  # bytes: any format vlp reads
         try:
-            return decode_image(data, dataclasses.replace(self.limits, draft_size=self._config().image_size), ext)
+            return preprocess.decode(data, self.limits, ext)
         except SampleError as err:
             detail = "not a readable image, or truncated" if err.reason == reasons.UNDECODABLE_IMAGE else str(err)
             raise QueryError(f"query image: {err.reason}: {detail}") from err
 
+    def _preprocess(self) -> Preprocess:
+        self._model()
+        return self.loaded.preprocess
+
     def _pixels(self, images: Sequence[ImageQuery]) -> torch.Tensor:
-        transform = build_image_transform("none", self._config().image_size, train=False)
-        return collate_images([transform(self.decode_query_image(image)) for image in images]).to(self._device())
+        preprocess = self._preprocess()
+        transform = preprocess.transform()
+        return preprocess.collate([transform(self.decode_query_image(image)) for image in images]).to(self._device())
 
     def embed_images(self, images: Sequence[ImageQuery]) -> torch.Tensor:
         """Normalised image embeddings (Q, D)."""

@@ -2,13 +2,13 @@
 
 Input -> units (one per shard, or per ``files_per_part`` files of a folder) -> this rank's units
 (``units[rank::world]``) -> loader workers (``units[worker::workers]`` of those), each yielding chunks of one unit:
-decoded, capped and resized images (uint8) with their metadata and tokenized captions. Bad images and captions
+decoded, capped and transformed images (the model's preprocessing record; uint8 for vlp models) with their metadata
+and tokenized captions. Bad images and captions
 are counted by reason, never fatal; a missing caption is no error (captions are optional in an index).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Iterator
@@ -20,10 +20,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters
-from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_image, decode_metadata
+from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_metadata
+from vlp.data.preprocess import Preprocess
 from vlp.data.tar_stream import iter_shard
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import build_image_transform
 from vlp.data.urls import expand_urls
 from vlp.evaluation.sources import IMAGE_EXTENSIONS, image_files
 from vlp.retrieval.store import IndexStoreError, SourceUnit
@@ -50,7 +50,7 @@ class Chunk:
     """Up to ``batch_size`` rows of one unit; ``last`` marks the unit's final chunk (with its skip counts)."""
 
     unit: int
-    images: torch.Tensor  # (n, 3, S, S) uint8
+    images: torch.Tensor  # (n, 3, H, W) uint8 (vlp record) or normalised float32 (open_clip record)
     metadata: list[dict]
     text_rows: list[int]  # rows (within this chunk) that have a caption
     text_ids: torch.Tensor  # (m, L)
@@ -98,20 +98,22 @@ def source_units(data: str, files_per_part: int = 5000) -> list[SourceUnit]:
 # ---------------------------------------------------------------------------------------------------- reading
 
 class UnitDataset(IterableDataset):
-    """Chunks of this worker's units (``units[worker::workers]``), in unit order."""
+    """Chunks of this worker's units (``units[worker::workers]``), in unit order; images decoded and transformed
+    with ``preprocess`` (the model's record; JPEG draft decoding never applies here)."""
 
-    def __init__(self, units: list[SourceUnit], indices: list[int], image_size: int, tokenizer: str,
+    def __init__(self, units: list[SourceUnit], indices: list[int], preprocess: Preprocess, tokenizer: str,
                  context_length: int, options: BuildOptions) -> None:
         self.units, self.indices = units, indices
-        self.image_size, self.tokenizer_spec, self.context_length = image_size, tokenizer, context_length
+        self.preprocess = preprocess.for_evaluation()
+        self.tokenizer_spec, self.context_length = tokenizer, context_length
         self.options = options
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        transform = build_image_transform("none", self.image_size, train=False)
+        transform = self.preprocess.transform()
         tokenizer = TextTokenizer(self.tokenizer_spec, self.context_length)
-        limits = dataclasses.replace(self.options.limits, draft_size=self.image_size)
+        limits = self.options.limits
         for index in self.indices[worker::workers]:
             yield from self._unit_chunks(index, transform, tokenizer, limits)
 
@@ -140,7 +142,7 @@ class UnitDataset(IterableDataset):
                 continue
             try:
                 metadata = decode_metadata(sample.json)
-                image = decode_image(sample.image, limits, sample.image_ext)
+                image = self.preprocess.decode(sample.image, limits, sample.image_ext)
             except SampleError as err:
                 counters.add(err.reason, where, detail=str(err))
                 continue
@@ -152,7 +154,7 @@ class UnitDataset(IterableDataset):
         for path in map(Path, unit.paths):
             try:
                 data = path.read_bytes()
-                image = decode_image(data, limits, path.suffix)
+                image = self.preprocess.decode(data, limits, path.suffix)
             except OSError as err:
                 counters.add(reasons.UNDECODABLE_IMAGE, str(path), detail=str(err))
                 continue
@@ -166,8 +168,9 @@ class UnitDataset(IterableDataset):
             yield image, row | ({"caption": caption} if caption is not None else {}), caption
 
     def _chunk(self, index: int, pending: list[tuple], tokenizer: TextTokenizer) -> Chunk:
-        size = self.image_size
-        images = torch.stack([p[0] for p in pending]) if pending else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+        height, width = self.preprocess.height_width
+        images = (torch.stack([p[0] for p in pending]) if pending
+                  else torch.zeros(0, 3, height, width, dtype=torch.uint8))
         text_rows = [row for row, p in enumerate(pending) if p[2] is not None]
         captions = [pending[row][2] for row in text_rows]
         if captions:

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlp.config import AlbefConfig, Config, ConfigError
 from vlp.data.pipeline import ShardLoader
+from vlp.data.preprocess import Preprocess
 from vlp.distributed import DistInfo
 from vlp.training.albef_task import AlbefTask
 from vlp.training.task import ContrastiveTask
@@ -93,5 +94,6 @@ def build_batches(config: Config, dist: DistInfo) -> ShardLoader:
     """The training shard loader for this rank."""
     if not config.data.sources:
         raise ConfigError("data.sources is empty: point it at shards, e.g. data.sources=/data/shards")
+    preprocess = Preprocess.from_model_config(config.model, jpeg_draft=config.data.jpeg_draft)
     return ShardLoader(config.data, image_size=config.model.image_size, context_length=config.model.context_length,
-                       rank=dist.rank, world_size=dist.world_size)
+                       rank=dist.rank, world_size=dist.world_size, preprocess=preprocess)
