@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
+from vlp.errors import VlpError
 
-class ConfigError(ValueError):
+
+class ConfigError(VlpError, ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
 
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlp.data import counters as reasons
+from vlp.errors import VlpError
 
 
-class SampleError(ValueError):
+class SampleError(VlpError, ValueError):
     """A sample that must be skipped; ``reason`` is one of the counters' sample reasons."""
 
     def __init__(self, reason: str, detail: str) -> None:

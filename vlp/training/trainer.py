@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
+from vlp.errors import VlpError
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.optim import build_optimizer, set_lr
@@ -36,7 +37,7 @@ EXPORT_MODEL = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(VlpError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
