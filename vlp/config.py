@@ -342,7 +342,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``key.sub=value`` overrides and check
+    every value rule (:func:`vlp.config_rules.check_config`)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -358,8 +359,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         dotted, value = parse_override(text)
         _set_dotted(tree, dotted, value)
+    from vlp.config_rules import check_config  # the value rules import this module
+
     try:
-        return from_dict(tree)
+        return check_config(from_dict(tree))
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None
