@@ -37,7 +37,9 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def describe(self) -> str:
-        """``>= 1``, ``> 0``, ``in [0, 1)``, ..."""
+        """``>= 1``, ``> 0``, ``in [0, 1)``, ``a finite number``."""
+        if self.low is None and self.high is None:
+            return "a finite number"
         if self.low is not None and self.high is not None:
             return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
         if self.low is not None:
@@ -90,8 +92,7 @@ def _check_numbers(config: Config) -> None:
     for key, where, value in numeric_values(config):
         rule = NUMERIC_RULES.get(key)
         if rule is not None and not rule.allows(value):
-            raise ConfigError(f"{where}={value!r}: must be {rule.describe()}" + ("" if rule.low is not None or
-                              rule.high is not None else " (a finite number)"))
+            raise ConfigError(f"{where}={value!r}: must be {rule.describe()}")
 
 
 def _check_strings(config: Config) -> None:
