@@ -21,7 +21,7 @@ from vlp.training.trainer import Trainer
 
 TINY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
         "data.batch_size=4", "train.tensorboard=false", "loss.gather=none"]
-CASES = 18  # len(_cases(...)): one test per case
+CASES = 19  # len(_cases(...)): one test per case
 TINY_BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
 
@@ -60,8 +60,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     weights, fingerprint = model_identity(str(hostile / "model.pt"))
     manifest["model"].update(checkpoint=str(weights), fingerprint=fingerprint)
     (root / "index" / "index.json").write_text(json.dumps(manifest))
+    (root / "two_classes.txt").write_text("zero\none\n")
     return {"root": root, "shards": root / "shards", "run": root / "run", "hostile": hostile, "hf": hf,
-            "index": root / "index"}
+            "index": root / "index", "two_classes": root / "two_classes.txt"}
 
 
 def _leaf_commands() -> set[str]:
@@ -92,6 +93,8 @@ def _cases(w: dict[str, Path]) -> list[tuple[list[str], str]]:
         ([*train, f"train.output_dir={root / 't5'}", "train.log_every=0"], "train.log_every=0: must be >= 1"),
         ([*train, f"train.output_dir={root / 't6'}", "train.checkpoint_every=0"], "train.checkpoint_every=0"),
         ([*train, f"train.output_dir={root / 't7'}", "train.grad_accum=0"], "train.grad_accum=0"),
+        ([*train, f"train.output_dir={root / 't8'}", "eval.every_steps=1", f"eval.zeroshot_urls={shards}",
+          f"eval.zeroshot_classnames={w['two_classes']}"], "labels go up to 9 but 2 class names were given"),
         (["eval", "zeroshot", "--checkpoint", str(w["hostile"] / "model.pt"), "--data", shards, "--workers", "0",
           "--out", str(root / "e1")], "refusing to load"),
         (["eval", "retrieval", "--checkpoint", str(root / "norun"), "--data", shards, "--out", str(root / "e2")],
