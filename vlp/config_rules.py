@@ -119,9 +119,6 @@ def _check_cross_fields(config: Config) -> None:
     if albef.enabled and loss.kind != "clip":
         raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
                           f"got loss.kind={loss.kind!r}")
-    if config.eval.every_steps > 0 and not (config.eval.zeroshot_urls or config.eval.retrieval_urls):
-        raise ConfigError(f"eval.every_steps={config.eval.every_steps} but there is nothing to evaluate: set "
-                          "eval.zeroshot_urls and/or eval.retrieval_urls, or eval.every_steps=0")
 
 
 def check_config(config: Config) -> Config:
