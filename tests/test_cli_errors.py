@@ -162,3 +162,16 @@ def test_a_loader_worker_traceback_is_reduced_to_its_message() -> None:
                        "call last):\n  File \"x.py\", line 1, in f\nvlp.data.urls.DataSourceError: shard x.tar: gone")
     assert user_message(wrapped) == "shard x.tar: gone"
     assert user_message(FileNotFoundError(2, "No such file or directory", "/a/b")) == "/a/b: No such file or directory"
+
+
+def test_a_hugging_face_bin_of_plain_tensors_still_loads(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from vlp.models.text_encoder import load_hf_encoder
+
+    reference = BertModel(BertConfig(**{k: v for k, v in TINY_BERT.items() if k != "model_type"}),
+                          add_pooling_layer=False)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps(TINY_BERT))
+    loaded = load_hf_encoder(tmp_path)
+    assert all(torch.equal(value, loaded.state_dict()[name]) for name, value in reference.state_dict().items())
