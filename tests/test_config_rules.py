@@ -102,3 +102,16 @@ def test_a_config_built_in_code_is_checked_by_the_trainer(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="train.log_every=0"):
         Trainer(config, batches=[], progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_numbers_in_tuples_are_listed_one_by_one() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Section:
+        std: tuple[float, ...] = (0.5, 0.25)
+        name: str = "x"
+
+    @dataclasses.dataclass(frozen=True)
+    class Whole:
+        model: Section = dataclasses.field(default_factory=Section)
+
+    assert list(numeric_values(Whole())) == [("model.std", "model.std[0]", 0.5), ("model.std", "model.std[1]", 0.25)]

@@ -74,8 +74,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 def numeric_values(config: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
-    """(rule key, where, value) of every int / float field; list items share the rule of their field
-    (``data.sources.weight``) and are located by index (``data.sources[1].weight``)."""
+    """(rule key, where, value) of every int / float field and every number of a tuple of numbers; list items
+    share the rule of their field (``data.sources.weight``) and are located by index (``data.sources[1].weight``)."""
     for item in dataclasses.fields(config):
         value, key = getattr(config, item.name), f"{prefix}{item.name}"
         if dataclasses.is_dataclass(value):
@@ -84,8 +84,14 @@ def numeric_values(config: Any, prefix: str = "") -> Iterator[tuple[str, str, An
             for index, element in enumerate(value):
                 for rule_key, where, number in numeric_values(element, key + "."):
                     yield rule_key, where.replace(key + ".", f"{key}[{index}].", 1), number
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif isinstance(value, tuple) and value and all(_is_number(v) for v in value):
+            yield from ((key, f"{key}[{index}]", number) for index, number in enumerate(value))
+        elif _is_number(value):
             yield key, key, value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _check_numbers(config: Config) -> None:
