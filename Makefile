@@ -4,7 +4,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default chromium
+# vlp + its dependencies; the extras go on top: .installed-dev (test tools) and .installed-bench (benchmark peers)
+DEV_STAMP := $(VENV)/.installed-dev
+BENCH_STAMP := $(VENV)/.installed-bench
+# the demo data (demo, tests, benchmarks); chromium runs the browser test of the search page (tests only, ~500 MB)
+DATA_DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
+TEST_DEBIAN_PACKAGES := $(DATA_DEBIAN_PACKAGES) chromium
 DEMO_DATA := data/demo
 # make demo: the CLIP demo; make demo DEMO=albef: the ALBEF demo (momentum distillation, fusion encoder, ITM, MLM)
 DEMO ?= clip
@@ -15,14 +20,14 @@ DEMO_CONFIG_albef := configs/pretrain/demo_albef.yaml
 DEMO_RUN_albef := runs/demo_albef
 DEMO_EVAL_albef := --rerank 16
 
-.PHONY: help install debian-data test lint demo demo-data bench clean
+.PHONY: help install debian-data debian-test test lint demo demo-data bench clean
 
 help:
 	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
 	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a small CLIP"
 	@echo "            (make demo DEMO=albef: a small ALBEF: momentum distillation, fusion encoder, ITM, MLM)"
 	@echo "make lint   ruff"
-	@echo "make bench  run the benchmarks (python -m bench.<name>)"
+	@echo "make bench  set up (with the benchmark peers' extra packages), then run the benchmarks (python -m bench.<name>)"
 
 install: $(STAMP)
 
@@ -30,12 +35,24 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e .
 	@touch $(STAMP)
 
+# an extra of pyproject.toml (dev, bench) on top of the base install, pinned by the same lock
+$(VENV)/.installed-%: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[$*]'
+	@touch $@
+
 debian-data:
-	@missing=""; \
-	for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(call apt_install,$(DATA_DEBIAN_PACKAGES))
+
+debian-test:
+	@$(call apt_install,$(TEST_DEBIAN_PACKAGES))
+
+# install the Debian packages $(1) that are missing (as root, or through sudo)
+define apt_install
+	missing=""; \
+	for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if ! command -v apt-get >/dev/null 2>&1; then \
 	    echo "error: the Debian packages$$missing are needed and apt-get is not available on this machine" >&2; exit 1; fi; \
@@ -47,11 +64,12 @@ debian-data:
 	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+endef
 
-test: install debian-data
+test: $(DEV_STAMP) debian-test
 	$(BIN)/python -m pytest -q
 
-lint: install
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check vlp tests bench eval
 
 demo-data: install debian-data
@@ -66,12 +84,13 @@ demo:
 	$(BIN)/vlp eval demo --run $(DEMO_RUN_$(DEMO)) --data $(DEMO_DATA) $(DEMO_EVAL_$(DEMO))
 	@echo "demo run: $(DEMO_RUN_$(DEMO)) (results.json, eval/, metrics.jsonl, training_curves.png, model.safetensors)"
 
-bench: install debian-data
+bench: $(BENCH_STAMP) debian-data
 	$(BIN)/python -m bench.data
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.loss_memory
 	$(BIN)/python -m bench.eval
 	$(BIN)/python -m bench.albef
+	$(BIN)/python -m bench.retrieval
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) runs

@@ -18,13 +18,15 @@ from typing import Any, Literal
 
 import yaml
 
+from vlp.errors import VlpError
+
 # The one cap on image size (width x height, from the header, before decoding) that the loader, `vlp shards check`,
 # `vlp shards write`, evaluation and index builds all apply unless given another value (data.max_image_pixels).
 # 64 Mpx: a 50-megapixel camera original still passes `vlp shards write`; below PIL's own bomb warning (89 Mpx).
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096 * 4
 
 
-class ConfigError(ValueError):
+class ConfigError(VlpError, ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
 
 
@@ -44,7 +46,7 @@ class PreprocessConfig:
     ``alpha``: ``white`` composites transparency (RGBA, LA, P with transparency) onto white; ``convert`` is PIL's
     ``convert("RGB")``, as open_clip and CLIP_benchmark load images. ``resize``: ``shortest`` resizes the short side
     to ``model.image_size`` and centre-crops; ``squash`` resizes both sides to it. ``mean`` / ``std``: per channel,
-    on the 0-1 scale (the defaults are OpenAI CLIP's).
+    on the 0-1 scale (the defaults are OpenAI CLIP's); their value rules are in :mod:`vlp.config_rules`.
     """
 
     alpha: Literal["white", "convert"] = "white"
@@ -57,8 +59,6 @@ class PreprocessConfig:
         for name in ("mean", "std"):
             if len(getattr(self, name)) != 3:
                 raise ConfigError(f"model.preprocess.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")
-        if min(self.std) <= 0:
-            raise ConfigError(f"model.preprocess.std: every value must be > 0, got {self.std}")
 
 
 @dataclass(frozen=True)
@@ -372,7 +372,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``key.sub=value`` overrides and check
+    every value rule (:func:`vlp.config_rules.check_config`)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -388,8 +389,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         dotted, value = parse_override(text)
         _set_dotted(tree, dotted, value)
+    from vlp.config_rules import check_config  # the value rules import this module
+
     try:
-        return from_dict(tree)
+        return check_config(from_dict(tree))
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlp.config import ModelConfig
+from vlp.errors import VlpError
 
 
-class ModelError(ValueError):
+class ModelError(VlpError, ValueError):
     """A model name, tower spec or weights file is unknown, unsupported or does not fit."""
 
 

@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from vlp.errors import USER_PATH_ERRORS, VlpError, user_message
+
 # Each module exposes ``register(subparsers)``, adding its parser(s) with ``set_defaults(func=...)``;
 # ``func(args) -> int`` returns the process exit code.
 COMMAND_MODULES = ("vlp.cli.shards", "vlp.cli.data", "vlp.cli.train", "vlp.cli.eval", "vlp.cli.convert",
@@ -28,11 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code."""
+    """Run the CLI and return its exit code: 1 with ``error: <message>`` on stderr for a project error
+    (:class:`~vlp.errors.VlpError`) or a bad path; other exceptions are bugs and keep their traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (VlpError, *USER_PATH_ERRORS) as err:
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        return 1

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from vlp.config import ConfigError, load_config
+from vlp.config import load_config
+from vlp.errors import USER_PATH_ERRORS, VlpError, user_message
 
 logger = logging.getLogger("vlp.train")
 EXIT_SIGTERM = 143  # 128 + SIGTERM: the run stopped early after writing a checkpoint
@@ -32,22 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train; exit code 0 when done, 1 on a configuration or checkpoint error, 3 when aborted, 143 on SIGTERM."""
+    """Train; exit code 0 when done, 1 on bad input (config, model, data, checkpoint), 3 when aborted, 143 on
+    SIGTERM."""
     from vlp import distributed
-    from vlp.data.urls import DataSourceError
-    from vlp.training.checkpoint import CheckpointError
     from vlp.training.trainer import Trainer, TrainingAborted
 
     try:
         config = load_config(args.config, args.overrides)
         trainer = Trainer(config, resume=args.resume, progress=args.progress)
         summary = trainer.fit()
-    except (ConfigError, DataSourceError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except TrainingAborted as err:
         print(f"error: training aborted: {err}", file=sys.stderr)
         return 3
+    except (VlpError, *USER_PATH_ERRORS) as err:  # config, model, data, checkpoint, resume
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        return 1
     finally:
         distributed.cleanup()
     if distributed.get_rank() == 0:

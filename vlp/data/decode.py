@@ -15,9 +15,10 @@ from PIL import Image
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import counters as reasons
 from vlp.data.image_open import ImageRejected, open_image, pil_formats, pil_pixel_limit
+from vlp.errors import VlpError
 
 
-class SampleError(ValueError):
+class SampleError(VlpError, ValueError):
     """A sample that must be skipped; ``reason`` is one of the counters' sample reasons."""
 
     def __init__(self, reason: str, detail: str) -> None:

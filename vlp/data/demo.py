@@ -37,6 +37,7 @@ from vlp.data import demo_fashion, demo_tuxpaint
 from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, FASHION_TRAIN_TEMPLATES
 from vlp.data.layout import read_manifest, write_json_atomic
 from vlp.data.writer import SourceSample, write_shards
+from vlp.errors import VlpError
 
 __all__ = [
     "DEMO_LICENCES", "FASHION_CLASSNAMES", "FASHION_EVAL_TEMPLATES", "FASHION_TRAIN_TEMPLATES",
@@ -96,7 +97,7 @@ DEMO_LICENCES = {
 }
 
 
-class DemoDataMissingError(FileNotFoundError):
+class DemoDataMissingError(VlpError, FileNotFoundError):
     """A source data set is not installed; the message names the Debian package that provides it."""
 
 

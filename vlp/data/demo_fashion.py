@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from vlp.data.writer import SourceSample
+from vlp.errors import VlpError
 
 FASHION_DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_SPLIT_FILES = {
@@ -71,7 +72,7 @@ IDX_IMAGES_NDIM = 3
 IDX_LABELS_NDIM = 1
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(VlpError, ValueError):
     """An idx file whose magic number, dimensions or size do not match what was expected."""
 
 

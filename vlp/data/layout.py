@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vlp.errors import VlpError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json", "cls")  # cls: an integer class label (the CLIP_benchmark layout)
 MANIFEST_NAME = "manifest.json"
@@ -120,7 +122,7 @@ def write_manifest(directory: str | Path, records: list[ShardRecord]) -> None:
     write_json_atomic(directory / SIZES_NAME, {r.name: r.samples for r in records})
 
 
-class ManifestError(ValueError):
+class ManifestError(VlpError, ValueError):
     """``manifest.json`` exists but cannot be parsed."""
 
 

@@ -37,10 +37,19 @@ from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import ImageTransform
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
+from vlp.errors import VlpError
 from vlp.types import Batch
 
 STATE_VERSION = 1
 logger = logging.getLogger("vlp.data")
+# the config setting behind each field of a saved loader position (what a resume must not change)
+STATE_FIELDS = {"sources": "data.sources", "weights": "data.sources weights", "mode": "data.mode",
+                "seed": "data.seed", "shuffle_buffer": "data.shuffle_buffer", "workers": "data.workers",
+                "rank": "the rank", "world_size": "the number of processes"}
+
+
+class LoaderStateError(VlpError, ValueError):
+    """A saved loader position that this loader cannot continue (another version, data or topology)."""
 
 
 @contextlib.contextmanager
@@ -299,12 +308,13 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the data, seed, mode, ranks and workers must match."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise LoaderStateError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
         saved, current = state["fingerprint"], self._fingerprint()
         changed = [name for name in current if saved.get(name) != current[name]]
         if changed:
             before, now = [saved.get(n) for n in changed], [current[n] for n in changed]
-            raise ValueError(f"cannot resume the data stream exactly: {', '.join(changed)} changed since the "
+            names = ", ".join(STATE_FIELDS.get(name, name) for name in changed)
+            raise LoaderStateError(f"cannot resume the data stream exactly: {names} changed since the "
                              f"checkpoint (saved {before}, now {now})")
         self._next_worker = int(state["next_worker"])
         workers = {int(w): v for w, v in state["workers"].items()}

@@ -32,13 +32,14 @@ from pathlib import Path
 
 from vlp.data import layout
 from vlp.data.writer import SourceSample
+from vlp.errors import VlpError
 
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv")
 IMAGE_FIELDS = ("image", "image_path")
 CORE_FIELDS = (*IMAGE_FIELDS, "caption", "label", "extra")
 
 
-class RowError(ValueError):
+class RowError(VlpError, ValueError):
     """A table row that cannot become a sample."""
 
 

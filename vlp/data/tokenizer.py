@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from vlp.errors import VlpError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(VlpError, ValueError):
     """The tokenizer spec is unknown or its files are missing."""
 
 

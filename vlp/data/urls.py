@@ -10,9 +10,10 @@ from pathlib import Path
 import braceexpand
 
 from vlp.data.layout import read_manifest
+from vlp.errors import VlpError
 
 
-class DataSourceError(ValueError):
+class DataSourceError(VlpError, ValueError):
     """A url spec names no shards, or a directory without tar files."""
 
 

@@ -17,11 +17,16 @@ import torch
 from vlp import distributed
 from vlp.config import DataConfig, SourceConfig
 from vlp.data.pipeline import ShardLoader
+from vlp.errors import VlpError
 from vlp.evaluation.itm_rerank import ItmCorpus, itm_reranker
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
 from vlp.evaluation.records import RETRIEVAL_TASK, ZEROSHOT_TASK, benchmark_record, write_record
 from vlp.evaluation.retrieval import TieRule, retrieval_evaluation
 from vlp.evaluation.zero_shot import Template, build_classifier, encode_dataset, gather_uneven, zero_shot_metrics
+
+
+class EvalDataError(VlpError, ValueError):
+    """Evaluation shards that cannot be scored (no samples, missing labels, labels without a class name)."""
 
 
 def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int, require_caption: bool) -> ShardLoader:
@@ -108,11 +113,11 @@ def run_zeroshot(
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=False)
     features, labels = encode_dataset(loaded.model, loader, device, precision)
     if labels.numel() == 0:
-        raise ValueError(f"{urls}: no labelled samples to evaluate (skipped: {loader.skip_counts()})")
+        raise EvalDataError(f"{urls}: no labelled samples to evaluate (skipped: {loader.skip_counts()})")
     if int(labels.min()) < 0:
-        raise ValueError(f"{urls}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
+        raise EvalDataError(f"{urls}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
     if int(labels.max()) >= len(classnames):
-        raise ValueError(f"{urls}: labels go up to {int(labels.max())} but {len(classnames)} class names were given")
+        raise EvalDataError(f"{urls}: labels go up to {int(labels.max())} but {len(classnames)} class names were given")
     return score_zeroshot(loaded, features, labels, classnames, templates, dataset=dataset,
                           skipped=loader.skip_counts(), out_dir=out_dir, device=device)
 
@@ -138,7 +143,7 @@ def encode_pairs(
                 itm_corpus.add_texts(batch.text_ids, batch.text_mask)
             keys += batch.keys
     if not images:
-        raise ValueError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
+        raise EvalDataError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
     index = torch.arange(len(keys), device=device)
     image_features, _ = gather_uneven(torch.cat(images), index)
     text_features, _ = gather_uneven(torch.cat(texts), index)

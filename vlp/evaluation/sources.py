@@ -41,6 +41,7 @@ from vlp.data.preprocess import Preprocess
 from vlp.data.tar_stream import iter_shard
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.urls import expand_urls
+from vlp.errors import VlpError
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, text_encoder_fn
 from vlp.evaluation.records import write_record
@@ -53,7 +54,7 @@ WNID = re.compile(r"n\d{8}")
 SHOW = 5  # offenders named in an error message
 
 
-class EvalSourceError(ValueError):
+class EvalSourceError(VlpError, ValueError):
     """An evaluation data set that cannot be used as given; the message names the folder or file."""
 
 

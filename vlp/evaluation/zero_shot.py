@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp import distributed
+from vlp.errors import VlpError
 from vlp.evaluation.metrics import (
     confusion_matrix,
     mean_per_class_recall,
@@ -34,7 +35,7 @@ TextEncoder = Callable[[list[str]], torch.Tensor]
 PLACEHOLDERS = ("{}", "{c}")
 
 
-class ZeroShotDataError(ValueError):
+class ZeroShotDataError(VlpError, ValueError):
     """A class-name or template file that cannot be used; the message names the file (and line)."""
 
 

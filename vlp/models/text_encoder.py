@@ -138,16 +138,33 @@ def load_hf_encoder(directory: Path, pretrained: bool = True) -> nn.Module:
 
     if not (directory / "config.json").is_file():
         raise ModelError(f"{str(directory)!r} is not a Hugging Face model directory (no config.json)")
+    use_safetensors = _check_hf_weights(directory) if pretrained else None
     with _quiet_transformers():
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        load = dict(local_files_only=True, use_safetensors=use_safetensors)
         try:  # BERT-family models: drop the unused pooler, so every parameter gets a gradient
             if pretrained:
-                return AutoModel.from_pretrained(str(directory), local_files_only=True, add_pooling_layer=False)
+                return AutoModel.from_pretrained(str(directory), **load, add_pooling_layer=False)
             return AutoModel.from_config(config, add_pooling_layer=False)
         except TypeError:
             if pretrained:
-                return AutoModel.from_pretrained(str(directory), local_files_only=True)
+                return AutoModel.from_pretrained(str(directory), **load)
             return AutoModel.from_config(config)
+
+
+def _check_hf_weights(directory: Path) -> bool:
+    """Whether the weights of a Hugging Face directory are safetensors files. Torch ``.bin`` weights are read
+    once with ``torch.load(weights_only=True)`` first, so a pickle payload is refused here, never executed."""
+    from vlp.models.weights import read_state_dict
+
+    if any(directory.glob("*.safetensors")):
+        return True
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelError(f"{str(directory)!r} holds no weights (model.safetensors or pytorch_model.bin)")
+    for path in bins:
+        read_state_dict(path)  # UnsafeCheckpointError for anything but tensors in plain containers
+    return False
 
 
 def create_text_tower(spec: str, context_length: int, pooling: Pooling) -> nn.Module:

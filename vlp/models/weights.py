@@ -7,6 +7,7 @@ back to one on ``TypeError``, which is why vlp reads the file itself).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,18 @@ def _load_torch_file(path: Path) -> object:
     except Exception as err:  # any failure of the restricted unpickler: refuse, never retry unrestricted
         raise UnsafeCheckpointError(
             f"refusing to load {str(path)!r}: it cannot be read with torch.load(weights_only=True) "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). vlp never unpickles "
+            f"({type(err).__name__}: {_unpickler_reason(err)}). vlp never unpickles "
             "arbitrary objects; convert the file to safetensors or to a plain state dict of tensors"
         ) from None
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of a restricted-unpickler failure that says what was refused (torch's first line only offers to
+    load the file unrestricted), without terminal colour codes."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()]
+    marker = "WeightsUnpickler error:"
+    refused = [line.split(marker, 1)[1].strip() for line in lines if marker in line]
+    return (refused or lines or [""])[0].split(". Please use")[0]
 
 
 def _unwrap(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlp.errors import VlpError
+
 GROUP = 64  # exact search: columns per group of the group-maximum pre-selection of a chunk's top-k
 
 
-class SearchBackendError(ValueError):
+class SearchBackendError(VlpError, ValueError):
     """Bad arguments or files for a search back end; the message names the problem."""
 
 

@@ -12,12 +12,14 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from vlp.errors import VlpError
+
 MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
                ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 CACHED_SHARDS = 64
 
 
-class ImageReadError(OSError):
+class ImageReadError(VlpError, OSError):
     """The stored image of a row cannot be read (moved or damaged source)."""
 
 

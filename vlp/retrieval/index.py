@@ -27,6 +27,7 @@ from vlp.data import counters as reasons
 from vlp.data.decode import DecodeLimits, SampleError
 from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
+from vlp.errors import VlpError
 from vlp.evaluation.itm_rerank import itm_match_logits
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
@@ -41,7 +42,7 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 
 
-class QueryError(ValueError):
+class QueryError(VlpError, ValueError):
     """A query the index cannot answer (empty, too long, k out of range, undecodable image, wrong model)."""
 
 

@@ -28,13 +28,14 @@ import safetensors.torch
 import torch
 
 from vlp.data.layout import file_sha256, write_json_atomic
+from vlp.errors import VlpError
 
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 PARTS_DIR = "parts"
 
 
-class IndexStoreError(ValueError):
+class IndexStoreError(VlpError, ValueError):
     """A missing, damaged or mismatched index."""
 
 

@@ -26,6 +26,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from vlp.errors import VlpError
+
 logger = logging.getLogger("vlp.checkpoint")
 
 CHECKPOINT_DIR = "checkpoints"
@@ -35,7 +37,7 @@ STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VlpError, RuntimeError):
     """No usable checkpoint, a corrupt one, or one that would need unpickling arbitrary objects."""
 
 

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
+from vlp.config_rules import check_config
+from vlp.errors import VlpError
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.optim import build_optimizer, set_lr
@@ -36,7 +38,7 @@ EXPORT_MODEL = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(VlpError, RuntimeError):
     """Too many consecutive non-finite steps."""
 
 
@@ -64,14 +66,12 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: str | None = None, batches=None, progress: bool = True) -> None:  # noqa: ANN001
+        check_config(config)  # configs built in code, not through load_config
         if config.train.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.precision=fp16 needs a CUDA device (it uses a GradScaler); use bf16 on CPU")
         self.config, self.progress = config, progress
         self.dist = distributed.init_distributed(config.train.device)
         self.run_dir = Path(config.train.output_dir)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / EXPORT_CONFIG)
         _set_threads(config, self.dist.device)
         if config.train.malloc_cache and self.dist.device.type == "cpu":
             keep_freed_memory()
@@ -85,6 +85,9 @@ class Trainer:
         self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
         if resume:
             self._restore(resume)
+        if self.dist.is_main:  # only now: a config that fails to build or to resume leaves the run's copy alone
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / EXPORT_CONFIG)
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=config.train.tensorboard)
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -1,0 +1,136 @@
+"""The value rules of a :class:`~vlp.config.Config`, checked when it loads: one range per numeric field, and the
+rules that tie fields of different sections together, in one place.
+
+``load_config`` (and the trainer, for configs built in code) calls :func:`check_config`, so a bad value fails at
+once with its dotted key and value instead of deep in a run (``train.log_every=0`` would divide by zero at the
+first step). Rules that need the model itself (the patch size an ``image_size`` must be a multiple of, the
+tokenizer a preset reads, whether it has a fusion encoder) are checked when the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vlp.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: ``low`` / ``high`` bounds (``None``: unbounded), open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        """Whether ``value`` is finite and inside the range."""
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``, ``a finite number``."""
+        if self.low is None and self.high is None:
+            return "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, low_open=True, high_open=True)
+
+# Every int and float field of every section (a test checks that none is missing).
+NUMERIC_RULES: dict[str, Range] = {
+    "model.image_size": AT_LEAST_1, "model.context_length": AT_LEAST_1, "model.embed_dim": AT_LEAST_1,
+    "model.init_logit_scale": Range(), "model.max_logit_scale": POSITIVE, "model.init_logit_bias": Range(),
+    "model.fusion_layers": AT_LEAST_0, "model.preprocess.mean": Range(), "model.preprocess.std": POSITIVE,
+    "loss.chunk_size": AT_LEAST_0, "loss.label_smoothing": Range(0, 1, high_open=True),
+    "data.sources.weight": POSITIVE, "data.seed": AT_LEAST_0, "data.batch_size": AT_LEAST_1,
+    "data.workers": AT_LEAST_0, "data.shuffle_buffer": AT_LEAST_0, "data.max_image_pixels": AT_LEAST_1,
+    "data.max_image_bytes": AT_LEAST_1, "data.max_caption_chars": AT_LEAST_1, "data.prefetch_factor": AT_LEAST_1,
+    "optim.lr": POSITIVE, "optim.weight_decay": AT_LEAST_0, "optim.beta1": Range(0, 1, high_open=True),
+    "optim.beta2": Range(0, 1, high_open=True), "optim.eps": POSITIVE, "optim.grad_clip": AT_LEAST_0,
+    "schedule.warmup_steps": AT_LEAST_0, "schedule.min_lr_ratio": FRACTION,
+    "train.steps": AT_LEAST_1, "train.grad_accum": AT_LEAST_1, "train.checkpoint_every": AT_LEAST_1,
+    "train.keep_checkpoints": AT_LEAST_1, "train.log_every": AT_LEAST_1, "train.seed": AT_LEAST_0,
+    "train.threads": AT_LEAST_0, "train.max_consecutive_skips": AT_LEAST_1,
+    "eval.every_steps": AT_LEAST_0, "eval.batch_size": AT_LEAST_1, "eval.workers": AT_LEAST_0,
+    "albef.momentum": FRACTION, "albef.queue_size": AT_LEAST_1, "albef.alpha": FRACTION,
+    "albef.alpha_warmup_steps": AT_LEAST_0, "albef.itc_weight": AT_LEAST_0, "albef.itm_weight": AT_LEAST_0,
+    "albef.mlm_weight": AT_LEAST_0, "albef.mlm_probability": OPEN_FRACTION,
+}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def numeric_values(config: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(rule key, where, value) of every int / float field and every number of a tuple of numbers; list items
+    share the rule of their field (``data.sources.weight``) and are located by index (``data.sources[1].weight``)."""
+    for item in dataclasses.fields(config):
+        value, key = getattr(config, item.name), f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            yield from numeric_values(value, key + ".")
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for index, element in enumerate(value):
+                for rule_key, where, number in numeric_values(element, key + "."):
+                    yield rule_key, where.replace(key + ".", f"{key}[{index}].", 1), number
+        elif isinstance(value, tuple) and value and all(_is_number(v) for v in value):
+            yield from ((key, f"{key}[{index}]", number) for index, number in enumerate(value))
+        elif _is_number(value):
+            yield key, key, value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_numbers(config: Config) -> None:
+    for key, where, value in numeric_values(config):
+        rule = NUMERIC_RULES.get(key)
+        if rule is not None and not rule.allows(value):
+            raise ConfigError(f"{where}={value!r}: must be {rule.describe()}")
+
+
+def _check_strings(config: Config) -> None:
+    if not DEVICE_PATTERN.fullmatch(config.train.device):
+        raise ConfigError(f"train.device={config.train.device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if not config.train.output_dir.strip():
+        raise ConfigError("train.output_dir is empty: name the run directory")
+    for index, source in enumerate(config.data.sources):
+        if not source.urls.strip():
+            raise ConfigError(f"data.sources[{index}].urls is empty: give a shard directory, brace pattern or list")
+
+
+def _check_cross_fields(config: Config) -> None:
+    """Rules between fields: every one names the fields involved and how to fix them."""
+    model, loss, albef = config.model, config.loss, config.albef
+    if loss.kind == "siglip" and model.init_logit_bias is None:
+        raise ConfigError("loss.kind=siglip needs a learnable bias: set model.init_logit_bias (e.g. -10.0)")
+    if loss.kind == "clip" and model.init_logit_bias is not None:
+        raise ConfigError("model.init_logit_bias is only used by loss.kind=siglip (the CLIP softmax ignores a bias)")
+    if math.exp(model.init_logit_scale) > model.max_logit_scale:
+        raise ConfigError(f"model.init_logit_scale={model.init_logit_scale} starts above model.max_logit_scale="
+                          f"{model.max_logit_scale} (the clamp applies to exp(logit_scale)): lower one or raise the "
+                          "other")
+    if albef.enabled and loss.kind != "clip":
+        raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
+                          f"got loss.kind={loss.kind!r}")
+
+
+def check_config(config: Config) -> Config:
+    """Check every value rule of ``config`` and return it; :class:`~vlp.config.ConfigError` names the first
+    field (dotted key and value) that breaks one."""
+    _check_numbers(config)
+    _check_strings(config)
+    _check_cross_fields(config)
+    return config
