@@ -55,15 +55,26 @@ def _open_clip_sizes(arch: str) -> tuple[int, int]:
     return int(image_size if isinstance(image_size, int) else image_size[0]), int(context_length)
 
 
+def _model_source(model: str, pretrained: str | None) -> str:
+    """What the weights of ``--model`` are: the ``--pretrained`` file, a local-dir folder's file, or random init."""
+    from vlp.models.open_clip_arch import is_local_dir, local_dir_weights
+
+    arch = model.partition(":")[2]
+    folder_weights = local_dir_weights(arch) if model.startswith("open_clip:") and is_local_dir(arch) else None
+    return pretrained or (str(folder_weights) if folder_weights else "random-init")
+
+
 def load_model_for_eval(
     checkpoint: str | None = None,
     *,
     model: str | None = None,
     pretrained: str | None = None,
+    tokenizer_dir: str | None = None,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """The model in eval mode on ``device``: from a vlp checkpoint, or ``model`` (e.g. ``open_clip:ViT-B-32``)
-    with an optional local ``pretrained`` weights file."""
+    """The model in eval mode on ``device``: from a vlp checkpoint, or ``model`` (e.g. ``open_clip:ViT-B-32``,
+    ``open_clip:local-dir:DIR``) with an optional local ``pretrained`` weights file and, for an open_clip
+    architecture with a Hugging Face tokenizer / text model, its local ``tokenizer_dir``."""
     from vlp.models import create_model, load_model_weights, tokenizer_for
 
     if (checkpoint is None) == (model is None):
@@ -71,16 +82,18 @@ def load_model_for_eval(
     if checkpoint is not None:
         weights, config_path = find_run_files(Path(checkpoint))
         config = load_config(config_path).model
+        if tokenizer_dir:  # the run's tokenizer directory moved
+            config = replace(config, tokenizer_dir=tokenizer_dir)
         network = create_model(replace(config, pretrained=""))
         load_model_weights(network, weights)
         name, source = config.name, str(weights)
     else:
-        config = ModelConfig(name=model, pretrained=pretrained or "")
+        config = ModelConfig(name=model, pretrained=pretrained or "", tokenizer_dir=tokenizer_dir or "")
         if model.startswith("open_clip:"):
             image_size, context_length = _open_clip_sizes(model.partition(":")[2])
             config = replace(config, image_size=image_size, context_length=context_length)
         network = create_model(config)
-        name, source = model, pretrained or "random-init"
+        name, source = model, _model_source(model, pretrained)
     return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source)
 
 

@@ -150,13 +150,18 @@ def load_hf_encoder(directory: Path, pretrained: bool = True) -> nn.Module:
             return AutoModel.from_config(config)
 
 
-def create_text_tower(spec: str, context_length: int, pooling: Pooling) -> nn.Module:
-    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>``."""
+def create_text_tower(spec: str, context_length: int, pooling: Pooling, tokenizer_dir: str = "") -> nn.Module:
+    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>`` (``tokenizer_dir``:
+    the local Hugging Face directory an open_clip arch's Hugging Face text tower is built from, if needed)."""
     kind, _, name = spec.partition(":")
     if kind == "open_clip" and name:
+        from vlp.models.open_clip_arch import is_local_dir
         from vlp.models.open_clip_model import create_open_clip
 
-        clip, _ = create_open_clip(name, context_length=context_length)
+        if is_local_dir(name):
+            raise ModelError(f"model.text_tower={spec!r}: a local-dir open_clip model is a whole model: use it as "
+                             "model.name")
+        clip, _ = create_open_clip(name, context_length=context_length, tokenizer_dir=tokenizer_dir)
         return OpenClipTextTower(clip.text)
     if spec in ("minilm", "minilm-random") or (kind == "hf" and name):
         from vlp.data.tokenizer import minilm_model_dir
