@@ -84,6 +84,7 @@ def load_model_for_eval(
         config = load_config(config_path).model
         if tokenizer_dir:  # the run's tokenizer directory moved
             config = replace(config, tokenizer_dir=tokenizer_dir)
+        tokenizer = tokenizer_for(config)  # refuses a missing tokenizer before building the model
         network = create_model(replace(config, pretrained=""))
         load_model_weights(network, weights)
         name, source = config.name, str(weights)
@@ -92,9 +93,10 @@ def load_model_for_eval(
         if model.startswith("open_clip:"):
             image_size, context_length = _open_clip_sizes(model.partition(":")[2])
             config = replace(config, image_size=image_size, context_length=context_length)
+        tokenizer = tokenizer_for(config)
         network = create_model(config)
         name, source = model, _model_source(model, pretrained)
-    return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source)
+    return LoadedModel(network.to(device).eval(), config, tokenizer, name, source)
 
 
 def text_encoder_fn(loaded: LoadedModel, device: torch.device | str = "cpu"):  # noqa: ANN201 - a callable

@@ -109,13 +109,14 @@ def open_clip_preprocess_cfg(arch: str) -> dict:
     from dataclasses import asdict
 
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+    from open_clip.utils import to_2tuple
 
     arch = resolve_open_clip_arch(arch)
     folder = read_local_dir_config(arch).get("preprocess_cfg", {}) if is_local_dir(arch) else {}
     preprocess = merge_preprocess_dict(asdict(PreprocessCfg()), folder)
     image_size = open_clip_arch_config(arch).get("vision_cfg", {}).get("image_size")
     if image_size is not None:
-        preprocess["size"] = image_size
+        preprocess["size"] = to_2tuple(image_size)
     return preprocess
 
 
