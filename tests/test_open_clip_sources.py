@@ -189,6 +189,27 @@ def test_a_local_bert_text_tower_in_the_arch_json(tmp_path: Path, no_network: li
     assert no_network == []
 
 
+def test_coca_contrastive_towers_equal_open_clip(tmp_path: Path) -> None:
+    """A CoCa checkpoint (with its captioning decoder) loads; the embeddings are CoCa's contrastive ones."""
+    import open_clip
+
+    config = copy.deepcopy(open_clip.get_model_config("coca_ViT-B-32"))
+    config["embed_dim"] = 16
+    config["vision_cfg"].update(TINY_VISION)
+    for key in ("text_cfg", "multimodal_cfg"):
+        config[key].update(TINY_TEXT)
+    arch_json = tmp_path / "coca-tiny.json"
+    arch = _register(arch_json, config)
+    weights = _seeded_open_clip_weights(arch, tmp_path / "coca.safetensors", seed=2)
+    assert any(key.startswith("text_decoder.") for key in open_clip.create_model(arch).state_dict())
+    loaded = load_model_for_eval(model=f"open_clip:{arch_json}", pretrained=str(weights))
+    reference, _, _ = open_clip.create_model_and_transforms(arch, pretrained=str(weights))
+    ids = open_clip.get_tokenizer(arch)(CAPTIONS)
+    with torch.no_grad():
+        assert torch.equal(text_encoder_fn(loaded)(CAPTIONS), reference.eval().encode_text(ids, normalize=True))
+        assert torch.equal(loaded.model.encode_image(_images()), reference.encode_image(_images(), normalize=True))
+
+
 # ---------------------------------------------------------------------------------- built-in architecture names
 
 

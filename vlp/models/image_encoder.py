@@ -65,7 +65,8 @@ class OpenClipImageTower(nn.Module):
         self.output_dim = int(getattr(visual, "output_dim", None) or output_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)  # (B, output_dim)
+        pooled = self.visual(images)  # (B, output_dim), or (pooled, tokens) for CoCa towers (output_tokens)
+        return pooled[0] if isinstance(pooled, tuple) else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)

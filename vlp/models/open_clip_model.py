@@ -9,6 +9,8 @@ projections are identities) and ``logit_scale`` / ``logit_bias`` are open_clip's
 The text tower ignores ``text_mask``: open_clip's own masking and pooling apply (a ``TextTransformer``'s causal
 mask and end-of-text pooling, a Hugging Face text model's padding mask from its ``pad_token_id``).
 ``ARCH`` may be a name, an architecture JSON path or ``local-dir:DIR`` (``vlp.models.open_clip_arch``).
+CoCa architectures keep their contrastive towers (the pooled outputs); the captioning decoder is not built and its
+checkpoint keys are ignored.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 # open_clip name prefix -> DualEncoder name prefix (after convert_to_custom_text_state_dict)
 _OPEN_CLIP_PREFIXES = (("visual.", "image_encoder.visual."), ("text.", "text_encoder.text."))
+_COCA_DECODER_PREFIX = "text_decoder."
 
 
 class _DropOpenClipFactoryRecords(logging.Filter):
@@ -173,6 +176,11 @@ def open_clip_to_dual_encoder_state_dict(state_dict: dict[str, torch.Tensor], mo
         raise ModelError("an open_clip checkpoint (visual.* keys) loads only into an 'open_clip:<ARCH>' model")
     state = convert_to_custom_text_state_dict(dict(state_dict))
     state.pop("text.transformer.embeddings.position_ids", None)
+    decoder = [key for key in state if key.startswith(_COCA_DECODER_PREFIX)]
+    if decoder:
+        logger.info("ignoring %d %s* keys: CoCa's captioning decoder (vlp uses its contrastive towers)", len(decoder),
+                    _COCA_DECODER_PREFIX)
+        state = {key: value for key, value in state.items() if not key.startswith(_COCA_DECODER_PREFIX)}
     towers = SimpleNamespace(visual=model.image_encoder.visual, text=model.text_encoder.text)
     resize_pos_embed(state, towers)
     resize_text_pos_embed(state, towers)

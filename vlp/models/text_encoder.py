@@ -39,7 +39,8 @@ class OpenClipTextTower(nn.Module):
         self.context_length = int(text.context_length)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text(text_ids)  # (B, output_dim); text_mask unused (causal mask + eos pooling)
+        pooled = self.text(text_ids)  # (B, output_dim), or (pooled, tokens) for CoCa towers; text_mask unused
+        return pooled[0] if isinstance(pooled, tuple) else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
