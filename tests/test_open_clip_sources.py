@@ -241,6 +241,33 @@ def test_builtin_hf_architectures_need_and_use_a_local_directory(family: str, tm
     assert no_network == []
 
 
+def test_every_open_clip_architecture_has_a_tokenizer_or_names_the_missing_directory(tmp_path: Path) -> None:
+    """All of ``open_clip.list_models()``: the CLIP BPE tokenizer, or a refusal naming model.tokenizer_dir and the
+    hub name; with a tokenizer directory every Hugging Face one resolves to open_clip's HFTokenizer over it."""
+    import open_clip
+
+    directory = _copy_tokenizer(tmp_path / "tokenizer")
+    kinds = {"open_clip": 0, "open_clip-hf": 0}
+    for arch in open_clip.list_models():
+        config = ModelConfig(name=f"open_clip:{arch}")
+        text_cfg = open_clip.get_model_config(arch)["text_cfg"]
+        if not (text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")):
+            assert tokenizer_for(config) == "open_clip", arch
+            kinds["open_clip"] += 1
+            continue
+        if all(Path(text_cfg[k]).is_dir() for k in ("hf_tokenizer_name", "hf_model_name") if text_cfg.get(k)):
+            assert tokenizer_for(config).startswith("open_clip-hf:"), arch  # registered by a test: local names
+            continue
+        with pytest.raises(ModelError, match="model.tokenizer_dir=DIR") as refused:
+            tokenizer_for(config)
+        assert repr(text_cfg["hf_tokenizer_name"]) in str(refused.value), arch
+        local = minilm_model_dir() if text_cfg.get("hf_model_name") else directory  # a text model needs config.json
+        with_dir = ModelConfig(name=config.name, tokenizer_dir=str(local))
+        assert tokenizer_for(with_dir).startswith(f"open_clip-hf:{local}"), arch
+        kinds["open_clip-hf"] += 1
+    assert kinds["open_clip"] > 0 and kinds["open_clip-hf"] > 0
+
+
 def test_missing_or_unfit_local_directories_are_named(tmp_path: Path) -> None:
     siglip = "open_clip:ViT-B-16-SigLIP"
     with pytest.raises(ModelError, match="model.tokenizer_dir=.*nowhere.* is not an existing directory"):
