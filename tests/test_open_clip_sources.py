@@ -446,3 +446,26 @@ def test_train_then_index_a_local_dir_model_with_an_hf_tokenizer(tmp_path: Path)
     assert index.size == 12 and index.loaded.tokenizer == spec
     hits = index.search(texts=["caption 3"], k=3)
     assert len(hits[0]) == 3
+
+
+def test_index_build_and_search_with_a_local_dir_model(tmp_path: Path) -> None:
+    """``vlp index build --checkpoint open_clip:local-dir:DIR``: the index reloads the folder's model to search, and
+    refuses it once the folder's weights changed."""
+    from vlp.retrieval.index import Index
+    from vlp.retrieval.store import IndexStoreError
+
+    folder = _local_dir(tmp_path / "model", CLIP_TINY, seed=9)
+    write_dataset(tmp_path / "shards", [5, 4])
+    assert main(["index", "build", "--checkpoint", f"open_clip:local-dir:{folder}", "--data", str(tmp_path / "shards"),
+                 "--out", str(tmp_path / "index"), "--workers", "0", "--batch-size", "4", "--no-progress"]) == 0
+    index = Index.load(tmp_path / "index")
+    assert index.size == 9 and index.loaded.pretrained == str(folder / "open_clip_model.safetensors")
+    expected = load_model_for_eval(model=f"open_clip:local-dir:{folder}")
+    assert torch.equal(index.embed_texts(["caption 2"]), text_encoder_fn(expected)(["caption 2"]))
+    hits = index.search(texts=["caption 2"], k=9)[0]
+    assert sorted(hit.row for hit in hits) == list(range(9))
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    _local_dir(tmp_path / "other", CLIP_TINY, seed=10)
+    shutil.copy(tmp_path / "other" / "open_clip_model.safetensors", folder / "open_clip_model.safetensors")
+    with pytest.raises(IndexStoreError, match="built by another model"):
+        Index.load(tmp_path / "index")

@@ -55,6 +55,9 @@ def _open_clip_sizes(arch: str) -> tuple[int, int]:
     return int(image_size if isinstance(image_size, int) else image_size[0]), int(context_length)
 
 
+OPEN_CLIP_LOCAL_DIR = "open_clip:local-dir:"  # an open_clip folder (config + weights) also serves as a checkpoint
+
+
 def _model_source(model: str, pretrained: str | None) -> str:
     """What the weights of ``--model`` are: the ``--pretrained`` file, a local-dir folder's file, or random init."""
     from vlp.models.open_clip_arch import is_local_dir, local_dir_weights
@@ -72,11 +75,14 @@ def load_model_for_eval(
     tokenizer_dir: str | None = None,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """The model in eval mode on ``device``: from a vlp checkpoint, or ``model`` (e.g. ``open_clip:ViT-B-32``,
-    ``open_clip:local-dir:DIR``) with an optional local ``pretrained`` weights file and, for an open_clip
-    architecture with a Hugging Face tokenizer / text model, its local ``tokenizer_dir``."""
+    """The model in eval mode on ``device``: from a vlp checkpoint (or an ``open_clip:local-dir:DIR`` folder), or
+    ``model`` (e.g. ``open_clip:ViT-B-32``, ``open_clip:local-dir:DIR``) with an optional local ``pretrained``
+    weights file and, for an open_clip architecture with a Hugging Face tokenizer / text model, its local
+    ``tokenizer_dir``."""
     from vlp.models import create_model, load_model_weights, tokenizer_for
 
+    if checkpoint is not None and model is None and checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
+        checkpoint, model = None, checkpoint  # ``open_clip:local-dir:DIR``: the folder holds config and weights
     if (checkpoint is None) == (model is None):
         raise ConfigError("give exactly one of --checkpoint (a vlp run) or --model (e.g. open_clip:ViT-B-32)")
     if checkpoint is not None:
