@@ -278,6 +278,9 @@ def test_missing_or_unfit_local_directories_are_named(tmp_path: Path) -> None:
         tokenizer_for(ModelConfig(name="open_clip:ViT-B-32", tokenizer_dir=str(tmp_path / "t")))
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(ModelError, match="holds no tokenizer files"):
+        tokenizer_for(ModelConfig(name=siglip, tokenizer_dir=str(empty)))
+    (empty / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot be read as a Hugging Face tokenizer"):
         TextTokenizer(tokenizer_for(ModelConfig(name=siglip, tokenizer_dir=str(empty))), 16)
 
@@ -371,6 +374,9 @@ def test_bad_local_dirs_are_refused_with_the_reason(tmp_path: Path) -> None:
     (tmp_path / "bad" / "open_clip_config.json").write_text(json.dumps({"embed_dim": 3}))
     with pytest.raises(ModelError, match="no 'model_cfg' object"):
         create_model(ModelConfig(name=f"open_clip:local-dir:{tmp_path / 'bad'}"))
+    no_tokenizer = _local_dir(tmp_path / "clipa", _tiny_family_config("clipa"))
+    with pytest.raises(ModelError, match=r"'bert-base-uncased' is read from .*clipa.*holds no tokenizer files"):
+        tokenizer_for(ModelConfig(name=f"open_clip:local-dir:{no_tokenizer}"))
     folder = _local_dir(tmp_path / "pickled", CLIP_TINY, weights="open_clip_pytorch_model.bin")
 
     class Payload:

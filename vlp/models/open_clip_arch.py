@@ -27,6 +27,9 @@ from vlp.registry import ModelError
 
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_TEXT_KEYS = ("hf_tokenizer_name", "hf_model_name")
+# files from which transformers' AutoTokenizer can build a tokenizer (at least one must be present)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def is_local_dir(arch: str) -> bool:
@@ -172,6 +175,10 @@ def local_text_dirs(arch: str, tokenizer_dir: str = "") -> dict[str, Path]:
         if key == "hf_model_name" and not (directory / "config.json").is_file():
             raise ModelError(f"open_clip architecture {arch!r}: the Hugging Face text model {name!r} needs a local "
                              f"directory with config.json; {str(directory)!r} has none")
+        if key == "hf_tokenizer_name" and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"open_clip architecture {arch!r}: the Hugging Face tokenizer {name!r} is read from "
+                             f"{str(directory)!r}, which holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                             "...); copy them there or set model.tokenizer_dir=DIR")
         dirs[key] = directory
     return dirs
 
