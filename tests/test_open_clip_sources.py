@@ -295,6 +295,16 @@ def test_cli_refuses_an_hf_architecture_without_its_directory(tmp_path: Path,
     assert "error: " in err and "'timm/ViT-B-16-SigLIP'" in err and "--tokenizer-dir" in err
 
 
+def test_cli_train_refuses_an_hf_architecture_without_its_directory(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(tmp_path / "shards", [4])
+    code = main(["train", "model.name=open_clip:ViT-L-14-CLIPA", f"data.sources={tmp_path / 'shards'}",
+                 "data.workers=0", "train.steps=1", f"train.output_dir={tmp_path / 'run'}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "error: " in err and "'bert-base-uncased'" in err and "model.tokenizer_dir=DIR" in err
+
+
 # ------------------------------------------------------------------------------------------------- local-dir
 
 

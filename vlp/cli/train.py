@@ -35,6 +35,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0 when done, 1 on a configuration or checkpoint error, 3 when aborted, 143 on SIGTERM."""
     from vlp import distributed
     from vlp.data.urls import DataSourceError
+    from vlp.registry import ModelError
     from vlp.training.checkpoint import CheckpointError
     from vlp.training.trainer import Trainer, TrainingAborted
 
@@ -42,7 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         trainer = Trainer(config, resume=args.resume, progress=args.progress)
         summary = trainer.fit()
-    except (ConfigError, DataSourceError, CheckpointError) as err:
+    except (ConfigError, DataSourceError, CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except TrainingAborted as err:
