@@ -85,9 +85,9 @@ def create_open_clip(
     """(open_clip model with random weights, its embed_dim). Sizes given here override the architecture's.
 
     No weights are ever loaded or downloaded: ``load_weights=False`` (a ``local-dir:`` folder's weights are loaded
-    by :func:`build_open_clip_dual_encoder`) and no default tower weights. The model is built on the default device
-    (``with torch.device("meta"):`` builds shapes only). A Hugging Face text tower is built from
+    by :func:`build_open_clip_dual_encoder`) and no default tower weights. A Hugging Face text tower is built from
     its local directory (``vlp.models.open_clip_arch.local_text_cfg``; ``tokenizer_dir`` stands in for hub names).
+    The model is built on the default device (``with torch.device("meta"):`` builds shapes only).
     """
     import open_clip
 
@@ -104,8 +104,8 @@ def create_open_clip(
     with _quiet_open_clip_factory(), _as_model_error(arch):
         clip = open_clip.create_model(
             arch, pretrained=None, load_weights=False, device=torch.get_default_device(), force_custom_text=True,
-            force_image_size=image_size,
-            force_context_length=context_length, pretrained_image=False, pretrained_text=False, **model_kwargs,
+            force_image_size=image_size, force_context_length=context_length, pretrained_image=False,
+            pretrained_text=False, **model_kwargs,
         )
     return clip, int(arch_config["embed_dim"])
 
