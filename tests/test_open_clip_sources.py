@@ -485,3 +485,26 @@ def test_index_build_and_search_with_a_local_dir_model(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "other" / "open_clip_model.safetensors", folder / "open_clip_model.safetensors")
     with pytest.raises(IndexStoreError, match="built by another model"):
         Index.load(tmp_path / "index")
+
+
+def test_local_dir_holding_its_hf_text_model(tmp_path: Path, no_network: list[object]) -> None:
+    """A local-dir folder that is also the Hugging Face text model's directory (config.json + tokenizer files):
+    built from the folder alone; equals open_clip with the config's hub names pointed at the folder."""
+    import open_clip
+
+    folder = _hf_text_model_dir(tmp_path / "xlmr-folder", "xlm-roberta")
+    config = _tiny_family_config("xlm-roberta")  # hub names kept in the folder's open_clip_config.json
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))
+    local = copy.deepcopy(config)
+    local["text_cfg"].update(hf_model_name=str(folder), hf_tokenizer_name=str(folder))
+    reference_arch = _register(tmp_path / "xlmr-folder-reference.json", local)
+    _seeded_open_clip_weights(reference_arch, folder / "open_clip_model.safetensors", seed=11)
+
+    loaded = load_model_for_eval(model=f"open_clip:local-dir:{folder}")
+    reference, _, _ = open_clip.create_model_and_transforms(reference_arch,
+                                                            pretrained=str(folder / "open_clip_model.safetensors"))
+    ids = open_clip.get_tokenizer(reference_arch)(CAPTIONS)
+    with torch.no_grad():
+        assert torch.equal(text_encoder_fn(loaded)(CAPTIONS), reference.eval().encode_text(ids, normalize=True))
+        assert torch.equal(loaded.model.encode_image(_images()), reference.encode_image(_images(), normalize=True))
+    assert no_network == []
