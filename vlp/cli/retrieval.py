@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "float16 embeddings with their metadata in --out, part by part: a re-run skips the parts "
                     "already embedded and verified. Bad images are skipped and counted. Under torchrun every rank "
                     "embeds its share of the shards.")
-    build.add_argument("--checkpoint", required=True, help="a vlp run directory, checkpoints/step_N or weights file")
+    build.add_argument("--checkpoint", required=True, help="a vlp run directory, checkpoints/step_N or weights file, "
+                                                           "or an open_clip folder: open_clip:local-dir:DIR")
     build.add_argument("--data", required=True, help="shards (directory, brace pattern, :: list) or an image folder "
                                                     "(captions from X.txt beside X.jpg, when present)")
     build.add_argument("--out", required=True, help="index directory (created; resumed when it exists)")

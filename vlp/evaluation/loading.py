@@ -61,34 +61,55 @@ def _open_clip_sizes(arch: str) -> tuple[int, int]:
     return int(image_size if isinstance(image_size, int) else image_size[0]), int(context_length)
 
 
+OPEN_CLIP_LOCAL_DIR = "open_clip:local-dir:"  # an open_clip folder (config + weights) also serves as a checkpoint
+
+
+def _model_source(model: str, pretrained: str | None) -> str:
+    """What the weights of ``--model`` are: the ``--pretrained`` file, a local-dir folder's file, or random init."""
+    from vlp.models.open_clip_arch import is_local_dir, local_dir_weights
+
+    arch = model.partition(":")[2]
+    folder_weights = local_dir_weights(arch) if model.startswith("open_clip:") and is_local_dir(arch) else None
+    return pretrained or (str(folder_weights) if folder_weights else "random-init")
+
+
 def load_model_for_eval(
     checkpoint: str | None = None,
     *,
     model: str | None = None,
     pretrained: str | None = None,
+    tokenizer_dir: str | None = None,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """The model in eval mode on ``device``: from a vlp checkpoint, or ``model`` (e.g. ``open_clip:ViT-B-32``)
-    with an optional local ``pretrained`` weights file."""
+    """The model in eval mode on ``device``: from a vlp checkpoint (or an ``open_clip:local-dir:DIR`` folder), or
+    ``model`` (e.g. ``open_clip:ViT-B-32``, ``open_clip:local-dir:DIR``) with an optional local ``pretrained``
+    weights file and, for an open_clip architecture with a Hugging Face tokenizer / text model, its local
+    ``tokenizer_dir``."""
     from vlp.models import create_model, load_model_weights, tokenizer_for
 
+    if checkpoint is not None and model is None and checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
+        checkpoint, model = None, checkpoint  # ``open_clip:local-dir:DIR``: the folder holds config and weights
     if (checkpoint is None) == (model is None):
         raise ConfigError("give exactly one of --checkpoint (a vlp run) or --model (e.g. open_clip:ViT-B-32)")
     if checkpoint is not None:
         weights, config_path = find_run_files(Path(checkpoint))
         config = load_config(config_path).model
+        if tokenizer_dir:  # the run's tokenizer directory moved
+            config = replace(config, tokenizer_dir=tokenizer_dir)
+        tokenizer = tokenizer_for(config)  # refuses a missing tokenizer before building the model
         network = create_model(replace(config, pretrained=""))
         load_model_weights(network, weights)
         name, source = config.name, str(weights)
     else:
-        config = ModelConfig(name=model, pretrained=pretrained or "")
+        config = ModelConfig(name=model, pretrained=pretrained or "", tokenizer_dir=tokenizer_dir or "")
         if model.startswith("open_clip:"):
             image_size, context_length = _open_clip_sizes(model.partition(":")[2])
             config = replace(config, image_size=image_size, context_length=context_length)
+        tokenizer = tokenizer_for(config)
         network = create_model(config)
-        name, source = model, pretrained or "random-init"
+        name, source = model, _model_source(model, pretrained)
     preprocess = model_preprocess(network, config, open_clip=checkpoint is None)
-    return LoadedModel(network.to(device).eval(), config, tokenizer_for(config), name, source, preprocess)
+    return LoadedModel(network.to(device).eval(), config, tokenizer, name, source, preprocess)
 
 
 def model_preprocess(network: torch.nn.Module, config: ModelConfig, *, open_clip: bool) -> Preprocess:

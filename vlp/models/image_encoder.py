@@ -65,7 +65,8 @@ class OpenClipImageTower(nn.Module):
         self.output_dim = int(getattr(visual, "output_dim", None) or output_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images)  # (B, output_dim)
+        pooled = self.visual(images)  # (B, output_dim), or (pooled, tokens) for CoCa towers (output_tokens)
+        return pooled[0] if isinstance(pooled, tuple) else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.set_grad_checkpointing(enable)
@@ -94,14 +95,19 @@ def create_timm_tower(name: str, image_size: int, **overrides: Any) -> TimmImage
     return TimmImageTower(model)
 
 
-def create_image_tower(spec: str, image_size: int) -> nn.Module:
-    """An image tower from ``timm:<model name>`` or ``open_clip:<ARCH>`` (the vision tower of that arch)."""
+def create_image_tower(spec: str, image_size: int, tokenizer_dir: str = "") -> nn.Module:
+    """An image tower from ``timm:<model name>`` or ``open_clip:<ARCH>`` (the vision tower of that arch, random init;
+    ``tokenizer_dir``: the local Hugging Face directory the arch's text tower needs to be built, if any)."""
     kind, _, name = spec.partition(":")
     if kind == "timm" and name:
         return create_timm_tower(name, image_size)
     if kind == "open_clip" and name:
+        from vlp.models.open_clip_arch import is_local_dir
         from vlp.models.open_clip_model import create_open_clip
 
-        clip, embed_dim = create_open_clip(name, image_size=image_size)
+        if is_local_dir(name):
+            raise ModelError(f"model.image_tower={spec!r}: a local-dir open_clip model is a whole model: use it as "
+                             "model.name")
+        clip, embed_dim = create_open_clip(name, image_size=image_size, tokenizer_dir=tokenizer_dir)
         return OpenClipImageTower(clip.visual, output_dim=embed_dim)
     raise ModelError(f"model.image_tower={spec!r}: use 'timm:<model name>' or 'open_clip:<ARCH>'")

@@ -5,13 +5,15 @@
 | tiny             | timm ViT, patch 8, 64 wide, depth 2   | open_clip TextTransformer, 64 wide, depth 2  | open_clip |
 | small            | timm ViT, patch 16, 128 wide, depth 4 | open_clip TextTransformer, 128 wide, depth 3 | open_clip |
 | minilm-lit       | the tiny ViT                          | pretrained all-MiniLM-L6-v2, 384 wide        | minilm    |
-| open_clip:<ARCH> | open_clip's vision tower              | open_clip's text tower                       | open_clip |
+| open_clip:<ARCH> | open_clip's vision tower              | open_clip's text tower                       | the arch's|
 | custom           | ``image_tower``                       | ``text_tower``                               | per tower |
 
 Image sizes must be multiples of the patch size (8 for tiny and minilm-lit, 16 for small). Every open_clip text
 tower also holds a 49408 x width token embedding (3.2M parameters at width 64, 6.3M at 128) on top of the sizes
 above. On 2 CPU cores at batch 128, 64 px, tiny trains at about 8-9 steps/s (fp32) and small at about 3.4 (fp32)
 and 4.5 (bf16 autocast), forward + backward + AdamW, on an otherwise idle machine.
+An ``open_clip:`` arch reads ``open_clip`` (CLIP BPE) ids, or, when its text_cfg names a Hugging Face tokenizer,
+``open_clip-hf:<local dir>`` ids (``vlp.models.open_clip_arch.open_clip_tokenizer_spec``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from torch import nn
 from vlp.config import ModelConfig
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.image_encoder import create_image_tower, create_timm_tower
-from vlp.models.open_clip_model import build_open_clip_dual_encoder, open_clip_arch_config
+from vlp.models.open_clip_arch import open_clip_tokenizer_spec
+from vlp.models.open_clip_model import build_open_clip_dual_encoder
 from vlp.models.text_encoder import create_clip_text_transformer, create_text_tower
 from vlp.registry import ModelError, register_model
 
@@ -92,25 +95,21 @@ def build_minilm_lit(config: ModelConfig) -> DualEncoder:
                                                                            config.text_pooling))
 
 
-def open_clip_tokenizer(arch: str) -> str:
-    """``open_clip`` for architectures with the CLIP BPE tokenizer; others (HF, SigLIP) are not shipped offline."""
-    text_cfg = open_clip_arch_config(arch).get("text_cfg", {})
-    if text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name"):
-        raise ModelError(f"open_clip architecture {arch!r} uses the tokenizer {text_cfg.get('hf_tokenizer_name')!r}, "
-                         "which vlp cannot load offline; use an architecture with the CLIP BPE tokenizer")
-    return "open_clip"
+def _open_clip_tokenizer(config: ModelConfig) -> str:
+    return open_clip_tokenizer_spec(config.name.partition(":")[2], config.tokenizer_dir)
 
 
-@register_model("open_clip:", tokenizer=lambda config: open_clip_tokenizer(config.name.partition(":")[2]))
+@register_model("open_clip:", tokenizer=_open_clip_tokenizer)
 def build_open_clip(config: ModelConfig) -> DualEncoder:
-    """Any open_clip architecture; encode_image / encode_text equal open_clip's own (normalised) embeddings."""
+    """An open_clip architecture (name, JSON file or local-dir:DIR); encode_image / encode_text equal open_clip's
+    own (normalised) embeddings."""
     return build_open_clip_dual_encoder(config)
 
 
 def _custom_tokenizer(config: ModelConfig) -> str:
     spec = config.text_tower
     if spec.startswith("open_clip:"):
-        return open_clip_tokenizer(spec.partition(":")[2])
+        return open_clip_tokenizer_spec(spec.partition(":")[2], config.tokenizer_dir)
     if spec in ("minilm", "minilm-random"):
         return "minilm"
     if spec.startswith("hf:"):
@@ -123,6 +122,7 @@ def build_custom(config: ModelConfig) -> DualEncoder:
     """Towers from ``image_tower`` (timm:<name>, open_clip:<ARCH>) and ``text_tower`` strings."""
     if not config.image_tower or not config.text_tower:
         raise ModelError("model.name='custom' needs model.image_tower and model.text_tower")
-    image_encoder = create_image_tower(config.image_tower, config.image_size)
-    text_encoder = create_text_tower(config.text_tower, config.context_length, config.text_pooling)
+    image_encoder = create_image_tower(config.image_tower, config.image_size, config.tokenizer_dir)
+    text_encoder = create_text_tower(config.text_tower, config.context_length, config.text_pooling,
+                                     config.tokenizer_dir)
     return dual_encoder(config, image_encoder, text_encoder)

@@ -39,7 +39,8 @@ class OpenClipTextTower(nn.Module):
         self.context_length = int(text.context_length)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text(text_ids)  # (B, output_dim); text_mask unused (causal mask + eos pooling)
+        pooled = self.text(text_ids)  # (B, output_dim), or (pooled, tokens) for CoCa towers; text_mask unused
+        return pooled[0] if isinstance(pooled, tuple) else pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
@@ -167,13 +168,18 @@ def _check_hf_weights(directory: Path) -> bool:
     return False
 
 
-def create_text_tower(spec: str, context_length: int, pooling: Pooling) -> nn.Module:
-    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>``."""
+def create_text_tower(spec: str, context_length: int, pooling: Pooling, tokenizer_dir: str = "") -> nn.Module:
+    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>`` (``tokenizer_dir``:
+    the local Hugging Face directory an open_clip arch's Hugging Face text tower is built from, if needed)."""
     kind, _, name = spec.partition(":")
     if kind == "open_clip" and name:
+        from vlp.models.open_clip_arch import is_local_dir
         from vlp.models.open_clip_model import create_open_clip
 
-        clip, _ = create_open_clip(name, context_length=context_length)
+        if is_local_dir(name):
+            raise ModelError(f"model.text_tower={spec!r}: a local-dir open_clip model is a whole model: use it as "
+                             "model.name")
+        clip, _ = create_open_clip(name, context_length=context_length, tokenizer_dir=tokenizer_dir)
         return OpenClipTextTower(clip.text)
     if spec in ("minilm", "minilm-random") or (kind == "hf" and name):
         from vlp.data.tokenizer import minilm_model_dir

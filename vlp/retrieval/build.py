@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vlp import distributed
 from vlp.data.counters import sum_counts
-from vlp.evaluation.loading import LoadedModel, find_run_files, load_model_for_eval
+from vlp.evaluation.loading import OPEN_CLIP_LOCAL_DIR, LoadedModel, find_run_files, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, build_backend
 from vlp.retrieval.reading import BuildOptions, Chunk, UnitDataset, source_units
 from vlp.retrieval.store import (
@@ -61,18 +61,41 @@ class _PartBuffer:
 
 
 def model_identity(checkpoint: str) -> tuple[Path, str]:
-    """(weights file, fingerprint) of a vlp checkpoint (run dir, checkpoint dir or weights file).
+    """(weights file, fingerprint) of a vlp checkpoint (run dir, checkpoint dir or weights file) or of an open_clip
+    folder (``open_clip:local-dir:DIR``: its weights file and open_clip_config.json).
 
-    The fingerprint covers the weights and the model config, preprocessing record included; a default record is
-    left out, so indexes built before configs carried ``model.preprocess`` keep their fingerprint."""
+    The fingerprint covers the weights and the model config, preprocessing record included; fields still at the
+    defaults they had before they existed (``model.preprocess``, ``model.tokenizer_dir``) are left out, so indexes
+    built before configs carried them keep their fingerprint."""
     from vlp.config import PreprocessConfig, load_config, to_dict
 
+    if checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
+        return _local_dir_identity(checkpoint)
     weights, config_path = find_run_files(Path(checkpoint))
     model = load_config(config_path).model
     values = to_dict(model)
     if model.preprocess == PreprocessConfig():
         values.pop("preprocess")
+    if not model.tokenizer_dir:
+        values.pop("tokenizer_dir")
     return weights, model_fingerprint(weights, values)
+
+
+def _local_dir_identity(checkpoint: str) -> tuple[Path, str]:
+    from vlp.models.open_clip_arch import local_dir_weights, read_local_dir_config
+
+    arch = checkpoint.partition(":")[2]
+    weights = local_dir_weights(arch)
+    if weights is None:
+        raise IndexStoreError(f"--checkpoint {checkpoint}: the folder holds no weights file (.safetensors, .bin, .pth)")
+    return weights, model_fingerprint(weights, read_local_dir_config(arch))
+
+
+def _checkpoint_reference(checkpoint: str, weights: Path) -> str:
+    """What index.json records to reload the model: the weights file, or the open_clip folder's absolute spec."""
+    if checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
+        return OPEN_CLIP_LOCAL_DIR + str(Path(checkpoint[len(OPEN_CLIP_LOCAL_DIR):]).resolve())
+    return str(Path(weights).resolve())
 
 
 def _check_out_dir(out: Path, fingerprint: str) -> None:
@@ -157,7 +180,8 @@ def build_index(checkpoint: str, data: str, out: str | Path, *, options: BuildOp
     distributed.barrier()
     report = None
     if rank == 0:
-        report = _write_index(out, units, loaded, str(weights), fingerprint, backends, options.progress)
+        report = _write_index(out, units, loaded, _checkpoint_reference(checkpoint, weights), fingerprint, backends,
+                              options.progress)
         report = dataclasses.replace(report, parts_embedded=len(todo), seconds=seconds,
                                      images_per_s=embedded / seconds if seconds > 0 else 0.0)
         logger.info("index %s: %d images, %d captions, %d parts (%d embedded now)", out, report.rows,
@@ -167,7 +191,7 @@ def build_index(checkpoint: str, data: str, out: str | Path, *, options: BuildOp
     return dataclasses.replace(report, parts_embedded=parts_embedded, parts_reused=len(units) - parts_embedded)
 
 
-def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, weights: str, fingerprint: str,
+def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, reference: str, fingerprint: str,
                  backends: tuple[BackendSpec, ...], progress: bool) -> BuildReport:
     """Check every part, then write the back ends and ``index.json`` (rank 0)."""
     from vlp.config import to_dict
@@ -186,7 +210,7 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, weight
         for spec in backends:
             built += build_backend(spec, image, progress=progress).save(out)
     write_manifest(out, {
-        "model": {"fingerprint": fingerprint, "checkpoint": str(Path(weights).resolve()), "name": loaded.name,
+        "model": {"fingerprint": fingerprint, "checkpoint": reference, "name": loaded.name,
                   "tokenizer": loaded.tokenizer, "config": to_dict(loaded.config),
                   "preprocess": loaded.preprocess.as_dict()},
         "dim": int(loaded.model.embed_dim),
