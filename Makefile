@@ -38,9 +38,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e .
 	@touch $(STAMP)
 
-# an extra of pyproject.toml (dev, bench) on top of the base install, pinned by the same lock
+# an extra of pyproject.toml (dev, bench) on top of the base install, pinned by the same lock; NO_DEPS_<extra>:
+# packages of that extra installed without their dependencies (clip-benchmark: the tests import its aggregation only)
+NO_DEPS_dev := clip-benchmark
 $(VENV)/.installed-%: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[$*]'
+	$(if $(NO_DEPS_$*),$(BIN)/python -m pip install --quiet --no-deps -c requirements.lock $(NO_DEPS_$*))
 	@touch $@
 
 debian-data:
