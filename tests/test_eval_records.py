@@ -134,3 +134,9 @@ def test_demo_records_build_in_their_own_folder(trained: tuple[Path, Path], tmp_
     assert set(rows) == {("fashion_mnist_test", "zeroshot_classification"), ("tuxpaint_test", "zeroshot_retrieval")}
     summary = json.loads((run / "results.json").read_text())
     assert float(rows[("fashion_mnist_test", "zeroshot_classification")]["acc1"]) == summary["zeroshot.acc1"]
+    # the run directory itself: its flat results.json is a record too (dataset "demo"), nothing else there is read
+    clip_benchmark_build()(argparse.Namespace(files=[str(run)], output=str(tmp_path / "run.csv")))
+    with open(tmp_path / "run.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["dataset"], row["task"], float(row["zeroshot.acc1"])) == ("demo", "demo_summary",
+                                                                          summary["zeroshot.acc1"])

@@ -186,6 +186,7 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
 def run_demo_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.in_training import classnames_for, templates_for
     from vlp.evaluation.loading import load_model_for_eval
+    from vlp.evaluation.records import benchmark_record
     from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
     from vlp.registry import ModelError
 
@@ -210,8 +211,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
     results.update({f"retrieval.{k}": v for k, v in retrieval["metrics"].items()})
     if reranked is not None:
         results.update({f"retrieval_rerank.{k}": v for k, v in reranked["metrics"].items()})
+    # the flat summary is also a CLIP_benchmark record (dataset "demo"), so `clip_benchmark build RUN` reads it too
+    summary = {**results, **benchmark_record(loaded.name, loaded.pretrained, "demo", "demo_summary", results)}
     tmp = run / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
+    tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(run / "results.json")
     print(f"{'metric':44s} value")
     for name, value in results.items():
