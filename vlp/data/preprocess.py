@@ -139,7 +139,7 @@ class Preprocess:
             return normalize_batch(images, self.mean, self.std)
         mean = torch.as_tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return images.to(dtype=torch.float32).div(255).sub_(mean).div_(std)
+        return images.to(dtype=torch.float32).div_(255).sub_(mean).div_(std)  # in place: one (B, 3, H, W) buffer
 
     def collate(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Stack per-sample transform outputs into the model's float32 (B, 3, H, W) input."""
