@@ -244,10 +244,10 @@ def test_multi_caption_shards_on_two_ranks_equal_one_process(run_dir: Path, tmp_
         assert json.loads(got["metrics"]) == pytest.approx(json.loads(one["metrics"])), rank
 
 
-def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2) -> None:
+def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2, shard: str = "00000.tar") -> None:
     """CLIP_benchmark's retrieval-shard layout: ``X.png`` + ``X.txt`` holding one caption per line, no json."""
-    directory.mkdir(parents=True)
-    with tarfile.open(directory / "00000.tar", "w") as tar:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(directory / shard, "w") as tar:
         for index in range(images):
             text = "".join(f"image {index} caption {line}\n" for line in range(lines)).encode()
             for name, data in ((f"s{index}.png", png_bytes(40 * index)), (f"s{index}.txt", text)):
@@ -259,6 +259,9 @@ def test_multiline_txt_is_detected_only_in_multiline_shards(tmp_path: Path) -> N
     write_dataset(tmp_path / "single", [4])
     assert find_multiline_txt(str(tmp_path / "lines")).endswith("00000.tar:s0")
     assert find_multiline_txt(str(tmp_path / "single")) is None
+    # a later shard in the one-caption-per-line layout: found although the first shard holds single captions
+    _txt_lines_shards(tmp_path / "single", shard="00001.tar")
+    assert find_multiline_txt(str(tmp_path / "single")).endswith("00001.tar:s0")
 
 
 def test_cli_retrieval_reads_each_txt_line_of_clip_benchmark_shards(run_dir: Path, tmp_path: Path,

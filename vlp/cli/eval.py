@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     captions.add_argument("--multi-caption", action="store_true", default=None,
                           help="with --data: every caption of a sample (json 'captions' list, or each .txt line as "
                                "in CLIP_benchmark shards); samples sharing a json 'image_id' are one image (default: "
-                               "on when a .txt of several lines is among the first shard's first 64 samples)")
+                               "on when a .txt of several lines is among the first 16 samples of any shard)")
     captions.add_argument("--single-caption", action="store_false", dest="multi_caption",
                           help="with --data: one caption per sample, a .txt read whole (line breaks and all)")
     retrieval.add_argument("--karpathy-json", default=None,

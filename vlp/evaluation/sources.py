@@ -9,7 +9,7 @@ is the standard class order, the order of open_clip's ``IMAGENET_CLASSNAMES`` (i
 Multi-caption shards: all captions of a sample (json ``captions`` list, else the lines of ``.txt`` as
 CLIP_benchmark's retrieval shards store them, else json ``caption``); samples sharing a json ``image_id`` are one
 image with the union of their captions. :func:`run_retrieval_shards` reads shards this way when asked to, or when
-it finds a ``.txt`` of several lines among the first shard's first samples (:func:`find_multiline_txt`).
+it finds a ``.txt`` of several lines among the first samples of any shard (:func:`find_multiline_txt`).
 
 Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr30k.json``): ``{"images": [{"filename",
 "filepath"?, "split", "sentences": [{"raw"}, ...]}]}``; every caption of an image is a positive for it.
@@ -363,14 +363,19 @@ def sample_captions(txt: bytes | None, metadata: dict) -> list[str]:
     return [t.strip() for t in texts if t.strip()]
 
 
-def find_multiline_txt(urls: str, samples: int = 64) -> str | None:
+def find_multiline_txt(urls: str, samples_per_shard: int = 16) -> str | None:
     """``shard:key`` of the first ``.txt`` member holding more than one non-empty line among the first
-    ``samples`` samples of the first shard (CLIP_benchmark's one-caption-per-line layout), else None."""
-    for index, sample in enumerate(iter_shard(expand_urls(urls)[0], SkipCounters())):
-        if index >= samples:
-            break
-        if sample.txt is not None and len(sample_captions(sample.txt, {})) > 1:
-            return f"{sample.url}:{sample.key}"
+    ``samples_per_shard`` samples of every shard (CLIP_benchmark's one-caption-per-line layout), else None.
+
+    Every shard is looked at, so a set whose later shards hold several captions per sample is found too; only the
+    head of each shard is read (evaluation sets are small; the reading stops at the first hit)."""
+    counters = SkipCounters()
+    for url in expand_urls(urls):
+        for index, sample in enumerate(iter_shard(url, counters)):
+            if index >= samples_per_shard:
+                break
+            if sample.txt is not None and len(sample_captions(sample.txt, {})) > 1:
+                return f"{sample.url}:{sample.key}"
     return None
 
 
