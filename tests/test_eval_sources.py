@@ -16,8 +16,10 @@ from shard_factory import add_member, png_bytes, write_dataset
 
 from vlp.cli.main import main
 from vlp.config import load_config
+from vlp.data.decode import DecodeLimits, SampleError
 from vlp.evaluation.retrieval import retrieval_metrics
 from vlp.evaluation.sources import (
+    MAX_CAPTIONS_PER_SAMPLE,
     EvalSourceError,
     encode_shard_retrieval,
     find_multiline_txt,
@@ -209,6 +211,20 @@ def test_sample_captions_sources() -> None:
     assert sample_captions(b"x\n\ny \n", {"captions": ["a", " "]}) == ["a"]
     assert sample_captions(b"x\n\ny \n", {}) == ["x", "y"]
     assert sample_captions(None, {"caption": "c"}) == ["c"] and sample_captions(None, {}) == []
+
+
+def test_sample_captions_are_capped_before_tokenizing() -> None:
+    """A caption over the cap, too many captions, or a .txt too large to split make the sample a counted skip."""
+    limits = DecodeLimits(max_caption_chars=10)
+    assert sample_captions(b"0123456789\nshort", {}, limits) == ["0123456789", "short"]
+    too_long = [b"01234567890\nshort", b"x\n" * (MAX_CAPTIONS_PER_SAMPLE + 1),
+                b"x" * (MAX_CAPTIONS_PER_SAMPLE * 40 + 1)]
+    for txt in too_long:
+        with pytest.raises(SampleError) as caught:
+            sample_captions(txt, {}, limits)
+        assert caught.value.reason == "caption_too_long"
+    with pytest.raises(SampleError, match="11 chars > cap 10"):
+        sample_captions(None, {"captions": ["ok", "01234567890"]}, limits)
 
 
 def _encode_shards(rank: int, world_size: int, run_dir: str, shards: str) -> dict:

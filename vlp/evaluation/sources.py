@@ -352,15 +352,31 @@ def run_retrieval_karpathy(
 # ------------------------------------------------------------------------------------------------ multi-caption shards
 
 
-def sample_captions(txt: bytes | None, metadata: dict) -> list[str]:
-    """Every caption of one shard sample: json ``captions`` list, else ``.txt`` lines, else json ``caption``."""
+MAX_CAPTIONS_PER_SAMPLE = 64  # with the per-caption cap, bounds the .txt bytes read before splitting
+
+
+def sample_captions(txt: bytes | None, metadata: dict, limits: DecodeLimits | None = None) -> list[str]:
+    """Every caption of one shard sample: json ``captions`` list, else ``.txt`` lines, else json ``caption``.
+
+    Length caps apply before anything is tokenized: a ``.txt`` over ``MAX_CAPTIONS_PER_SAMPLE`` x 4 x
+    ``limits.max_caption_chars`` bytes, more than ``MAX_CAPTIONS_PER_SAMPLE`` captions or any caption over
+    ``limits.max_caption_chars`` characters make the sample a ``caption_too_long`` skip (:class:`SampleError`)."""
+    limits = limits or DecodeLimits()
+    if txt is not None and len(txt) > MAX_CAPTIONS_PER_SAMPLE * 4 * limits.max_caption_chars:
+        raise SampleError(reasons.CAPTION_TOO_LONG, f".txt of {len(txt)} bytes")
     if isinstance(metadata.get("captions"), list):
         texts = [c for c in metadata["captions"] if isinstance(c, str)]
     elif txt is not None:
         texts = txt.decode("utf-8", errors="replace").splitlines()
     else:
         texts = [metadata["caption"]] if isinstance(metadata.get("caption"), str) else []
-    return [t.strip() for t in texts if t.strip()]
+    captions = [t.strip() for t in texts if t.strip()]
+    if len(captions) > MAX_CAPTIONS_PER_SAMPLE:
+        raise SampleError(reasons.CAPTION_TOO_LONG, f"{len(captions)} captions > cap {MAX_CAPTIONS_PER_SAMPLE}")
+    longest = max((len(c) for c in captions), default=0)
+    if longest > limits.max_caption_chars:
+        raise SampleError(reasons.CAPTION_TOO_LONG, f"a caption of {longest} chars > cap {limits.max_caption_chars}")
+    return captions
 
 
 def find_multiline_txt(urls: str, samples_per_shard: int = 16) -> str | None:
@@ -374,7 +390,7 @@ def find_multiline_txt(urls: str, samples_per_shard: int = 16) -> str | None:
         for index, sample in enumerate(iter_shard(url, counters)):
             if index >= samples_per_shard:
                 break
-            if sample.txt is not None and len(sample_captions(sample.txt, {})) > 1:
+            if sample.txt is not None and b"\n" in sample.txt.strip():
                 return f"{sample.url}:{sample.key}"
     return None
 
@@ -430,10 +446,10 @@ def encode_shard_retrieval(
             where = f"{url}:{sample.key}"
             try:
                 metadata = decode_metadata(sample.json)
+                found = sample_captions(sample.txt, metadata, limits)
             except SampleError as err:
                 counters.add(err.reason, where, detail=str(err))
                 continue
-            found = sample_captions(sample.txt, metadata)
             if not found:
                 counters.add(reasons.MISSING_CAPTION, where, detail="no captions")
                 continue
