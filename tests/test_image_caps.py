@@ -231,8 +231,10 @@ def test_demo_grid_reads_images_under_the_given_cap(tmp_path: Path) -> None:
 def test_search_applies_the_cap_the_index_was_built_with(capped_runs: tuple[Path, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     """An index built with --max-image-pixels 100 refuses a 120-pixel query image with the cap named, and answers
-    an 64-pixel one; an index.json without the field (built before it was recorded) means the default cap."""
+    a 64-pixel one; an index.json without the field (built before it was recorded) means the default cap, and a bad
+    value is refused naming the file."""
     from vlp.retrieval.index import Index, QueryError
+    from vlp.retrieval.store import IndexStoreError
 
     large, _ = capped_runs
     (tmp_path / "shards").mkdir()
@@ -258,3 +260,6 @@ def test_search_applies_the_cap_the_index_was_built_with(capped_runs: tuple[Path
     del manifest["max_image_pixels"]  # an index built before the cap was recorded: the default cap
     (out / "index.json").write_text(json.dumps(manifest))
     assert len(Index.load(out).search(images=[over.read_bytes()], k=2)[0]) == 2
+    (out / "index.json").write_text(json.dumps({**manifest, "max_image_pixels": "big"}))
+    with pytest.raises(IndexStoreError, match=r"index.json: max_image_pixels must be an integer >= 1, got 'big'"):
+        Index.load(out)

@@ -33,7 +33,7 @@ from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
 from vlp.retrieval.build import model_identity
 from vlp.retrieval.images import ImageReadError, StoredImages
-from vlp.retrieval.store import IndexStoreError, read_manifest, read_part
+from vlp.retrieval.store import MANIFEST, IndexStoreError, read_manifest, read_part
 from vlp.training.task import autocast_context
 
 Target = Literal["image", "text"]
@@ -69,7 +69,7 @@ class Index:
         self.image_backend = image_backend
         self.text_backend = ExactBackend(text) if text.shape[0] else None
         self.images = StoredImages()
-        self.limits = DecodeLimits(max_image_pixels=query_pixel_cap(manifest))
+        self.limits = DecodeLimits(max_image_pixels=query_pixel_cap(manifest, Path(directory) / MANIFEST))
         self._tokenizer: TextTokenizer | None = None
         self._tokenizer_lock = threading.Lock()  # a Hugging Face tokenizer must not run in two threads at once
 
@@ -255,10 +255,14 @@ class Index:
                 text_index = torch.arange(len(candidates))
             return itm_match_logits(model, tokens, ids.to(device), mask.to(device), text_index.to(device))
 
-def query_pixel_cap(manifest: dict) -> int:
+
+def query_pixel_cap(manifest: dict, where: str | Path = MANIFEST) -> int:
     """The pixel cap of query images: the one the index was built with (``max_image_pixels`` in index.json); the
-    project default for an index built before index.json recorded it."""
-    return int(manifest.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    project default for an index built before index.json recorded it. ``where`` names the file in errors."""
+    cap = manifest.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise IndexStoreError(f"{where}: max_image_pixels must be an integer >= 1, got {cap!r}")
+    return cap
 
 
 def _stored(index: Index, row: int) -> bytes:
