@@ -3,6 +3,7 @@ a name says and applies the one pixel cap, which PIL's own limit never overrides
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -12,7 +13,7 @@ from PIL import Image
 from shard_factory import encoded_bytes, png_bytes, standard_members, write_shard
 
 from vlp.cli.main import main
-from vlp.config import DataConfig, SourceConfig
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig, SourceConfig
 from vlp.data import counters as reasons
 from vlp.data.check import check_shard
 from vlp.data.decode import DecodeLimits
@@ -134,3 +135,131 @@ def test_check_and_write_take_the_cap_as_an_option(tmp_path: Path, capsys: pytes
     assert main(["shards", "write", str(folder), "--out", str(tmp_path / "w"), "--no-progress",
                  "--max-image-pixels", "100"]) == 1
     assert "too many pixels" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- evaluation and search caps
+
+OVER_DEFAULT = _claimed_png(8200, 8200)  # 67.24 Mpx: over the 64 Mpx default cap, under LARGER_CAP
+LARGER_CAP = 70_000_000
+TINY_RUN = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
+            "loss.gather=none", "data.batch_size=4", "data.workers=0", "train.steps=1", "train.checkpoint_every=1",
+            "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def capped_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a tiny run trained with data.max_image_pixels=LARGER_CAP, the same run with the default cap)."""
+    import shutil
+
+    from shard_factory import write_dataset
+
+    from vlp.config import load_config
+    from vlp.training.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("capped")
+    write_dataset(root / "shards", [8])
+    config = load_config(None, [*TINY_RUN, f"data.sources={root / 'shards'}", f"data.max_image_pixels={LARGER_CAP}",
+                                f"train.output_dir={root / 'large'}"])
+    Trainer(config, progress=False).fit()
+    shutil.copytree(root / "large", root / "default")
+    saved = (root / "default" / "config.yaml").read_text()
+    assert f"max_image_pixels: {LARGER_CAP}" in saved
+    (root / "default" / "config.yaml").write_text(saved.replace(f"max_image_pixels: {LARGER_CAP}",
+                                                                f"max_image_pixels: {DEFAULT_MAX_IMAGE_PIXELS}"))
+    return root / "large", root / "default"
+
+
+def _eval_skips(command: list[str], out: Path) -> dict[str, int]:
+    assert main(["eval", *command, "--workers", "0", "--batch-size", "4", "--out", str(out)]) == 0
+    return json.loads(next(out.glob("*.json")).read_text())["skipped"]
+
+
+def test_eval_applies_the_runs_cap_or_the_option(capped_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """A 67 Mpx image (over the default cap) passes the cap of `vlp eval` when the run was trained with a larger
+    data.max_image_pixels or --max-image-pixels says so, and then fails to decode (its header claims pixels the file
+    does not hold); with the default cap it is refused as too large. Shards (one and several captions per sample)
+    and ImageFolder trees alike."""
+    large, default = capped_runs
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "00000.tar", GOOD + [("big0.png", OVER_DEFAULT), ("big0.txt", b"a big one")])
+    folder = tmp_path / "folder"
+    _folder(folder, {})
+    for name, data in (("a", png_bytes(1)), ("b", OVER_DEFAULT)):
+        _folder(folder / name, {f"{name}.png": data})
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    (tmp_path / "templates.txt").write_text("a photo of {}.\n")
+    cases = {  # (run, extra options) -> the skip reason of the big image
+        (large, ()): reasons.UNDECODABLE_IMAGE, (default, ()): reasons.IMAGE_TOO_LARGE,
+        (default, ("--max-image-pixels", str(LARGER_CAP))): reasons.UNDECODABLE_IMAGE,
+        (large, ("--max-image-pixels", str(DEFAULT_MAX_IMAGE_PIXELS))): reasons.IMAGE_TOO_LARGE,
+    }
+    for n, ((run, extra), reason) in enumerate(cases.items()):
+        model = ["--checkpoint", str(run), *extra]
+        assert _eval_skips(["retrieval", *model, "--data", str(shards), "--single-caption"],
+                           tmp_path / f"single{n}") == {reason: 1}, (run, extra)
+        assert _eval_skips(["retrieval", *model, "--data", str(shards), "--multi-caption"],
+                           tmp_path / f"multi{n}") == {reason: 1, "captions_without_image": 1}, (run, extra)
+        assert _eval_skips(["zeroshot", *model, "--data", str(folder), "--classnames", str(tmp_path / "classes.txt"),
+                            "--templates", str(tmp_path / "templates.txt")], tmp_path / f"folder{n}") == {reason: 1}
+
+
+def test_eval_demo_applies_the_runs_cap(capped_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from shard_factory import write_dataset
+
+    large, _ = capped_runs
+    write_dataset(tmp_path / "demo" / "fashion_mnist" / "test", [6])
+    (tmp_path / "demo" / "tuxpaint" / "test").mkdir(parents=True)
+    write_shard(tmp_path / "demo" / "tuxpaint" / "test" / "00000.tar",
+                GOOD + [("big0.png", OVER_DEFAULT), ("big0.txt", b"a big one")])
+    assert main(["eval", "demo", "--run", str(large), "--data", str(tmp_path / "demo"), "--workers", "0"]) == 0
+    record = json.loads(next((large / "eval").glob("tuxpaint_test_*.json")).read_text())
+    assert record["skipped"] == {reasons.UNDECODABLE_IMAGE: 1}
+    assert (large / "retrieval_grid.png").is_file()
+
+
+def test_demo_grid_reads_images_under_the_given_cap(tmp_path: Path) -> None:
+    from vlp.data.decode import SampleError
+    from vlp.evaluation.grid import read_images_by_key
+
+    write_shard(tmp_path / "00000.tar", GOOD)  # 12 x 10 = 120 pixel images
+    assert set(read_images_by_key(str(tmp_path / "00000.tar"), {"good0"})) == {"good0"}
+    with pytest.raises(SampleError, match="cap 100"):
+        read_images_by_key(str(tmp_path / "00000.tar"), {"good0"}, max_image_pixels=100)
+
+
+def test_search_applies_the_cap_the_index_was_built_with(capped_runs: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """An index built with --max-image-pixels 100 refuses a 120-pixel query image with the cap named, and answers
+    a 64-pixel one; an index.json without the field (built before it was recorded) means the default cap, and a bad
+    value is refused naming the file."""
+    from vlp.retrieval.index import Index, QueryError
+    from vlp.retrieval.store import IndexStoreError
+
+    large, _ = capped_runs
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "00000.tar", [member for i in range(3) for member in (
+        (f"small{i}.png", png_bytes(i, size=(8, 8))), (f"small{i}.txt", f"small {i}".encode()))])
+    out = tmp_path / "index"
+    assert main(["index", "build", "--checkpoint", str(large), "--data", str(tmp_path / "shards"), "--out", str(out),
+                 "--workers", "0", "--no-progress", "--max-image-pixels", "100"]) == 0
+    manifest = json.loads((out / "index.json").read_text())
+    assert manifest["rows"] == 3 and manifest["max_image_pixels"] == 100
+    over, under = tmp_path / "over.png", tmp_path / "under.png"
+    over.write_bytes(png_bytes(5))  # 12 x 10 = 120 pixels
+    under.write_bytes(png_bytes(5, size=(8, 8)))
+    index = Index.load(out)
+    assert len(index.search(images=[under.read_bytes()], k=2)[0]) == 2
+    for query in (over.read_bytes(), over, Image.new("RGB", (12, 10))):
+        with pytest.raises(QueryError, match=f"{reasons.IMAGE_TOO_LARGE}: 12x10 pixels > cap 100"):
+            index.search(images=[query], k=2)
+    assert main(["search", "--index", str(out), "--image", str(over)]) == 1
+    error = capsys.readouterr().err
+    assert "12x10 pixels > cap 100" in error and "--max-image-pixels" in error
+    assert main(["search", "--index", str(out), "--image", str(under), "-k", "1"]) == 0
+    del manifest["max_image_pixels"]  # an index built before the cap was recorded: the default cap
+    (out / "index.json").write_text(json.dumps(manifest))
+    assert len(Index.load(out).search(images=[over.read_bytes()], k=2)[0]) == 2
+    (out / "index.json").write_text(json.dumps({**manifest, "max_image_pixels": "big"}))
+    with pytest.raises(IndexStoreError, match=r"index.json: max_image_pixels must be an integer >= 1, got 'big'"):
+        Index.load(out)

@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from vlp.config import ConfigError
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
 
 DATASET_HELP = ("dataset name stored in the results and their file name (default: derived from --data, e.g. "
                 "data/tuxpaint/test -> tuxpaint_test)")
+MAX_PIXELS_HELP = ("skip (and count as image_too_large) images of more pixels, read from the header before decoding "
+                   "(default: the run's data.max_image_pixels from its config.yaml, the cap it was trained with; "
+                   f"else {DEFAULT_MAX_IMAGE_PIXELS})")
 OUT_HELP = ("output directory: one CLIP_benchmark record per run, {dataset}_{pretrained}_{model}_en_{task}.json "
             "(clip_benchmark build OUT merges them); zero-shot per-class detail in OUT/per_class/")
 
@@ -27,6 +30,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="default: fp32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--rerank", type=int, default=0, metavar="K",
                       help="also report retrieval with the top K candidates reranked by the ITM head "
                            "(ALBEF runs; keys retrieval_rerank.*; default: 0 = off)")
+    demo.add_argument("--max-image-pixels", type=int, default=None, metavar="N", help=MAX_PIXELS_HELP)
     demo.set_defaults(func=run_demo_command)
 
 
@@ -102,6 +107,17 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
     info = distributed.init_distributed(getattr(args, "device", "auto"))
     return load_model_for_eval(args.checkpoint, model=args.model, pretrained=args.pretrained,
                                tokenizer_dir=args.tokenizer_dir, device=info.device), info.device
+
+
+def _max_image_pixels(args: argparse.Namespace, checkpoint: str | None) -> int:
+    """``--max-image-pixels``, else the cap the run at ``checkpoint`` was trained with, else the default."""
+    from vlp.evaluation.loading import trained_max_image_pixels
+
+    if args.max_image_pixels is None:
+        return trained_max_image_pixels(checkpoint)
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
+    return args.max_image_pixels
 
 
 def _report(record: dict) -> None:
@@ -127,7 +143,8 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
         classnames = load_classnames(args.classnames) if args.classnames else imagenet_classnames()
         templates = load_templates(args.templates) if args.templates else imagenet_templates()
         options = dict(dataset=args.dataset or dataset_name(args.data), out_dir=args.out, batch_size=args.batch_size,
-                       workers=args.workers, device=device, precision=args.precision)
+                       workers=args.workers, device=device, precision=args.precision,
+                       max_image_pixels=_max_image_pixels(args, args.checkpoint))
         if is_imagefolder(args.data):
             synsets = imagenet_synsets() if args.imagenet else None
             record = run_zeroshot_imagefolder(loaded, args.data, classnames, templates, **options,
@@ -165,7 +182,8 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
         if args.rerank:
             require_itm(loaded.model)
         options = dict(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
-                       precision=args.precision, rerank_k=args.rerank, ties=args.ties)
+                       precision=args.precision, rerank_k=args.rerank, ties=args.ties,
+                       max_image_pixels=_max_image_pixels(args, args.checkpoint))
         if args.karpathy_json:
             record = run_retrieval_karpathy(loaded, args.karpathy_json, args.images, split=args.split,
                                             dataset=args.dataset, **options)
@@ -193,17 +211,19 @@ def run_demo_command(args: argparse.Namespace) -> int:
     run, data = Path(args.run), Path(args.data)
     try:
         loaded = load_model_for_eval(str(run))
+        cap = _max_image_pixels(args, str(run))
         zeroshot = run_zeroshot(loaded, str(data / "fashion_mnist" / "test"), classnames_for("fashion_mnist"),
-                                templates_for("fashion_mnist"),
-                                dataset="fashion_mnist_test", out_dir=run / "eval", workers=args.workers)
+                                templates_for("fashion_mnist"), dataset="fashion_mnist_test", out_dir=run / "eval",
+                                workers=args.workers, max_image_pixels=cap)
         retrieval = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
-                                  out_dir=run / "eval", workers=args.workers)
+                                  out_dir=run / "eval", workers=args.workers, max_image_pixels=cap)
         reranked = None
         if args.rerank > 0:
             reranked = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
-                                     out_dir=run / "eval" / "rerank", workers=args.workers, rerank_k=args.rerank)
+                                     out_dir=run / "eval" / "rerank", workers=args.workers, rerank_k=args.rerank,
+                                     max_image_pixels=cap)
         grid = demo_query_grid(loaded, str(data / "tuxpaint" / "test"), run / "retrieval_grid.png",
-                               workers=args.workers)
+                               workers=args.workers, max_image_pixels=cap)
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

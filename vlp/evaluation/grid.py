@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data.counters import SkipCounters
 from vlp.data.decode import DecodeLimits
 from vlp.data.preprocess import Preprocess
@@ -18,15 +19,18 @@ THUMB = 96
 CAPTION_WIDTH = 260
 
 
-def read_images_by_key(urls: str, keys: set[str], preprocess: Preprocess | None = None) -> dict[str, Image.Image]:
+def read_images_by_key(urls: str, keys: set[str], preprocess: Preprocess | None = None, *,
+                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Image.Image]:
     """The images of ``keys`` from the shards, read and decoded as the model decodes them (whitelisted members,
-    pixel caps, ``preprocess``'s alpha policy; default: the default record), as RGB thumbnails."""
+    the pixel cap ``max_image_pixels``, ``preprocess``'s alpha policy; default: the default record), as RGB
+    thumbnails."""
     preprocess = (preprocess or Preprocess(THUMB)).for_evaluation()
+    limits = DecodeLimits(max_image_pixels=max_image_pixels)
     found: dict[str, Image.Image] = {}
     for url in expand_urls(urls):
         for sample in iter_shard(url, SkipCounters()):
             if sample.key in keys and sample.image is not None:
-                image = preprocess.decode(sample.image, DecodeLimits(), sample.image_ext)
+                image = preprocess.decode(sample.image, limits, sample.image_ext)
                 image.thumbnail((THUMB, THUMB))
                 found[sample.key] = image
     return found

@@ -38,7 +38,8 @@ def templates_for(spec: str) -> list[Template]:
 
 def run_configured_evals(model: nn.Module, config: Config, device: torch.device,
                          precision: str = "fp32") -> dict[str, float]:
-    """Flat ``{"eval/zeroshot/acc1": ..., "eval/retrieval/...": ...}`` for the configured evaluations."""
+    """Flat ``{"eval/zeroshot/acc1": ..., "eval/retrieval/...": ...}`` for the configured evaluations (images
+    capped at the training data's ``data.max_image_pixels``)."""
     from vlp.evaluation.runner import run_retrieval, run_zeroshot
     from vlp.models import tokenizer_for
 
@@ -50,11 +51,13 @@ def run_configured_evals(model: nn.Module, config: Config, device: torch.device,
         if cfg.zeroshot_urls:
             record = run_zeroshot(loaded, cfg.zeroshot_urls, classnames_for(cfg.zeroshot_classnames),
                                   templates_for(cfg.zeroshot_templates), dataset=cfg.zeroshot_urls,
-                                  batch_size=cfg.batch_size, workers=cfg.workers, device=device, precision=precision)
+                                  batch_size=cfg.batch_size, workers=cfg.workers, device=device, precision=precision,
+                                  max_image_pixels=config.data.max_image_pixels)
             results.update({f"eval/zeroshot/{k}": v for k, v in record["metrics"].items()})
         if cfg.retrieval_urls:
             record = run_retrieval(loaded, cfg.retrieval_urls, dataset=cfg.retrieval_urls, batch_size=cfg.batch_size,
-                                   workers=cfg.workers, device=device, precision=precision)
+                                   workers=cfg.workers, device=device, precision=precision,
+                                   max_image_pixels=config.data.max_image_pixels)
             results.update({f"eval/retrieval/{k}": v for k, v in record["metrics"].items()})
     finally:
         model.train(was_training)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.config import ConfigError, ModelConfig, load_config
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError, ModelConfig, load_config
 from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
 
@@ -71,6 +71,14 @@ def _model_source(model: str, pretrained: str | None) -> str:
     arch = model.partition(":")[2]
     folder_weights = local_dir_weights(arch) if model.startswith("open_clip:") and is_local_dir(arch) else None
     return pretrained or (str(folder_weights) if folder_weights else "random-init")
+
+
+def trained_max_image_pixels(checkpoint: str | None) -> int:
+    """The pixel cap a vlp run was trained with (``data.max_image_pixels`` of its config.yaml), for evaluating it
+    with the same cap; the project default for anything else (``None``, an ``open_clip:local-dir:`` folder)."""
+    if checkpoint is None or checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
+        return DEFAULT_MAX_IMAGE_PIXELS
+    return load_config(find_run_files(Path(checkpoint))[1]).data.max_image_pixels
 
 
 def load_model_for_eval(

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from vlp import distributed
-from vlp.config import DataConfig, SourceConfig
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig, SourceConfig
 from vlp.data.pipeline import ShardLoader
 from vlp.errors import VlpError
 from vlp.evaluation.itm_rerank import ItmCorpus, itm_reranker
@@ -29,8 +29,10 @@ class EvalDataError(VlpError, ValueError):
     """Evaluation shards that cannot be scored (no samples, missing labels, labels without a class name)."""
 
 
-def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int, require_caption: bool) -> ShardLoader:
-    """One pass over ``urls`` with the model's preprocessing (``loaded.preprocess``) and tokenizer."""
+def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int, require_caption: bool,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ShardLoader:
+    """One pass over ``urls`` with the model's preprocessing (``loaded.preprocess``) and tokenizer; images over
+    ``max_image_pixels`` (the loader's ``data.max_image_pixels``) are skipped and counted as too large."""
     config = DataConfig(
         sources=(SourceConfig(urls=urls),),
         batch_size=batch_size,
@@ -38,6 +40,7 @@ def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int
         tokenizer=loaded.tokenizer,
         shuffle_buffer=0,
         augment="none",
+        max_image_pixels=max_image_pixels,
     )
     return ShardLoader(
         config,
@@ -108,9 +111,12 @@ def run_zeroshot(
     workers: int = 2,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
-    """Zero-shot top-1/top-5/mean-per-class recall of ``loaded`` on labelled shards; writes the result files."""
-    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=False)
+    """Zero-shot top-1/top-5/mean-per-class recall of ``loaded`` on labelled shards; writes the result files.
+    Images over ``max_image_pixels`` are skipped and counted (``skipped`` in the record)."""
+    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=False,
+                         max_image_pixels=max_image_pixels)
     features, labels = encode_dataset(loaded.model, loader, device, precision)
     if labels.numel() == 0:
         raise EvalDataError(f"{urls}: no labelled samples to evaluate (skipped: {loader.skip_counts()})")
@@ -166,12 +172,14 @@ def run_retrieval(
     ks: Sequence[int] = (1, 5, 10),
     rerank_k: int = 0,
     ties: TieRule = "pessimistic",
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
     """Image<->text Recall@k and ranks on image-caption shards (one caption per sample); writes the result file.
     ``rerank_k > 0`` reranks the top candidates with the ITM head (models with a fusion encoder); ``ties`` as in
-    :func:`score_retrieval`."""
+    :func:`score_retrieval`; images over ``max_image_pixels`` are skipped and counted."""
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
-    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True)
+    loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=True,
+                         max_image_pixels=max_image_pixels)
     image_features, text_features, keys = encode_pairs(loaded, loader, device, precision, corpus)
     return score_retrieval(loaded, image_features, text_features, torch.arange(len(keys)), dataset=dataset,
                            skipped=loader.skip_counts(), out_dir=out_dir, ks=ks, itm_corpus=corpus,
@@ -182,14 +190,17 @@ DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musica
 
 
 def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, queries: Sequence[str] = DEMO_QUERIES,
-                    k: int = 5, workers: int = 2) -> Path:
-    """Top-``k`` test images for each text query, drawn as a PNG grid (rank 0 only)."""
+                    k: int = 5, workers: int = 2, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
+    """Top-``k`` test images for each text query, drawn as a PNG grid (rank 0 only); images over
+    ``max_image_pixels`` are left out."""
     from vlp.evaluation.grid import query_grid, read_images_by_key
 
-    loader = eval_loader(loaded, urls, batch_size=256, workers=workers, require_caption=True)
+    loader = eval_loader(loaded, urls, batch_size=256, workers=workers, require_caption=True,
+                         max_image_pixels=max_image_pixels)
     image_features, _, keys = encode_pairs(loaded, loader, "cpu", "fp32")
     query_features = text_encoder_fn(loaded)(list(queries))
     scores, indices = (query_features @ image_features.T).topk(min(k, len(keys)), dim=1)  # (Q, k)
     top_keys = [[keys[int(i)] for i in row] for row in indices]
-    images = read_images_by_key(urls, {key for row in top_keys for key in row}, loaded.preprocess)
+    images = read_images_by_key(urls, {key for row in top_keys for key in row}, loaded.preprocess,
+                                max_image_pixels=max_image_pixels)
     return query_grid(list(queries), top_keys, scores, images, path)

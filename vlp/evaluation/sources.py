@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlp import distributed
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_metadata
@@ -203,14 +204,17 @@ def imagefolder_batches(
     root: str | Path, *, image_size: int | None = None, batch_size: int, workers: int, rank: int | None = None,
     world_size: int | None = None, expected_classes: int | None = 1000,
     expected_synsets: Sequence[str] | None = None, preprocess: Preprocess | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> FileImageLoader:
     """This rank's batches of an ImageFolder tree (labels = sorted-folder index); see :func:`scan_imagefolder`.
 
-    Images go through ``preprocess`` (the model's record) or the default record at ``image_size``.
+    Images go through ``preprocess`` (the model's record) or the default record at ``image_size``; images over
+    ``max_image_pixels`` are skipped and counted.
     The loader also carries ``classes`` (the sorted folder names)."""
     classes, files = scan_imagefolder(root, expected_classes=expected_classes, expected_synsets=expected_synsets)
     loader = FileImageLoader(files, image_size=image_size, batch_size=batch_size, workers=workers, rank=rank,
-                             world_size=world_size, preprocess=preprocess)
+                             world_size=world_size, preprocess=preprocess,
+                             limits=DecodeLimits(max_image_pixels=max_image_pixels))
     loader.classes = classes
     return loader
 
@@ -286,11 +290,13 @@ def run_zeroshot_imagefolder(
     loaded: LoadedModel, root: str | Path, classnames: Sequence[str], templates: Sequence[Template], *,
     dataset: str, out_dir: str | Path | None = None, expected_classes: int | None = 1000,
     expected_synsets: Sequence[str] | None = None, batch_size: int = 256, workers: int = 2,
-    device: torch.device | str = "cpu", precision: str = "fp32",
+    device: torch.device | str = "cpu", precision: str = "fp32", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
-    """Zero-shot top-1/top-5/mean-per-class recall on an ImageFolder tree; the same files as ``run_zeroshot``."""
+    """Zero-shot top-1/top-5/mean-per-class recall on an ImageFolder tree; the same files as ``run_zeroshot``
+    (images over ``max_image_pixels`` skipped and counted)."""
     loader = imagefolder_batches(root, preprocess=loaded.preprocess, batch_size=batch_size, workers=workers,
-                                 expected_classes=expected_classes, expected_synsets=expected_synsets)
+                                 expected_classes=expected_classes, expected_synsets=expected_synsets,
+                                 max_image_pixels=max_image_pixels)
     if len(loader.classes) != len(classnames):
         raise EvalSourceError(f"{root}: {len(loader.classes)} class folders but {len(classnames)} class names")
     features, labels = encode_dataset(loaded.model, loader, device, precision)
@@ -304,13 +310,16 @@ def run_zeroshot_imagefolder(
 def encode_retrieval_set(
     loaded: LoadedModel, data: RetrievalSet, *, batch_size: int = 256, workers: int = 2,
     device: torch.device | str = "cpu", precision: str = "fp32", itm_corpus: ItmCorpus | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
     """(image features (N_i, D), caption features (N_t, D), text_to_image (N_t,), skipped images by reason).
 
-    Images are split across ranks and gathered; an undecodable image is dropped with its captions. With an
-    ``itm_corpus`` the image tokens and caption ids are collected too, in the same row order."""
+    Images are split across ranks and gathered; an undecodable image (or one over ``max_image_pixels``) is dropped
+    with its captions. With an ``itm_corpus`` the image tokens and caption ids are collected too, in the same row
+    order."""
     items = [(path, index) for index, path in enumerate(data.images)]
-    loader = FileImageLoader(items, preprocess=loaded.preprocess, batch_size=batch_size, workers=workers)
+    loader = FileImageLoader(items, preprocess=loaded.preprocess, batch_size=batch_size, workers=workers,
+                             limits=DecodeLimits(max_image_pixels=max_image_pixels))
     features, indices = encode_dataset(itm_corpus or loaded.model, loader, device, precision)
     skipped = loader.skip_counts()
     if indices.numel() == 0:
@@ -335,14 +344,16 @@ def run_retrieval_karpathy(
     loaded: LoadedModel, split_json: str | Path, image_root: str | Path, *, split: str = "test",
     dataset: str | None = None, out_dir: str | Path | None = None, batch_size: int = 256, workers: int = 2,
     device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
-    ties: TieRule = "pessimistic",
+    ties: TieRule = "pessimistic", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
     """Image<->text Recall@k and ranks on a Karpathy split (all captions of an image are positives); writes the
-    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, as there)."""
+    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, ``max_image_pixels``:
+    the pixel cap, as there)."""
     data = karpathy_split(split_json, image_root, split)
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_retrieval_set(
-        loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision, itm_corpus=corpus)
+        loaded, data, batch_size=batch_size, workers=workers, device=device, precision=precision, itm_corpus=corpus,
+        max_image_pixels=max_image_pixels)
     return score_retrieval(loaded, image_features, text_features, text_to_image,
                            dataset=dataset or f"{Path(split_json).stem}_{split}", skipped=skipped, out_dir=out_dir,
                            ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device, precision=precision,
@@ -403,20 +414,20 @@ def _image_key(value: str) -> int:
 def encode_shard_retrieval(
     loaded: LoadedModel, urls: str, *, batch_size: int = 256, device: torch.device | str = "cpu",
     precision: str = "fp32", rank: int | None = None, world_size: int | None = None,
-    itm_corpus: ItmCorpus | None = None,
+    itm_corpus: ItmCorpus | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
     """(image features (N_i, D), caption features (N_t, D), text_to_image (N_t,), skips) of multi-caption shards.
 
     Each rank reads ``shards[rank::world]`` (decoding in this process) and the features are gathered; an image is
     encoded once per rank and de-duplicated by ``image_id`` after the gather. Captions whose image could not be
-    decoded are dropped and counted as ``captions_without_image``. With an ``itm_corpus`` the image tokens and
-    caption ids are collected too, in the same row order."""
+    decoded (or is over ``max_image_pixels``) are dropped and counted as ``captions_without_image``. With an
+    ``itm_corpus`` the image tokens and caption ids are collected too, in the same row order."""
     from vlp.training.task import autocast_context
 
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size
     device, counters = torch.device(device), SkipCounters()
-    limits, preprocess = DecodeLimits(), loaded.preprocess
+    limits, preprocess = DecodeLimits(max_image_pixels=max_image_pixels), loaded.preprocess
     transform = preprocess.transform()
     encode_text = text_encoder_fn(loaded, device)
     image_encoder = itm_corpus or loaded.model
@@ -494,13 +505,15 @@ def encode_shard_retrieval(
 def run_retrieval_multicaption(
     loaded: LoadedModel, urls: str, *, dataset: str, out_dir: str | Path | None = None, batch_size: int = 256,
     device: torch.device | str = "cpu", precision: str = "fp32", ks: Sequence[int] = (1, 5, 10), rerank_k: int = 0,
-    ties: TieRule = "pessimistic",
+    ties: TieRule = "pessimistic", max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
     """Retrieval on shards with several captions per image (see :func:`encode_shard_retrieval`); writes the
-    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, as there)."""
+    result file like ``run_retrieval`` (``rerank_k``: ITM reranking, ``ties``: the tie rule, ``max_image_pixels``:
+    the pixel cap, as there)."""
     corpus = ItmCorpus(loaded.model) if rerank_k > 0 else None
     image_features, text_features, text_to_image, skipped = encode_shard_retrieval(
-        loaded, urls, batch_size=batch_size, device=device, precision=precision, itm_corpus=corpus)
+        loaded, urls, batch_size=batch_size, device=device, precision=precision, itm_corpus=corpus,
+        max_image_pixels=max_image_pixels)
     return score_retrieval(loaded, image_features, text_features, text_to_image, dataset=dataset, skipped=skipped,
                            out_dir=out_dir, ks=ks, itm_corpus=corpus, rerank_k=rerank_k, device=device,
                            precision=precision, ties=ties)
@@ -508,7 +521,7 @@ def run_retrieval_multicaption(
 
 def run_retrieval_shards(
     loaded: LoadedModel, urls: str, *, dataset: str, multi_caption: bool | None = None, workers: int = 2,
-    **options,  # noqa: ANN003 - out_dir, batch_size, device, precision, ks, rerank_k, ties as in run_retrieval
+    **options,  # noqa: ANN003 - out_dir, batch_size, device, precision, ks, rerank_k, ties, max_image_pixels
 ) -> dict:
     """Retrieval on image-caption shards. ``multi_caption``: True reads every caption of a sample
     (:func:`run_retrieval_multicaption`), False one caption per sample (``run_retrieval``: a ``.txt`` is one

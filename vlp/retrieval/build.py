@@ -181,7 +181,7 @@ def build_index(checkpoint: str, data: str, out: str | Path, *, options: BuildOp
     report = None
     if rank == 0:
         report = _write_index(out, units, loaded, _checkpoint_reference(checkpoint, weights), fingerprint, backends,
-                              options.progress)
+                              options)
         report = dataclasses.replace(report, parts_embedded=len(todo), seconds=seconds,
                                      images_per_s=embedded / seconds if seconds > 0 else 0.0)
         logger.info("index %s: %d images, %d captions, %d parts (%d embedded now)", out, report.rows,
@@ -192,8 +192,9 @@ def build_index(checkpoint: str, data: str, out: str | Path, *, options: BuildOp
 
 
 def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, reference: str, fingerprint: str,
-                 backends: tuple[BackendSpec, ...], progress: bool) -> BuildReport:
-    """Check every part, then write the back ends and ``index.json`` (rank 0)."""
+                 backends: tuple[BackendSpec, ...], options: BuildOptions) -> BuildReport:
+    """Check every part, then write the back ends and ``index.json`` (rank 0), which records the build's pixel
+    cap (``max_image_pixels``) for the query images of searches."""
     from vlp.config import to_dict
 
     receipts = [finished_part(out, unit, fingerprint) for unit in units]
@@ -208,7 +209,7 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, refere
     if backends:
         image = torch.cat([read_part(out, unit.name)[0]["image"] for unit in units])
         for spec in backends:
-            built += build_backend(spec, image, progress=progress).save(out)
+            built += build_backend(spec, image, progress=options.progress).save(out)
     write_manifest(out, {
         "model": {"fingerprint": fingerprint, "checkpoint": reference, "name": loaded.name,
                   "tokenizer": loaded.tokenizer, "config": to_dict(loaded.config),
@@ -218,6 +219,7 @@ def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, refere
                                                                                           strict=True)],
         "rows": rows, "captions": captions,
         "skipped": skipped,
+        "max_image_pixels": options.limits.max_image_pixels,
         "backends": [dataclasses.asdict(spec) for spec in backends],
     })
     return BuildReport(rows, captions, 0, 0, skipped, 0.0, 0.0, built)

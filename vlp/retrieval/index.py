@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlp.config import ModelConfig
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ModelConfig
 from vlp.data import counters as reasons
 from vlp.data.decode import DecodeLimits, SampleError
 from vlp.data.preprocess import Preprocess
@@ -33,7 +33,7 @@ from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
 from vlp.retrieval.build import model_identity
 from vlp.retrieval.images import ImageReadError, StoredImages
-from vlp.retrieval.store import IndexStoreError, read_manifest, read_part
+from vlp.retrieval.store import MANIFEST, IndexStoreError, read_manifest, read_part
 from vlp.training.task import autocast_context
 
 Target = Literal["image", "text"]
@@ -69,7 +69,7 @@ class Index:
         self.image_backend = image_backend
         self.text_backend = ExactBackend(text) if text.shape[0] else None
         self.images = StoredImages()
-        self.limits = DecodeLimits()
+        self.limits = DecodeLimits(max_image_pixels=query_pixel_cap(manifest, Path(directory) / MANIFEST))
         self._tokenizer: TextTokenizer | None = None
         self._tokenizer_lock = threading.Lock()  # a Hugging Face tokenizer must not run in two threads at once
 
@@ -106,7 +106,7 @@ class Index:
         return {"rows": self.size, "captions": int(self.text_rows.numel()), "dim": self.dim,
                 "model": model["name"], "fingerprint": self.fingerprint, "backend": self.image_backend.kind,
                 "rerank": bool(getattr(self._model(required=False), "has_fusion", False)),
-                "skipped": self.manifest.get("skipped", {})}
+                "skipped": self.manifest.get("skipped", {}), "max_image_pixels": self.limits.max_image_pixels}
 
     # ------------------------------------------------------------------------------------------- embedding
     def _model(self, required: bool = True) -> torch.nn.Module | None:
@@ -142,11 +142,14 @@ class Index:
 
     def decode_query_image(self, image: ImageQuery) -> Image.Image:
         """A query image (bytes, a path or a PIL image) as RGB, through the same caps as training data and the
-        model's preprocessing record (alpha policy; no JPEG draft decoding)."""
+        model's preprocessing record (alpha policy; no JPEG draft decoding). The pixel cap is the one the index was
+        built with (:func:`query_pixel_cap`)."""
         preprocess = self._preprocess()
+        cap = self.limits.max_image_pixels
         if isinstance(image, Image.Image):
-            if image.width * image.height > self.limits.max_image_pixels:
-                raise QueryError(f"query image of {image.width}x{image.height} pixels exceeds the cap")
+            if image.width * image.height > cap:
+                raise QueryError(f"query image: {reasons.IMAGE_TOO_LARGE}: {image.width}x{image.height} pixels > "
+                                 f"cap {cap} (the index's max_image_pixels, `vlp index build --max-image-pixels`)")
             return preprocess.to_rgb(image)
         data = Path(image).read_bytes() if isinstance(image, str | Path) else image
         ext = Path(image).suffix if isinstance(image, str | Path) else None  # bytes: any format vlp reads
@@ -154,6 +157,8 @@ class Index:
             return preprocess.decode(data, self.limits, ext)
         except SampleError as err:
             detail = "not a readable image, or truncated" if err.reason == reasons.UNDECODABLE_IMAGE else str(err)
+            if err.reason == reasons.IMAGE_TOO_LARGE:
+                detail += f"; {cap} is the cap this index was built with (`vlp index build --max-image-pixels`)"
             raise QueryError(f"query image: {err.reason}: {detail}") from err
 
     def _preprocess(self) -> Preprocess:
@@ -249,6 +254,16 @@ class Index:
                 ids, mask = self.tokenize([self.metadata[int(row)].get("caption", "") for row in candidates])
                 text_index = torch.arange(len(candidates))
             return itm_match_logits(model, tokens, ids.to(device), mask.to(device), text_index.to(device))
+
+
+def query_pixel_cap(manifest: dict, where: str | Path = MANIFEST) -> int:
+    """The pixel cap of query images: the one the index was built with (``max_image_pixels`` in index.json); the
+    project default for an index built before index.json recorded it. ``where`` names the file in errors."""
+    cap = manifest.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        raise IndexStoreError(f"{where}: max_image_pixels must be an integer >= 1, got {cap!r}")
+    return cap
+
 
 def _stored(index: Index, row: int) -> bytes:
     try:

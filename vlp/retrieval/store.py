@@ -3,7 +3,8 @@
 ```
 INDEX_DIR/
   index.json                  manifest: format version, the model (fingerprint, checkpoint, config), D, the parts
-                              in order, totals, skipped samples by reason, the search back ends built
+                              in order, totals, skipped samples by reason, the build's pixel cap
+                              (max_image_pixels; absent in older indexes: the default), the search back ends built
   parts/<name>.safetensors    image (n, D) float16, text (m, D) float16, text_rows (m,) int64 (rows with captions)
   parts/<name>.jsonl          one metadata object per row: key, caption, shard + member, or path
   parts/<name>.done.json      the part's receipt: rows, captions, skips, sha256 of the two files, its source's
