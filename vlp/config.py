@@ -131,6 +131,7 @@ class DataConfig:
     max_caption_chars: int = 2000
     prefetch_factor: int = 4
     jpeg_draft: bool = False  # training only: JPEGs decoded at a reduced DCT scale (faster, slightly other pixels)
+    read_retries: int = 3  # a shard failing to read (OSError, failing pipe: command) is retried, resuming after it
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ NUMERIC_RULES: dict[str, Range] = {
     "data.sources.weight": POSITIVE, "data.seed": AT_LEAST_0, "data.batch_size": AT_LEAST_1,
     "data.workers": AT_LEAST_0, "data.shuffle_buffer": AT_LEAST_0, "data.max_image_pixels": AT_LEAST_1,
     "data.max_image_bytes": AT_LEAST_1, "data.max_caption_chars": AT_LEAST_1, "data.prefetch_factor": AT_LEAST_1,
+    "data.read_retries": AT_LEAST_0,
     "optim.lr": POSITIVE, "optim.weight_decay": AT_LEAST_0, "optim.beta1": Range(0, 1, high_open=True),
     "optim.beta2": Range(0, 1, high_open=True), "optim.eps": POSITIVE, "optim.grad_clip": AT_LEAST_0,
     "schedule.warmup_steps": AT_LEAST_0, "schedule.min_lr_ratio": FRACTION,

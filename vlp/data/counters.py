@@ -26,9 +26,11 @@ CORRUPT_SHARD = "corrupt_shard"
 UNREADABLE_SHARD = "unreadable_shard"
 LOST_IN_CORRUPT_SHARD = "lost_in_corrupt_shard"  # samples known lost (a manifest counts them)
 UNKNOWN_LOSS = "shard_with_unknown_loss"  # a damaged shard without a manifest: how many samples it lost is unknown
+SHARD_READ_ERROR = "shard_read_error"  # the storage kept failing (read error, failing pipe: command) after retries
 
 # Reasons that log a warning every time (they are rare and mean the data set is damaged).
-_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, LOST_IN_CORRUPT_SHARD, UNKNOWN_LOSS, UNSAFE_MEMBER_NAME)
+_LOUD_REASONS = (CORRUPT_SHARD, UNREADABLE_SHARD, SHARD_READ_ERROR, LOST_IN_CORRUPT_SHARD, UNKNOWN_LOSS,
+                 UNSAFE_MEMBER_NAME)
 _QUIET_LOG_LIMIT = 5
 
 

@@ -229,7 +229,8 @@ class ShardLoader:
         self.num_workers = config.workers
         self.spec = LoaderSpec(
             sources=sources,
-            settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0, epochs),
+            settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0, epochs,
+                                    read_retries=config.read_retries),
             limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars),
             augment=config.augment, train=train, image_size=image_size, tokenizer=config.tokenizer,
             context_length=context_length, batch_size=batch_size or config.batch_size,

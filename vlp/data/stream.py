@@ -22,7 +22,7 @@ from typing import Literal
 import webdataset
 
 from vlp.data.counters import SkipCounters
-from vlp.data.tar_stream import RawSample, iter_shard
+from vlp.data.tar_stream import DEFAULT_READ_RETRIES, RawSample, iter_shard
 from vlp.data.urls import DataSourceError, ShardSource
 
 _MIX_BLOCK = 1024
@@ -54,6 +54,7 @@ class StreamSettings:
     seed: int = 0
     shuffle_buffer: int = 1000
     epochs: int | None = None  # None: endless; N: stop after N epochs (evaluation passes use 1)
+    read_retries: int = DEFAULT_READ_RETRIES  # not part of the determinism: a retried shard yields the same samples
 
 
 @dataclass
@@ -103,7 +104,8 @@ class SourceStream:
     def _epoch_samples(self, epoch: int) -> Iterator[RawSample]:
         def read() -> Iterator[RawSample]:
             for url, keep in epoch_shards(self.source, self.source_index, epoch, self.slot, self.settings):
-                yield from iter_shard(url, self.counters, expected_samples=self.source.expected.get(url), keep=keep)
+                yield from iter_shard(url, self.counters, expected_samples=self.source.expected.get(url), keep=keep,
+                                      read_retries=self.settings.read_retries)
 
         if self.settings.shuffle_buffer <= 1:
             return read()

@@ -8,13 +8,21 @@ archive is verified: in a damaged shard it may have lost members (its json, say)
 lost. Damage is counted, logged with the shard name and the number of samples lost ("unknown" past the last one
 read when there is no manifest), and never crashes training. Only the stream's tail is inspected: the check
 costs nothing per sample.
+
+Flaky storage is not damage: an ``OSError`` from the underlying stream (a local read error, a ``pipe:`` command
+that exits non-zero mid-stream) or a failing ``pipe:`` command at close is retried ``read_retries`` times with a
+short, capped backoff. A re-read skips, unread, the tar entries of the samples already settled (delivered or not
+kept), so no sample is delivered twice and no member is counted twice. A shard that keeps failing is counted as
+``shard_read_error`` with its samples lost, and reading goes on with the next shard.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import webdataset
@@ -31,6 +39,10 @@ from vlp.data.layout import (
 
 WANTED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
 _TAIL_BYTES = 1 << 20  # bytes kept behind the read position to inspect where tarfile stopped
+DEFAULT_READ_RETRIES = 3
+BACKOFF_FIRST_SECONDS, BACKOFF_CAP_SECONDS = 0.5, 8.0
+_sleep: Callable[[float], None] = time.sleep  # the backoff's wait (tests replace it)
+logger = logging.getLogger("vlp.data")
 
 
 @dataclass
@@ -47,6 +59,20 @@ class RawSample:
     cls: bytes | None = None
 
 
+@dataclass
+class _Progress:
+    """How far a shard has been read, kept across attempts so a re-read resumes after the last settled sample."""
+
+    settled: int = 0  # samples with a lower in-shard index were delivered or not kept
+    skip_entries: int = 0  # tar entries up to the end of those samples: skipped unread on a re-read
+    counted_entries: int = 0  # tar entries whose member-level skips were counted: not counted again
+
+
+def backoff_seconds(retry: int) -> float:
+    """The wait before retry number ``retry`` (1, 2, ...): 0.5 s doubling, capped at 8 s."""
+    return min(BACKOFF_FIRST_SECONDS * 2 ** (retry - 1), BACKOFF_CAP_SECONDS)
+
+
 class _TailReader(io.RawIOBase):
     """A read-only wrapper that counts bytes and keeps the last ``_TAIL_BYTES`` for post-mortems."""
 
@@ -54,12 +80,13 @@ class _TailReader(io.RawIOBase):
         self.stream = stream
         self.position = 0
         self.tail = bytearray()
+        self.read_error: str | None = None  # the storage's own failure (not damage in the data)
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+        data = self._read_stream(size)
         self.position += len(data)
         self.tail += data
         if len(self.tail) > 2 * _TAIL_BYTES:
@@ -71,6 +98,13 @@ class _TailReader(io.RawIOBase):
         buffer[: len(data)] = data
         return len(data)
 
+    def _read_stream(self, size: int) -> bytes:
+        try:
+            return self.stream.read(size)
+        except OSError as err:
+            self.read_error = f"{type(err).__name__}: {err}"
+            raise
+
     def inspectable(self, offset: int) -> bool:
         """Whether ``offset`` lies in the kept tail (tarfile reads at most one record ahead: it always does)."""
         return offset >= self.position - len(self.tail)
@@ -80,7 +114,7 @@ class _TailReader(io.RawIOBase):
         and the stream's total size. ``offset`` must be :meth:`inspectable`."""
         tail_start = self.position - len(self.tail)
         first_nonzero = _first_nonzero(self.tail[offset - tail_start:], offset)
-        while block := self.stream.read(1 << 16):
+        while block := self._read_stream(1 << 16):
             self.position += len(block)
             if first_nonzero is None:
                 first_nonzero = _first_nonzero(block, self.position - len(block))
@@ -110,43 +144,65 @@ def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
         sample.cls = data
 
 
-def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters) -> Iterator[tuple[str, str, bytes | None]]:
-    """(key, extension, bytes) of each regular, safely named member; bytes are None (never read) and the member
-    counted when its extension is not whitelisted, so a sample made only of such members still counts. Links and
-    other non-regular members are counted and skipped (directories are skipped silently)."""
-    for info in tar:
+_Member = tuple[int, str, str, bytes | None]  # (tar entry number, key, extension, bytes)
+
+
+def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters, progress: _Progress) -> Iterator[_Member]:
+    """(entry, key, extension, bytes) of each regular, safely named member; bytes are None (never read) and the
+    member counted when its extension is not whitelisted, so a sample made only of such members still counts. Links
+    and other non-regular members are counted and skipped (directories are skipped silently). Entries before
+    ``progress.skip_entries`` are skipped unread; those before ``progress.counted_entries`` are not counted again."""
+    for entry, info in enumerate(tar):
+        if entry < progress.skip_entries:
+            continue  # settled on an earlier attempt: tarfile moves past its data without reading it out
+        add = counters.add if entry >= progress.counted_entries else _count_nothing
+        progress.counted_entries = max(progress.counted_entries, entry + 1)
         if info.isdir():
             continue
         if not info.isreg():  # a link is never followed, a device never read
             target = f" -> {info.linkname}" if info.issym() or info.islnk() else ""
-            counters.add(reasons.NON_REGULAR_MEMBER, f"{url}:{info.name}{target}", detail=f"tar type {info.type!r}")
+            add(reasons.NON_REGULAR_MEMBER, f"{url}:{info.name}{target}", detail=f"tar type {info.type!r}")
             continue
         if is_unsafe_member_name(info.name):
-            counters.add(reasons.UNSAFE_MEMBER_NAME, f"{url}:{info.name}")
+            add(reasons.UNSAFE_MEMBER_NAME, f"{url}:{info.name}")
             continue
         key, ext = split_member_name(info.name)
         if ext not in WANTED_EXTENSIONS:
             # never read, never decoded: .pyd/.pkl/.pth members cannot execute anything
-            counters.add(reasons.IGNORED_MEMBER, f"{url}:{info.name}", detail="extension not whitelisted")
-            yield key, ext, None
+            add(reasons.IGNORED_MEMBER, f"{url}:{info.name}", detail="extension not whitelisted")
+            yield entry, key, ext, None
             continue
         handle = tar.extractfile(info)
-        yield key, ext, handle.read() if handle is not None else b""
+        yield entry, key, ext, handle.read() if handle is not None else b""
 
 
-def _group(members: Iterator[tuple[str, str, bytes | None]], url: str) -> Iterator[RawSample]:
-    """Consecutive members with the same key form one sample (webdataset's grouping rule)."""
+def _count_nothing(reason: str, where: str, amount: int = 1, detail: str = "") -> None:
+    """A member-level skip already counted on an earlier attempt at the shard."""
+
+
+def _group(members: Iterator[_Member], url: str, first_index: int) -> Iterator[tuple[RawSample, int]]:
+    """Consecutive members with the same key form one sample (webdataset's grouping rule); each sample comes with
+    the number of the tar entry after its last member. Samples are numbered from ``first_index``."""
     current: RawSample | None = None
-    index = 0
-    for key, ext, data in members:
+    index, end = first_index, 0
+    for entry, key, ext, data in members:
         if current is None or key != current.key:
             if current is not None:
-                yield current
+                yield current, end
                 index += 1
             current = RawSample(key=key, url=url, index=index)
         _add_member(current, ext, data)
+        end = entry + 1
     if current is not None:
-        yield current
+        yield current, end
+
+
+def _settle(sample: RawSample, end: int, keep: Callable[[int], bool] | None,
+            progress: _Progress) -> Iterator[RawSample]:
+    """Deliver a complete sample (if kept) and remember that a re-read starts after it."""
+    progress.settled, progress.skip_entries = sample.index + 1, end
+    if keep is None or keep(sample.index):
+        yield sample
 
 
 def _report_damage(url: str, read: int, expected: int | None, error: str, lost_indices: range,
@@ -165,48 +221,93 @@ def _report_damage(url: str, read: int, expected: int | None, error: str, lost_i
                      detail="samples missing or cut short" + (f" of {expected} in the manifest" if expected else ""))
 
 
+def _report_read_error(url: str, error: str, retries: int, progress: _Progress, expected: int | None,
+                       keep: Callable[[int], bool] | None, counters: SkipCounters) -> None:
+    """Count a shard that kept failing to read, and the samples it did not deliver (those this reader keeps)."""
+    attempts = f"{error} (gave up after {retries} {'retry' if retries == 1 else 'retries'})"
+    if expected is None:
+        counters.add(reasons.SHARD_READ_ERROR, url, detail=f"{attempts}; read {progress.settled} samples, an "
+                                                           f"unknown number lost (no manifest.json to count them)")
+        counters.add(reasons.UNKNOWN_LOSS, url, detail="samples lost to a read error cannot be counted")
+        return
+    lost = sum(1 for i in range(progress.settled, expected) if keep is None or keep(i))
+    counters.add(reasons.SHARD_READ_ERROR, url, detail=f"{attempts}; read {progress.settled} of {expected} samples "
+                                                       f"listed in the manifest, {lost} lost")
+    if lost:
+        counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=lost,
+                     detail=f"samples not read of {expected} in the manifest: the shard kept failing to read")
+
+
 def iter_shard(
     url: str,
     counters: SkipCounters,
     *,
     expected_samples: int | None = None,
     keep: Callable[[int], bool] | None = None,
+    read_retries: int = DEFAULT_READ_RETRIES,
 ) -> Iterator[RawSample]:
-    """Yield the raw samples of one shard, checking integrity; ``keep(index)`` selects samples by position."""
+    """Yield the raw samples of one shard, checking integrity; ``keep(index)`` selects samples by position.
+
+    A read error (an ``OSError`` from the storage, a failing ``pipe:`` command) is retried up to ``read_retries``
+    times with :func:`backoff_seconds` between attempts, each resuming after the last sample already settled; then
+    the shard is counted as ``shard_read_error`` and the iterator ends."""
+    progress = _Progress()
+    error: str | None = None
+    for attempt in range(read_retries + 1):
+        if attempt:
+            delay = backoff_seconds(attempt)
+            logger.warning("read error in shard %s: %s; retry %d of %d in %.1f s, resuming after sample %d",
+                           url, error, attempt, read_retries, delay, progress.settled)
+            _sleep(delay)
+        error = yield from _read_attempt(url, counters, expected_samples, keep, progress, first=attempt == 0)
+        if error is None:
+            return
+    _report_read_error(url, error or "", read_retries, progress, expected_samples, keep, counters)
+
+
+def _read_attempt(url: str, counters: SkipCounters, expected_samples: int | None, keep: Callable[[int], bool] | None,
+                  progress: _Progress, first: bool) -> Generator[RawSample, None, str | None]:
+    """One pass over a shard from ``progress`` on: damage is counted here; a read error is returned to retry."""
     try:
         stream = _open(url)
     except Exception as err:  # noqa: BLE001 - any opening failure is counted, with its message
+        if not first:
+            return f"reopening failed: {err}"  # it opened before: the storage is failing, not the shard missing
         counters.add(reasons.UNREADABLE_SHARD, url, detail=str(err))
         if expected_samples:
             counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=expected_samples, detail="shard unreadable")
-        return
+        return None
     reader = _TailReader(stream)
-    seen, last = 0, None  # ``last``: the latest sample, held back until the next one starts or the archive ends
-    error: str | None = None
+    seen, last = progress.settled, None  # ``last``: the latest sample, held back until the next one starts or the end
+    end, error, in_members = 0, None, False
     try:
         tar = tarfile.open(fileobj=reader, mode="r|*")  # type: ignore[arg-type]  # noqa: SIM115 - closed below
-        for sample in _group(_members(tar, url, counters), url):
-            if last is not None and (keep is None or keep(last.index)):
-                yield last  # complete: a member of the next sample has been read
-            last, seen = sample, seen + 1
+        in_members = True
+        for sample, sample_end in _group(_members(tar, url, counters, progress), url, progress.settled):
+            if last is not None:
+                yield from _settle(last, end, keep, progress)  # complete: a member of the next sample has been read
+            last, end, seen = sample, sample_end, seen + 1
+        in_members = False
         error = _end_of_archive(tar, reader)
     except (tarfile.TarError, OSError, EOFError) as err:
         error = f"{type(err).__name__}: {err}"
-        if last is not None and (keep is None or keep(last.index)):
-            yield last  # complete: the error came while reading the members of a later sample
+        if last is not None and in_members:
+            yield from _settle(last, end, keep, progress)  # complete: the error came reading a later sample
         last = None
     finally:
         close_error = _close(stream)
-    error = error or close_error
+    if reader.read_error or close_error:
+        return reader.read_error or close_error  # the storage failed, not the data: retried from ``progress``
     if error is None:  # the archive ended properly: the last sample is complete
-        if last is not None and (keep is None or keep(last.index)):
-            yield last
+        if last is not None:
+            yield from _settle(last, end, keep, progress)
         if expected_samples is not None and seen != expected_samples:
             _report_damage(url, seen, expected_samples, f"{seen} samples where the manifest lists {expected_samples}",
                            range(seen, expected_samples), keep, counters)
-        return
+        return None
     read = seen - (last is not None)  # a held-back last sample may have lost members: it is dropped
     _report_damage(url, read, expected_samples, error, range(read, max(seen, expected_samples or 0)), keep, counters)
+    return None
 
 
 def _close(stream: io.IOBase) -> str | None:
