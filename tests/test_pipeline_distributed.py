@@ -13,20 +13,41 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from dist_utils import run_distributed
-from shard_factory import write_dataset
+from shard_factory import add_member, noise_png_bytes
 
 from vlp.config import DataConfig, SourceConfig
+from vlp.data.layout import ShardRecord, file_sha256, sample_key, shard_name, write_manifest
 from vlp.data.pipeline import ShardLoader
 
 WORLD, WORKERS, BATCH, RESUME_AT, TAIL = 2, 2, 3, 5, 7
 # 8 shards over 2 ranks x 2 workers split by shard; 3 shards (< 4 slots) split by sample inside each shard
 LAYOUTS = {"8-shards": [7, 5, 6, 4, 9, 3, 8, 5], "3-shards": [11, 13, 9]}
+
+
+def _write_noise_dataset(directory: Path, samples_per_shard: list[int]) -> list[str]:
+    """Shards of samples with random-pixel images (a solid colour would look the same under every random crop, so
+    the images could not tell whether augmentation replays after a resume); returns every key."""
+    directory.mkdir(parents=True)
+    keys, records = [], []
+    for shard_id, count in enumerate(samples_per_shard):
+        path = directory / shard_name(shard_id)
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(count):
+                key = sample_key(shard_id, index)
+                add_member(tar, f"{key}.png", noise_png_bytes(len(keys), (24, 20)))
+                add_member(tar, f"{key}.txt", f"caption {key}".encode())
+                add_member(tar, f"{key}.json", json.dumps({"key": key, "label": index % 10}).encode())
+                keys.append(key)
+        records.append(ShardRecord(path.name, count, path.stat().st_size, file_sha256(path)))
+    write_manifest(directory, records)
+    return keys
 
 
 def _loader(data_dir: str, **kwargs) -> ShardLoader:
@@ -92,7 +113,7 @@ def _epoch_zero_keys(run: dict) -> list[str]:
 
 
 def _launch_run(tmp_path: Path, layout: str) -> tuple[list[str], str, list[dict]]:
-    keys = write_dataset(tmp_path / layout, LAYOUTS[layout])
+    keys = _write_noise_dataset(tmp_path / layout, LAYOUTS[layout])
     data_dir = str(tmp_path / layout)
     # enough batches for every worker of a rank to cross into epoch 1 (a rank's share is about a half)
     batches = max(RESUME_AT + TAIL, len(keys) // (WORLD * BATCH) + 4)
