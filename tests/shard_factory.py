@@ -48,16 +48,20 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def standard_members(key: str, value: int) -> list[tuple[str, bytes]]:
-    """The members of one good sample: image, caption, json with a label."""
+def standard_members(key: str, value: int, textured: bool = False) -> list[tuple[str, bytes]]:
+    """The members of one good sample: image (solid colour, or random pixels when ``textured``: every random crop
+    then gives other pixels), caption, json with a label."""
     caption = f"caption {value}"
     meta = {"key": key, "caption": caption, "label": value % 10}
-    return [(f"{key}.png", png_bytes(value)), (f"{key}.txt", caption.encode()),
+    image = noise_png_bytes(value, (12, 10)) if textured else png_bytes(value)
+    return [(f"{key}.png", image), (f"{key}.txt", caption.encode()),
             (f"{key}.json", json.dumps(meta).encode())]
 
 
-def write_dataset(directory: Path, samples_per_shard: list[int], manifest: bool = True) -> list[str]:
-    """Shards of good samples numbered consecutively; returns every sample key in write order."""
+def write_dataset(directory: Path, samples_per_shard: list[int], manifest: bool = True,
+                  textured: bool = False) -> list[str]:
+    """Shards of good samples numbered consecutively (``textured``: random-pixel images); returns every sample key
+    in write order."""
     directory.mkdir(parents=True, exist_ok=True)
     keys, records, value = [], [], 0
     for shard_id, count in enumerate(samples_per_shard):
@@ -65,7 +69,7 @@ def write_dataset(directory: Path, samples_per_shard: list[int], manifest: bool 
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for index in range(count):
                 key = sample_key(shard_id, index)
-                for name, data in standard_members(key, value):
+                for name, data in standard_members(key, value, textured):
                     add_member(tar, name, data)
                 keys.append(key)
                 value += 1
