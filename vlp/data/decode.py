@@ -10,12 +10,19 @@ import json
 import warnings
 from dataclasses import dataclass
 
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import counters as reasons
 from vlp.data.image_open import ImageRejected, open_image, pil_formats, pil_pixel_limit
+from vlp.data.transforms import pil_to_uint8
 from vlp.errors import VlpError
+
+# JPEG modes (as PIL reports them) whose pixels torchvision's decode_jpeg gives exactly as PIL's decode followed by
+# convert("RGB") does (tests/test_decode_pixels.py); CMYK and anything else take PIL's path
+TORCHVISION_JPEG_MODES = ("RGB", "L")
 
 
 class SampleError(VlpError, ValueError):
@@ -52,18 +59,18 @@ def to_rgb(image: Image.Image, alpha: str = "white") -> Image.Image:
     return _flatten_alpha(image) if alpha == "white" else image.convert("RGB")
 
 
-def decode_image(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str = "white") -> Image.Image:
-    """Decode image bytes to RGB after checking byte size and header pixel count; only as the format the member's
-    or file's extension ``ext`` names (None: bytes without a name, any format vlp reads).
-
-    ``alpha``: ``white`` composites transparency onto white; ``convert`` is PIL's ``convert("RGB")`` (open_clip's
-    and torchvision's loaders). JPEGs are decoded at full scale unless ``limits.draft_size`` is set."""
+def _open_checked(data: bytes, limits: DecodeLimits, ext: str | None) -> Image.Image:
+    """The byte cap, then the header parse as the format ``ext`` names with the pixel cap; nothing decoded."""
     if len(data) > limits.max_image_bytes:
         raise SampleError(reasons.IMAGE_TOO_LARGE, f"{len(data)} bytes > cap {limits.max_image_bytes}")
     try:
-        image = open_image(data, pil_formats(ext), limits.max_image_pixels)
+        return open_image(data, pil_formats(ext), limits.max_image_pixels)
     except ImageRejected as err:
         raise SampleError(err.reason, str(err)) from None
+
+
+def _load_rgb(image: Image.Image, limits: DecodeLimits, alpha: str) -> Image.Image:
+    """Decode the pixels of an opened (checked) image as RGB with the alpha policy and the draft setting."""
     try:
         with pil_pixel_limit(limits.max_image_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -77,6 +84,30 @@ def decode_image(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str 
         raise SampleError(reasons.IMAGE_TOO_LARGE, str(err)) from err
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise SampleError(reasons.UNDECODABLE_IMAGE, f"{type(err).__name__}: {err}") from err
+
+
+def decode_image(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str = "white") -> Image.Image:
+    """Decode image bytes to RGB after checking byte size and header pixel count; only as the format the member's
+    or file's extension ``ext`` names (None: bytes without a name, any format vlp reads).
+
+    ``alpha``: ``white`` composites transparency onto white; ``convert`` is PIL's ``convert("RGB")`` (open_clip's
+    and torchvision's loaders). JPEGs are decoded at full scale unless ``limits.draft_size`` is set."""
+    return _load_rgb(_open_checked(data, limits, ext), limits, alpha)
+
+
+def decode_pixels(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str = "white") -> torch.Tensor:
+    """:func:`decode_image` as a (3, H, W) uint8 tensor, with the same caps, format check and skip reasons.
+
+    Full-scale JPEGs in the modes of :data:`TORCHVISION_JPEG_MODES` are decoded by ``torchvision.io.decode_jpeg``
+    straight into a tensor (the same pixels, faster); the caps and the format check run on PIL's header parse first.
+    Anything else, and any JPEG torchvision refuses, goes through PIL exactly as :func:`decode_image`."""
+    image = _open_checked(data, limits, ext)
+    if image.format == "JPEG" and image.mode in TORCHVISION_JPEG_MODES and not limits.draft_size:
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # corrupt or truncated: PIL decides (and names) the outcome, as on the PIL path
+    return pil_to_uint8(_load_rgb(image, limits, alpha))
 
 
 def decode_metadata(data: bytes | None) -> dict:

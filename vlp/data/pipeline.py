@@ -3,7 +3,7 @@
 Stages, in order (what the iterator holds after each):
 
 1. ``SlotStream``   (stream.py)     raw samples of this (rank, worker): shard order, split, shuffle buffer, mix
-2. ``decode``       (decode.py)     PIL RGB image + caption + label; bad samples skipped and counted by reason
+2. ``decode``       (decode.py)     RGB image (uint8 tensor for vlp's transform) + caption + label; bad samples skipped
                                     (the model's :class:`~vlp.data.preprocess.Preprocess`: alpha policy, draft)
 3. ``transform``    (preprocess.py) (3, H, W) tensor, augmentation seeded by the sample's stream position
 4. ``tokenize``     (tokenizer.py)  (B, L) ids and mask for a whole batch at once
@@ -34,7 +34,7 @@ from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_la
 from vlp.data.preprocess import Preprocess
 from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
 from vlp.data.tokenizer import TextTokenizer
-from vlp.data.transforms import ImageTransform
+from vlp.data.transforms import ClipImageTransform, ImageTransform
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
 from vlp.errors import VlpError
@@ -55,7 +55,7 @@ class LoaderStateError(VlpError, ValueError):
 @contextlib.contextmanager
 def _trainer_rng_kept() -> Iterator[None]:
     """In the main process (``data.workers=0``), restore the global torch and Python generators afterwards: the
-    augmentation reseeds them per sample, and dropout, MLM masks and negatives of the trainer draw from them."""
+    timm augmentation reseeds them per sample, and dropout, MLM masks and negatives of the trainer draw from them."""
     if get_worker_info() is not None:
         yield
         return
@@ -112,6 +112,9 @@ class _BatchMaker:
         self.spec, self.slot, self.stream, self.counters = spec, slot, stream, counters
         self.preprocess = spec.preprocess or Preprocess(spec.image_size)
         self.transform: ImageTransform = self.preprocess.transform(spec.augment, train=spec.train)
+        # vlp's uint8 transform takes decoded tensors and draws its crop box from this worker's own generator
+        self.uint8_transform = isinstance(self.transform, ClipImageTransform)
+        self.generator = torch.Generator()
         self.tokenizer = TextTokenizer(spec.tokenizer, spec.context_length)
 
     def _prepare(self, item: StreamItem) -> _Prepared:
@@ -121,15 +124,23 @@ class _BatchMaker:
         metadata = decode_metadata(raw.json)
         label = decode_label(metadata, raw.cls)
         caption = self._caption(raw.txt, metadata)
-        image = self.preprocess.decode(raw.image, self.spec.limits, raw.image_ext)
+        if self.uint8_transform:
+            image = self.preprocess.decode_pixels(raw.image, self.spec.limits, raw.image_ext)
+        else:
+            image = self.preprocess.decode(raw.image, self.spec.limits, raw.image_ext)
         if not (self.spec.train and self.spec.augment != "none"):
             return _Prepared(self.transform(image), caption, label, derive_seed(raw.url, raw.key), raw.key)
-        with _trainer_rng_kept():
-            seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
+        seed = derive_seed(self.spec.settings.seed, "augment", self.slot.rank, self.slot.worker, item.position)
+        return _Prepared(self._augment(image, seed), caption, label, derive_seed(raw.url, raw.key), raw.key)
+
+    def _augment(self, image: object, seed: int) -> torch.Tensor:
+        """The training transform with every random draw seeded by ``seed`` (the sample's stream position)."""
+        if self.uint8_transform:  # its only random draw is the crop box: from this worker's generator
+            return self.transform(image, generator=self.generator.manual_seed(seed))
+        with _trainer_rng_kept():  # timm's transform draws from the global Python and torch generators
             random.seed(seed)
             torch.random.default_generator.manual_seed(seed)  # CPU generator only: ~1 us, not ~200 us
-            pixels = self.transform(image)
-        return _Prepared(pixels, caption, label, derive_seed(raw.url, raw.key), raw.key)
+            return self.transform(image)
 
     def _caption(self, txt: bytes | None, metadata: dict) -> str:
         if self.spec.require_caption:

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from vlp.config import ModelConfig, PreprocessConfig
-from vlp.data.decode import DecodeLimits, decode_image, to_rgb
+from vlp.data.decode import DecodeLimits, decode_image, decode_pixels, to_rgb
 from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch, pil_to_uint8
 
 ALPHA_POLICIES = ("white", "convert")
@@ -107,6 +107,12 @@ class Preprocess:
         setting; :class:`~vlp.data.decode.SampleError` for a bad image."""
         draft = min(self.height_width) if self.jpeg_draft else None
         return decode_image(data, dataclasses.replace(limits, draft_size=draft), ext, alpha=self.alpha)
+
+    def decode_pixels(self, data: bytes, limits: DecodeLimits, ext: str | None) -> torch.Tensor:
+        """:meth:`decode` as a (3, H, W) uint8 tensor (JPEGs straight from torchvision's decoder, the same pixels),
+        for vlp's uint8 transform (:class:`~vlp.data.transforms.ClipImageTransform`), which takes tensors."""
+        draft = min(self.height_width) if self.jpeg_draft else None
+        return decode_pixels(data, dataclasses.replace(limits, draft_size=draft), ext, alpha=self.alpha)
 
     def to_rgb(self, image: Image.Image) -> Image.Image:
         """An already decoded PIL image as RGB, with this record's alpha policy."""
