@@ -53,13 +53,13 @@ def _jpeg(image: Image.Image, mode: str, quality: int, options: dict) -> bytes:
 def torchvision_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the decodes that went through torchvision's decoder."""
     calls: list[int] = []
-    real = decode_module.decode_jpeg
+    real = decode_module.torchvision_jpeg
 
     def counting(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decode_module, "decode_jpeg", counting)
+    monkeypatch.setattr(decode_module, "torchvision_jpeg", counting)
     return calls
 
 
@@ -157,7 +157,7 @@ def test_the_loader_decodes_jpegs_with_torchvision_and_gets_pils_batches(
     def refuse(*args: object, **kwargs: object) -> torch.Tensor:
         raise RuntimeError("refused: PIL decodes")
 
-    monkeypatch.setattr(decode_module, "decode_jpeg", refuse)
+    monkeypatch.setattr(decode_module, "torchvision_jpeg", refuse)
     pil = _batches(urls, train)  # every sample through PIL, augmented from the same stream positions
     assert len(fast) == len(pil) == 2 and all(torch.equal(a, b) for a, b in zip(fast, pil, strict=True))
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import counters as reasons
 from vlp.data.image_open import ImageRejected, open_image, pil_formats, pil_pixel_limit
-from vlp.data.transforms import pil_to_uint8
 from vlp.errors import VlpError
+
+if TYPE_CHECKING:
+    import torch
 
 # JPEG modes (as PIL reports them) whose pixels torchvision's decode_jpeg gives exactly as PIL's decode followed by
 # convert("RGB") does (tests/test_decode_pixels.py); CMYK and anything else take PIL's path
@@ -101,13 +102,24 @@ def decode_pixels(data: bytes, limits: DecodeLimits, ext: str | None, alpha: str
     Full-scale JPEGs in the modes of :data:`TORCHVISION_JPEG_MODES` are decoded by ``torchvision.io.decode_jpeg``
     straight into a tensor (the same pixels, faster); the caps and the format check run on PIL's header parse first.
     Anything else, and any JPEG torchvision refuses, goes through PIL exactly as :func:`decode_image`."""
+    from vlp.data.transforms import pil_to_uint8  # torch: imported on first use (the checker never loads it)
+
     image = _open_checked(data, limits, ext)
     if image.format == "JPEG" and image.mode in TORCHVISION_JPEG_MODES and not limits.draft_size:
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return torchvision_jpeg(data)
         except RuntimeError:
             pass  # corrupt or truncated: PIL decides (and names) the outcome, as on the PIL path
     return pil_to_uint8(_load_rgb(image, limits, alpha))
+
+
+def torchvision_jpeg(data: bytes) -> torch.Tensor:
+    """JPEG bytes as a (3, H, W) uint8 RGB tensor from ``torchvision.io.decode_jpeg`` (no checks: see
+    :func:`decode_pixels`); RuntimeError for data it cannot decode."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def decode_metadata(data: bytes | None) -> dict:
