@@ -3,8 +3,9 @@
 Stages, in order (what the iterator holds after each):
 
 1. ``SlotStream``   (stream.py)     raw samples of this (rank, worker): shard order, split, shuffle buffer, mix
-2. ``decode``       (decode.py)     RGB image (uint8 tensor for vlp's transform) + caption + label; bad samples skipped
-                                    (the model's :class:`~vlp.data.preprocess.Preprocess`: alpha policy, draft)
+2. ``decode``       (decode.py)     RGB image (uint8 tensor for vlp's transform) + caption + label; bad samples
+                                    skipped and counted by reason (the model's
+                                    :class:`~vlp.data.preprocess.Preprocess`: alpha policy, draft)
 3. ``transform``    (preprocess.py) (3, H, W) tensor, augmentation seeded by the sample's stream position
 4. ``tokenize``     (tokenizer.py)  (B, L) ids and mask for a whole batch at once
 5. ``collate``                      Batch + a report (logical worker, stream position, skip counts)
