@@ -529,11 +529,12 @@ def run_retrieval_shards(
     ``.txt`` of several lines, CLIP_benchmark's layout. The record's ``multi_caption`` says which reading ran."""
     if multi_caption is None:
         multi_caption = find_multiline_txt(urls) is not None
+    out_dir = options.pop("out_dir", None)  # written once below, with the reading it used
     if multi_caption:
         record = run_retrieval_multicaption(loaded, urls, dataset=dataset, **options)
     else:
         record = run_retrieval(loaded, urls, dataset=dataset, workers=workers, **options)
     record["multi_caption"] = multi_caption
-    if options.get("out_dir") is not None and distributed.get_rank() == 0:
-        write_record(options["out_dir"], record)  # again, with the reading it used
+    if out_dir is not None and distributed.get_rank() == 0:
+        write_record(out_dir, record)
     return record
