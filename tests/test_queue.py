@@ -88,7 +88,7 @@ def test_state_dict_round_trip_and_later_enqueues_agree() -> None:
     for step in range(3):
         queue.enqueue(*rows(4, 3, 10 * step, seed=step))
     state = queue.state_dict()
-    assert set(state) == {"image_features", "text_features", "sample_ids", "ptr", "count"}
+    assert set(state) == {"image_features", "text_features", "sample_ids", "groups", "ptr", "count"}
     fresh = FeatureQueue(6, 3)
     fresh.load_state_dict(state)
     for name, tensor in queue.state_dict().items():

@@ -102,12 +102,15 @@ class LossConfig:
     ``'local'``: each rank computes the rows of its own samples against all gathered features;
     ``'none'``: no communication, negatives from the local batch only.
     ``chunk_size > 0`` uses the memory-efficient ITC that never materialises the full logits.
+    ``positives``: what makes two samples a matching pair: ``index`` (only its own pair), ``caption`` (equal
+    normalised captions) or ``label`` (equal class labels); see :mod:`vlp.losses.positives`.
     """
 
     kind: Literal["clip", "siglip"] = "clip"
     gather: Literal["global", "local", "none"] = "local"
     chunk_size: int = 0
     label_smoothing: float = 0.0
+    positives: Literal["index", "caption", "label"] = "index"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ class Batch:
         sample_ids: (B,) int64 stable ids (same image -> same id), used to treat duplicates as positives.
         labels: (B,) int64 class labels from the sample json, -1 when absent.
         keys: the B sample keys, for tracing a sample back to its shard.
+        caption_hashes: (B,) int64 stable hashes of the normalised captions (:mod:`vlp.data.caption_hash`; -1 for
+            an empty caption), the groups of ``loss.positives=caption``; None when the batch source gives none.
     """
 
     images: torch.Tensor
@@ -26,6 +28,7 @@ class Batch:
     sample_ids: torch.Tensor
     labels: torch.Tensor
     keys: list[str]
+    caption_hashes: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -39,6 +42,8 @@ class Batch:
             sample_ids=self.sample_ids.to(device, non_blocking=non_blocking),
             labels=self.labels.to(device, non_blocking=non_blocking),
             keys=self.keys,
+            caption_hashes=None if self.caption_hashes is None else self.caption_hashes.to(device,
+                                                                                          non_blocking=non_blocking),
         )
 
 

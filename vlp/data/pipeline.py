@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.config import DataConfig
 from vlp.data import counters as reasons
+from vlp.data.caption_hash import caption_hashes
 from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_label, decode_metadata
 from vlp.data.positions import LoaderStateError
@@ -175,6 +176,7 @@ class _BatchMaker:
             labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
             keys=[s.key for s in samples],
         )
+        batch.caption_hashes = torch.tensor(caption_hashes([s.caption for s in samples]))  # loss.positives=caption
         report = WorkerReport(self.slot.worker, self.stream.state(), self.counters.as_dict())
         return batch, report
 

@@ -59,10 +59,12 @@ def positives_in_strip(logits: torch.Tensor, start: int, offset: int) -> tuple[s
 
 
 def _forward_pass(
-    rows_scaled: torch.Tensor, cols: torch.Tensor, chunk: int, with_cols: bool, offset: int
+    rows_scaled: torch.Tensor, cols: torch.Tensor, chunk: int, with_cols: bool, offset: int,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row (and optionally column) log-sum-exp of ``rows_scaled @ cols.T`` by column strips, and whether each
-    row's (column's) positive logit is its maximum.
+    row's (column's) positive logit is its maximum; with ``keys`` (row keys (R,), column keys (M,)) the positives
+    are the entries with equal keys and a hit means the largest positive logit is the maximum.
 
     Returns:
         lse_rows (R,), lse_cols (M,) or (0,), hits_rows (R,) bool, hits_cols (M,) or (0,) bool.
@@ -72,24 +74,40 @@ def _forward_pass(
     run_max = torch.full((n_rows,), float("-inf"), dtype=rows_scaled.dtype, device=rows_scaled.device)
     run_sum = torch.zeros_like(run_max)
     positives = torch.full_like(run_max, float("nan"))  # stays NaN (never a hit) if the positive is absent
+    if keys is not None:  # the running maximum of each row's positive logits
+        positives = torch.full_like(run_max, float("-inf"))
     lse_cols = rows_scaled.new_empty(n_cols if with_cols else 0)
     hits_cols = torch.zeros(n_cols if with_cols else 0, dtype=torch.bool, device=rows_scaled.device)
     for start in range(0, n_cols, chunk):
         stop = min(start + chunk, n_cols)
         logits, scratch = work.views(stop - start)  # (R, c) each
         torch.mm(rows_scaled, cols[start:stop].T, out=logits)
-        own, strip_positives = positives_in_strip(logits, start, offset)
-        positives[own] = strip_positives
+        col_positives = None
+        if keys is None:
+            own, strip_positives = positives_in_strip(logits, start, offset)
+            positives[own] = strip_positives
+        else:
+            _strip_positive_max(logits, scratch, keys[0], keys[1][start:stop], positives)
+            col_positives = scratch.amax(dim=0) if with_cols else None  # (c,) scratch holds the masked strip
         if with_cols:  # the strip holds every row of these columns: their log-sum-exp is final
             col_max = logits.amax(dim=0)
             col_sum = torch.sub(logits, col_max, out=scratch).exp_().sum(dim=0)
             lse_cols[start:stop] = col_sum.log_().add_(col_max)
-            hits_cols[start:stop] = positives[start:stop] >= col_max  # square: column j's positive is row j
+            # square: column j's positive is row j (or the rows sharing its key)
+            hits_cols[start:stop] = (positives[start:stop] if col_positives is None else col_positives) >= col_max
         new_max = torch.maximum(run_max, logits.amax(dim=1))
         strip_sum = logits.sub_(new_max[:, None]).exp_().sum(dim=1)
         run_sum = run_sum.mul_((run_max - new_max).exp_()).add_(strip_sum)
         run_max = new_max
     return run_sum.log_().add_(run_max), lse_cols, positives >= run_max, hits_cols
+
+
+def _strip_positive_max(logits: torch.Tensor, scratch: torch.Tensor, row_keys: torch.Tensor,
+                        strip_keys: torch.Tensor, running: torch.Tensor) -> None:
+    """Write the strip's logits masked to its positives (-inf elsewhere) into ``scratch`` (R, c) and fold their
+    row maxima into ``running`` (R,) in place."""
+    scratch.copy_(logits).masked_fill_(row_keys[:, None] != strip_keys[None, :], float("-inf"))
+    torch.maximum(running, scratch.amax(dim=1), out=running)
 
 
 def _constant(grad: torch.Tensor | None) -> float | None:
@@ -149,18 +167,19 @@ class ChunkedLogSumExp(torch.autograd.Function):
     """``logsumexp(scale * rows @ cols.T)`` over each row (and each column), never materialising the matrix.
 
     Inputs: rows (R, D), cols (M, D), scale: scalar tensor, chunk: int > 0 (strip width), with_cols: bool,
-    offset: int (row i's positive is column i + offset). Outputs: lse_rows (R,), lse_cols (M,) (or (0,) when
+    offset: int (row i's positive is column i + offset), keys: None or (row keys (R,), column keys (M,)) int64
+    (positives: equal keys; they only change the hits). Outputs: lse_rows (R,), lse_cols (M,) (or (0,) when
     ``with_cols`` is False), hits_rows (R,) and hits_cols (M,) or (0,) (bool, not differentiable: the positive
     logit is the maximum). Gradients flow to rows, cols and scale.
     """
 
     @staticmethod
-    def forward(ctx, rows, cols, scale, chunk, with_cols, offset):  # noqa: ANN001, ANN205
+    def forward(ctx, rows, cols, scale, chunk, with_cols, offset, keys=None):  # noqa: ANN001, ANN205
         dtype = _compute_dtype(rows.dtype)
         with torch.no_grad(), torch.autocast(rows.device.type, enabled=False):
             rows_scaled = rows.to(dtype) * scale.to(dtype)
             lse_rows, lse_cols, hits_rows, hits_cols = _forward_pass(rows_scaled, cols.to(dtype), chunk, with_cols,
-                                                                     offset)
+                                                                     offset, keys)
         ctx.save_for_backward(rows, cols, scale, lse_rows, lse_cols)
         ctx.chunk = chunk
         ctx.with_cols = with_cols
@@ -181,7 +200,7 @@ class ChunkedLogSumExp(torch.autograd.Function):
             grad_scale = (unscaled * rows_c).sum()  # sum_ij G_ij (rows_i . cols_j)
             grad_rows = unscaled.mul_(scale_c)
         return (grad_rows.to(rows.dtype), grad_cols.to(cols.dtype), grad_scale.to(scale.dtype).reshape(scale.shape),
-                None, None, None)
+                None, None, None, None)
 
 
 def chunked_logsumexp(
@@ -191,6 +210,7 @@ def chunked_logsumexp(
     chunk: int,
     with_cols: bool = False,
     offset: int = 0,
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row (and column) log-sum-exp of ``scale * rows @ cols.T`` in strips of ``chunk`` columns.
 
@@ -202,6 +222,9 @@ def chunked_logsumexp(
         with_cols: also return the column log-sum-exp (needs a square problem, R == M and offset 0, where
             column j's positive is row j).
         offset: row i's positive is column ``i + offset`` (``rank * B`` for a rank's own rows in local mode).
+        keys: None (the positives above) or (row keys (R,), column keys (M,)) int64 from
+            :func:`vlp.losses.positives.group_keys`: every column with the row's key is a positive (the hits then
+            mean the largest positive logit is the row's / column's maximum). The log-sum-exps do not depend on it.
     Returns:
         lse_rows (R,), lse_cols (M,) or (0,), hits_rows (R,) bool, hits_cols (M,) or (0,) bool, where a hit
         means the positive logit is the maximum of its row / column (top-1 retrieval; ties count as hits).
@@ -217,4 +240,7 @@ def chunked_logsumexp(
         raise ValueError("with_cols=True needs a square problem (R == M) with offset 0")
     if not torch.is_tensor(scale):
         scale = torch.as_tensor(scale, dtype=rows.dtype, device=rows.device)
-    return ChunkedLogSumExp.apply(rows.contiguous(), cols.contiguous(), scale, chunk, with_cols, offset)
+    if keys is not None and (keys[0].shape != rows.shape[:1] or keys[1].shape != cols.shape[:1]):
+        raise ValueError(f"expected keys of shapes ({rows.shape[0]},) and ({cols.shape[0]},), got "
+                         f"{tuple(keys[0].shape)} and {tuple(keys[1].shape)}")
+    return ChunkedLogSumExp.apply(rows.contiguous(), cols.contiguous(), scale, chunk, with_cols, offset, keys)

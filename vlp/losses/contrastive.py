@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.distributed import all_gather_with_grad, group_rank_and_size
+from vlp.distributed import all_gather_tensor, all_gather_with_grad, group_rank_and_size
 from vlp.losses.chunked import chunked_logsumexp
+from vlp.losses.positives import check_groups, group_keys, group_means, masked_max, positive_mask
 from vlp.types import LossOutput
 
 GatherMode = Literal["global", "local", "none"]
@@ -133,6 +134,69 @@ def _rows_ce(rows: torch.Tensor, cols: torch.Tensor, own_cols: torch.Tensor, sca
     return _smoothed(lse, pos, mean_logit, eps).mean(), hits
 
 
+# ------------------------------------------------------------------------------ multi-positive (loss.positives)
+
+
+def _soft_ce(logits: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean over rows of the cross-entropy of ``logits`` (R, M) against targets uniform over ``mask``'s columns."""
+    targets = mask.to(logits.dtype) / mask.sum(dim=1, keepdim=True)  # (R, M); every row holds its own sample
+    return F.cross_entropy(logits, targets, label_smoothing=eps)
+
+
+def _hits(logits: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Whether the largest positive logit is the maximum along ``dim`` (top-1 retrieval of some positive)."""
+    with torch.no_grad():
+        return masked_max(logits, mask, dim) >= logits.amax(dim=dim)
+
+
+def _square_multi(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, eps: float, own: slice,
+                  keys: torch.Tensor, chunk: int) -> tuple:
+    """(loss, hits_i2t, hits_t2i) of the (N, N) problem whose positives are the pairs with equal ``keys`` (N,)."""
+    if chunk == 0:
+        logits = scale * img @ txt.T  # (N, N)
+        mask = positive_mask(keys, keys)  # (N, N), symmetric: the targets of the columns are its transpose
+        loss = (_soft_ce(logits, mask, eps) + _soft_ce(logits.T, mask.T, eps)) / 2
+        return loss, _hits(logits[own], mask[own], 1), _hits(logits[:, own], mask[:, own], 0)
+    lse_i2t, lse_t2i, hits_i2t, hits_t2i = chunked_logsumexp(img, txt, scale, chunk, with_cols=True,
+                                                             keys=(keys, keys))
+    img, txt, scale = _upcast(img, txt, scale)
+    pos_i2t = scale * (img * group_means(txt, keys, keys)).sum(dim=1)  # (N,) mean positive logit of each row
+    pos_t2i = scale * (txt * group_means(img, keys, keys)).sum(dim=1)  # (N,) and of each column
+    mean_i2t, mean_t2i = pos_i2t, pos_t2i
+    if eps:
+        mean_i2t = scale * img @ txt.mean(dim=0)
+        mean_t2i = scale * txt @ img.mean(dim=0)
+    loss = (_smoothed(lse_i2t, pos_i2t, mean_i2t, eps).mean() + _smoothed(lse_t2i, pos_t2i, mean_t2i, eps).mean()) / 2
+    return loss, hits_i2t[own], hits_t2i[own]
+
+
+def _rows_multi(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_keys: torch.Tensor,
+                col_keys: torch.Tensor, eps: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean multi-positive CE of ``rows`` (B, D) against all ``cols`` (N, D), positives by equal keys; and hits."""
+    if chunk == 0:
+        logits = scale * rows @ cols.T  # (B, N)
+        mask = positive_mask(row_keys, col_keys)
+        return _soft_ce(logits, mask, eps), _hits(logits, mask, 1)
+    lse, _, hits, _ = chunked_logsumexp(rows, cols, scale, chunk, keys=(row_keys, col_keys))
+    rows, cols, scale = _upcast(rows, cols, scale)
+    pos = scale * (rows * group_means(cols, col_keys, row_keys)).sum(dim=1)  # (B,)
+    mean_logit = scale * rows @ cols.mean(dim=0) if eps else pos
+    return _smoothed(lse, pos, mean_logit, eps).mean(), hits
+
+
+def _multi_positive(image_features: torch.Tensor, text_features: torch.Tensor, img: torch.Tensor,
+                    txt: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor, gathered: bool, local: bool,
+                    own: slice, eps: float, chunk: int) -> tuple:
+    """(loss, hits_i2t, hits_t2i) with the samples of equal groups as positives; ``img``/``txt`` are all ranks'
+    features when ``gathered`` (this rank's rows ``own``), and ``local`` computes only this rank's rows."""
+    keys = group_keys(all_gather_tensor(groups) if gathered else groups)  # (N,) in the gathered order
+    if local:
+        loss_i2t, hits_i2t = _rows_multi(image_features, txt, scale, keys[own], keys, eps, chunk)
+        loss_t2i, hits_t2i = _rows_multi(text_features, img, scale, keys[own], keys, eps, chunk)
+        return (loss_i2t + loss_t2i) / 2, hits_i2t, hits_t2i
+    return _square_multi(img, txt, scale, eps, own, keys, chunk)
+
+
 def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -141,6 +205,7 @@ def clip_loss(
     gather: GatherMode = "local",
     chunk_size: int = 0,
     label_smoothing: float = 0.0,
+    groups: torch.Tensor | None = None,
 ) -> LossOutput:
     """Symmetric InfoNCE over this rank's features and, per ``gather``, those of all ranks.
 
@@ -151,6 +216,10 @@ def clip_loss(
         gather: ``global`` | ``local`` | ``none`` (see the module docstring for the gradient scaling).
         chunk_size: 0 for the naive loss, > 0 for the memory-efficient one with strips of that many columns.
         label_smoothing: in [0, 1).
+        groups: None (``loss.positives=index``: each sample's only positive is its own pair) or (B,) int64 groups
+            >= -1 (caption hashes or labels, see :mod:`vlp.losses.positives`): samples of equal groups, in this
+            rank's batch and in the gathered ones, are all positives of each other, with targets uniform over them
+            (the accuracies then count a row as a hit when its maximum is one of its positives).
     Returns:
         LossOutput(loss, parts={"itc"}, metrics={"acc_i2t", "acc_t2i"}).
     """
@@ -164,7 +233,13 @@ def clip_loss(
     if world > 1 and gather != "none":
         img, txt = gather_pair(image_features, text_features)
         own = slice(rank * batch, (rank + 1) * batch)
-    if world > 1 and gather == "local":
+    if groups is not None:
+        check_groups(groups, batch)
+        gathered = world > 1 and gather != "none"
+        loss, hits_i2t, hits_t2i = _multi_positive(image_features, text_features, img, txt, logit_scale, groups,
+                                                   gathered, gathered and gather == "local", own, label_smoothing,
+                                                   chunk_size)
+    elif world > 1 and gather == "local":
         loss_i2t, hits_i2t = _rows_ce(image_features, txt, text_features, logit_scale, own.start,
                                       label_smoothing, chunk_size)
         loss_t2i, hits_t2i = _rows_ce(text_features, img, image_features, logit_scale, own.start,
@@ -186,8 +261,9 @@ class ClipLoss(nn.Module):
         chunk_size: 0 = naive logits, > 0 = memory-efficient strips of that many columns.
         label_smoothing: in [0, 1).
 
-    ``forward(image_features (B, D), text_features (B, D), logit_scale (), logit_bias=None) -> LossOutput``;
-    a scalar ``logit_bias`` is accepted and ignored (it cancels in a softmax cross-entropy).
+    ``forward(image_features (B, D), text_features (B, D), logit_scale (), logit_bias=None, groups=None)
+    -> LossOutput``; a scalar ``logit_bias`` is accepted and ignored (it cancels in a softmax cross-entropy);
+    ``groups`` (B,) makes samples of equal groups positives of each other (see :func:`clip_loss`).
     """
 
     def __init__(self, gather: GatherMode = "local", chunk_size: int = 0, label_smoothing: float = 0.0) -> None:
@@ -208,10 +284,11 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> LossOutput:
         del logit_bias  # a constant shift of every logit does not change a softmax cross-entropy
         return clip_loss(image_features, text_features, logit_scale, gather=self.gather,
-                         chunk_size=self.chunk_size, label_smoothing=self.label_smoothing)
+                         chunk_size=self.chunk_size, label_smoothing=self.label_smoothing, groups=groups)
 
     def extra_repr(self) -> str:
         return f"gather={self.gather!r}, chunk_size={self.chunk_size}, label_smoothing={self.label_smoothing}"

@@ -9,7 +9,9 @@ With online features ``I, T`` (B, D), momentum features ``I_m, T_m`` (B, D) of t
     loss_x  = -(log_softmax(sim_x) * targets_x).sum(1).mean()          loss = (loss_i2t + loss_t2i) / 2
 
 where ``hard`` spreads a row's unit of probability evenly over its positives: the key columns whose id equals the
-row's sample id (id -1 never matches, so empty queue slots and unlabelled keys are always negatives). Unlike the
+row's sample id (id -1 never matches, so empty queue slots and unlabelled keys are always negatives) and, with
+``loss.positives=caption|label``, the keys whose group (caption hash or label, stored in the queue next to the id)
+equals the row's (group -1 never matches). Unlike the
 original code, which puts the positive on the diagonal only, duplicates of a sample elsewhere in the batch or in
 the queue are positives too; with distinct ids the two coincide. A row with no positive at all has all-zero hard
 targets: it then contributes only its ``alpha * soft`` part (nothing when alpha = 0).
@@ -77,12 +79,30 @@ def _rows_loss(
     key_ids: Tensor,
     logit_scale: Tensor,
     alpha: float,
+    groups: Tensor | None = None,
+    key_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(summed loss_i2t, summed loss_t2i, hits_i2t (R,), hits_t2i (R,)) of a block of R rows."""
     positives = (sample_ids[:, None] == key_ids[None, :]) & (key_ids != -1)[None, :]  # (R, K)
+    if groups is not None:  # loss.positives=caption|label: keys of the row's group are positives too
+        positives |= (groups[:, None] == key_groups[None, :]) & (key_groups != -1)[None, :]
     loss_i2t, hits_i2t = _direction(image_features, image_features_m, text_keys, positives, logit_scale, alpha)
     loss_t2i, hits_t2i = _direction(text_features, text_features_m, image_keys, positives, logit_scale, alpha)
     return loss_i2t, loss_t2i, hits_i2t, hits_t2i
+
+
+def _check_groups(groups: Tensor | None, key_groups: Tensor | None, sample_ids: Tensor, key_ids: Tensor) -> None:
+    """Groups come in pairs shaped like the ids (see :func:`momentum_distilled_itc`)."""
+    if (groups is None) != (key_groups is None):
+        raise ValueError("give both groups and key_groups, or neither")
+    if groups is not None and (groups.shape != sample_ids.shape or key_groups.shape != key_ids.shape):
+        raise ValueError(f"expected groups {tuple(sample_ids.shape)} and key_groups {tuple(key_ids.shape)}, got "
+                         f"{tuple(groups.shape)} and {tuple(key_groups.shape)}")
+
+
+def _block_groups(groups: Tensor | None, key_groups: Tensor | None, rows: slice) -> tuple[Tensor, ...]:
+    """The trailing group arguments of :func:`_rows_loss` for a block of rows (none for ``positives=index``)."""
+    return () if groups is None else (groups[rows], key_groups)
 
 
 def _check(
@@ -119,6 +139,8 @@ def momentum_distilled_itc(
     logit_scale: Tensor,
     alpha: float,
     chunk_size: int = 0,
+    groups: Tensor | None = None,
+    key_groups: Tensor | None = None,
 ) -> LossOutput:
     """ALBEF's ITC loss with momentum-distilled soft targets over the batch and queue keys.
 
@@ -135,12 +157,16 @@ def momentum_distilled_itc(
         alpha: distillation weight in [0, 1]; 0 = hard targets only (the momentum features are then unused).
         chunk_size: 0 = all rows at once; > 0 = blocks of that many rows under activation checkpointing, never
             holding more than (chunk_size, K) logits per direction.
+        groups: None (``loss.positives=index``) or (B,) int64 groups of the rows (caption hashes or labels, -1 =
+            none; :mod:`vlp.losses.positives`): a key whose group equals the row's is a positive too.
+        key_groups: (K,) int64 groups of the keys (the queue stores them next to the ids); given with ``groups``.
     Returns:
         LossOutput(loss, parts={"itc_i2t", "itc_t2i"} (detached), metrics={"acc_i2t", "acc_t2i"}: the fraction of
         rows whose argmax column is a positive).
     """
     features = [image_features, text_features, image_features_m, text_features_m]
     _check(features, [image_keys, text_keys], sample_ids, key_ids, alpha, chunk_size)
+    _check_groups(groups, key_groups, sample_ids, key_ids)
     # constants, cast once to the dtype the matmuls run in (autocast's, else the features'): autocast would cast
     # the (K, D) keys again in each of the four matmuls and their backward (the queue is float32)
     text_keys = text_keys.detach().to(_matmul_dtype(image_features))
@@ -151,7 +177,8 @@ def momentum_distilled_itc(
     per_row = (image_features, text_features, image_features_m, text_features_m, sample_ids)  # sliced into blocks
     shared = (image_keys, text_keys, key_ids, logit_scale)
     if chunk_size == 0 or chunk_size >= batch:
-        loss_i2t, loss_t2i, hits_i2t, hits_t2i = _rows_loss(*per_row, *shared, alpha)
+        loss_i2t, loss_t2i, hits_i2t, hits_t2i = _rows_loss(*per_row, *shared, alpha, *_block_groups(
+            groups, key_groups, slice(None)))
     else:  # one checkpointed block at a time: its (chunk, K) logits are freed after forward and recomputed in backward
         blocks = [
             checkpoint(
@@ -159,6 +186,7 @@ def momentum_distilled_itc(
                 *(t[start : start + chunk_size] for t in per_row),
                 *shared,
                 alpha,
+                *_block_groups(groups, key_groups, slice(start, start + chunk_size)),
                 use_reentrant=False,
                 preserve_rng_state=False,
             )

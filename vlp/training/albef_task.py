@@ -33,7 +33,7 @@ from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, 
 from vlp.models.momentum import MomentumEncoder
 from vlp.queue import FeatureQueue
 from vlp.training.schedules import alpha_at, momentum_at
-from vlp.training.task import attention_context, autocast_context, clamp_logit_scale
+from vlp.training.task import attention_context, autocast_context, batch_groups, clamp_logit_scale, step_groups
 from vlp.types import Batch, LossOutput, ModelOutput
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision
@@ -60,7 +60,8 @@ class AlbefTask:
         has_fusion = bool(getattr(model, "has_fusion", False))
         self.use_itm = has_fusion and self.settings.itm and self.settings.itm_weight > 0
         self.use_mlm = has_fusion and self.settings.mlm and self.settings.mlm_weight > 0
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.positives = config.loss.positives
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ passes
     def _context(self) -> contextlib.ExitStack:
@@ -87,13 +88,15 @@ class AlbefTask:
         image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
         text_m = torch.cat([t.text_features for t in teachers]).float()
         ids = torch.cat([batch.sample_ids for batch in micro_batches])
-        gathered = self._gather_keys(image_m, text_m, ids)
+        groups = step_groups(micro_batches, self.positives)  # (B_rank,) caption hashes / labels, or None
+        gathered = self._gather_keys(image_m, text_m, ids, groups)
         # loss.gather=none: this rank's batch + the queue as keys (the original ALBEF); otherwise every rank's batch
-        batch_keys = (image_m, text_m, ids) if self.config.loss.gather == "none" else gathered
+        batch_keys = (image_m, text_m, ids, groups) if self.config.loss.gather == "none" else gathered
         queue_image, queue_text, queue_ids = self.queue.valid()
         dtype = MATMUL_DTYPES.get(self.precision, torch.float32)  # keys are cast once here, not in every matmul
         keys = (torch.cat([batch_keys[0].to(dtype), queue_image.to(dtype)]),
-                torch.cat([batch_keys[1].to(dtype), queue_text.to(dtype)]), torch.cat([batch_keys[2], queue_ids]))
+                torch.cat([batch_keys[1].to(dtype), queue_text.to(dtype)]), torch.cat([batch_keys[2], queue_ids]),
+                None if groups is None else torch.cat([batch_keys[3], self.queue.valid_groups()]))
         outputs, offset = [], 0
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))
@@ -106,20 +109,24 @@ class AlbefTask:
         self._pending = gathered
         return _mean_outputs(outputs, {"alpha": alpha})
 
-    def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor,
-                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor, ids: torch.Tensor,
+                     groups: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor | None]:
         """Momentum features of the whole step's batch from every rank (rank order): the keys and the enqueue."""
         return (distributed.all_gather_tensor(image_m), distributed.all_gather_tensor(text_m),
-                distributed.all_gather_tensor(ids))
+                distributed.all_gather_tensor(ids), None if groups is None else distributed.all_gather_tensor(groups))
 
     def _micro_step(self, batch: Batch, teacher: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
-                    keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float) -> LossOutput:
+                    keys: tuple, alpha: float) -> LossOutput:
+        """``keys``: (image (K, D), text (K, D), ids (K,), groups (K,) or None) of the batch and queue."""
         settings = self.settings
         student = self._features(self.train_model, batch)
+        groups = batch_groups(batch, self.positives)
         with autocast_context(self.device, self.precision):
             itc = momentum_distilled_itc(
                 student.image_features, student.text_features, image_m, text_m, keys[0], keys[1],
-                batch.sample_ids, keys[2], student.logit_scale, alpha, chunk_size=self.config.loss.chunk_size)
+                batch.sample_ids, keys[2], student.logit_scale, alpha, chunk_size=self.config.loss.chunk_size,
+                groups=groups, key_groups=keys[3])
         results = [(settings.itc_weight, itc)]
         if self.use_itm:
             results.append((settings.itm_weight, self._itm(batch, student, image_m, text_m)))
@@ -129,9 +136,11 @@ class AlbefTask:
 
     def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
-        image, drawn with probability softmax(similarity) among the candidates that are not positives."""
+        image, drawn with probability softmax(similarity) among the candidates that are not positives (equal sample
+        ids, and with ``loss.positives=caption|label`` equal groups too)."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
+        groups = candidate_groups = batch_groups(batch, self.positives)
         if self.settings.itm_global_negatives:  # candidates from the whole batch of every rank
             image_tokens = distributed.all_gather_with_grad(image_tokens)
             text_hidden = distributed.all_gather_with_grad(text_hidden)
@@ -139,11 +148,15 @@ class AlbefTask:
             candidate_ids = distributed.all_gather_tensor(batch.sample_ids)
             candidate_image_m = distributed.all_gather_tensor(image_m)
             candidate_text_m = distributed.all_gather_tensor(text_m)
+            if groups is not None:
+                candidate_groups = distributed.all_gather_tensor(groups)
         with torch.no_grad():
             scale = student.logit_scale.detach().float()
             sim_i2t = scale * student.image_features.detach().float() @ candidate_text_m.T  # (B, C)
             sim_t2i = scale * student.text_features.detach().float() @ candidate_image_m.T  # (B, C)
             positives = batch.sample_ids[:, None] == candidate_ids[None, :]
+            if groups is not None:
+                positives |= (groups[:, None] == candidate_groups[None, :]) & (candidate_groups != -1)[None, :]
             negative_text, text_ok = sample_hard_negatives(sim_i2t, positives)
             negative_image, image_ok = sample_hard_negatives(sim_t2i, positives)
         own_tokens, own_hidden, own_mask = student.image_tokens, student.text_hidden, batch.text_mask

@@ -69,7 +69,8 @@ def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistI
     train = config.train
     if config.albef.enabled:
         return AlbefTask(model, train_model, config, dist.device, train.precision, train.attention)
-    return ContrastiveTask(model, train_model, loss_fn, dist.device, train.precision, train.attention)
+    return ContrastiveTask(model, train_model, loss_fn, dist.device, train.precision, train.attention,
+                           positives=config.loss.positives)
 
 
 def build_batches(config: Config, dist: DistInfo) -> ShardLoader:

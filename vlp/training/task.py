@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vlp.config import ConfigError
 from vlp.training.rng import capture_rng, restore_rng
 from vlp.types import Batch, LossOutput, ModelOutput
 
@@ -51,6 +52,27 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def batch_groups(batch: Batch, positives: str) -> torch.Tensor | None:
+    """The groups ``loss.positives`` reads from a batch: None (``index``), the labels or the caption hashes."""
+    if positives == "index":
+        return None
+    if positives == "label":
+        return batch.labels
+    if positives == "caption":
+        if batch.caption_hashes is None:
+            raise ConfigError("loss.positives=caption needs Batch.caption_hashes, which this batch source does not "
+                              "give (vlp's shard loader does): fill them with vlp.data.caption_hash.caption_hashes "
+                              "or use loss.positives=index")
+        return batch.caption_hashes
+    raise ConfigError(f"loss.positives={positives!r} is not one of ['index', 'caption', 'label']")
+
+
+def step_groups(micro_batches: list[Batch], positives: str) -> torch.Tensor | None:
+    """The groups of all micro-batches of a step, concatenated in order (None for ``index``)."""
+    groups = [batch_groups(batch, positives) for batch in micro_batches]
+    return None if groups[0] is None else torch.cat(groups)
+
+
 def _splice(cached: list[torch.Tensor], fresh: torch.Tensor, index: int) -> torch.Tensor:
     """Concatenate the cached features of every micro-batch with micro-batch ``index`` replaced by ``fresh``."""
     return torch.cat([fresh if i == index else c.to(fresh.dtype) for i, c in enumerate(cached)])
@@ -73,32 +95,40 @@ class ContrastiveTask:
         device: where batches go.
         precision: ``fp32``, ``bf16`` or ``fp16``.
         attention: scaled-dot-product attention kernel (see :func:`attention_context`).
+        positives: ``loss.positives``: ``index``, or ``caption`` / ``label`` to pass the batch's caption hashes /
+            labels to the loss as ``groups`` (its samples of equal groups are positives of each other).
     """
 
     def __init__(self, model: nn.Module, train_model: nn.Module, loss_fn: nn.Module, device: torch.device,
-                 precision: str, attention: str = "auto") -> None:
+                 precision: str, attention: str = "auto", positives: str = "index") -> None:
         self.model, self.train_model, self.loss_fn = model, train_model, loss_fn
         self.device, self.precision, self.attention = device, precision, attention
+        self.positives = positives
 
     def _forward(self, module: nn.Module, batch: Batch) -> ModelOutput:
         with autocast_context(self.device, self.precision), attention_context(self.device, self.precision,
                                                                               self.attention):
             return module(batch.images, batch.text_ids, batch.text_mask)
 
-    def _loss(self, output: ModelOutput) -> LossOutput:
+    def _loss(self, output: ModelOutput, groups: torch.Tensor | None) -> LossOutput:
         with autocast_context(self.device, self.precision):
-            return self.loss_fn(output.image_features, output.text_features, output.logit_scale, output.logit_bias)
+            if groups is None:
+                return self.loss_fn(output.image_features, output.text_features, output.logit_scale,
+                                    output.logit_bias)
+            return self.loss_fn(output.image_features, output.text_features, output.logit_scale, output.logit_bias,
+                                groups=groups)
 
     def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
         """Compute the loss over all micro-batches together and back-propagate it; returns the loss output.
         (``step`` is unused: nothing here depends on it.)"""
+        groups = step_groups(micro_batches, self.positives)  # (B_step,) or None, in the spliced features' order
         if len(micro_batches) == 1:
-            result = self._loss(self._forward(self.train_model, micro_batches[0]))
+            result = self._loss(self._forward(self.train_model, micro_batches[0]), groups)
             scale_loss(result.loss).backward()
             return result
-        return self._accumulate(micro_batches, scale_loss)
+        return self._accumulate(micro_batches, scale_loss, groups)
 
-    def _accumulate(self, micro_batches: list[Batch], scale_loss) -> LossOutput:  # noqa: ANN001
+    def _accumulate(self, micro_batches: list[Batch], scale_loss, groups: torch.Tensor | None) -> LossOutput:  # noqa: ANN001
         rng_states, cached = [], []
         with torch.no_grad():
             for batch in micro_batches:
@@ -115,7 +145,7 @@ class ContrastiveTask:
                 texts = _splice([c.text_features for c in cached], fresh.text_features, index)
                 output = ModelOutput(images, texts, _spread_gradient(fresh.logit_scale, fraction),
                                      _spread_gradient(fresh.logit_bias, fraction))
-                result = self._loss(output)
+                result = self._loss(output, groups)
                 scale_loss(result.loss).backward()
         return result
 
