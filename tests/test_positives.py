@@ -27,7 +27,7 @@ from vlp.losses import clip_loss, momentum_distilled_itc, siglip_loss
 from vlp.losses.positives import GroupError
 from vlp.queue import FeatureQueue
 from vlp.training.trainer import Trainer
-from vlp.types import Batch
+from vlp.types import Batch, ModelOutput
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 # groups with duplicates, singletons and "no group" (-1) rows; row i of every test problem gets GROUPS[i % 13]
@@ -372,3 +372,37 @@ def test_caption_positives_without_hashes_and_unknown_modes_fail_clearly(tmp_pat
         trainer.task.forward_backward([next(iter(SyntheticBatches(4, 32, 16)))])
     with pytest.raises(ConfigError, match=r"loss.positives: 'captions' is not one of \['index', 'caption', 'label'\]"):
         load_config(None, ["loss.positives=captions"])
+
+
+@pytest.mark.parametrize("positives", ["index", "label"])
+def test_itm_hard_negatives_skip_samples_of_the_same_label(tmp_path: Path, positives: str) -> None:
+    """Each image's most similar other text shares its label: with label positives no hard negative (of 10 draws
+    per row) ever shares the row's label; with index positives the label-mate is the likeliest draw (p ~ 0.98)."""
+    fusion = [*ALBEF, "model.name=albef-tiny", "model.fusion_layers=2", "data.tokenizer=minilm",
+              f"loss.positives={positives}", f"train.output_dir={tmp_path / 'run'}"]
+    task, b = Trainer(load_config(None, fusion), batches=[], progress=False).task, 4
+    labels, mate, other = torch.tensor([0, 0, 1, 1]), [1, 0, 3, 2], [2, 3, 0, 1]
+    sim = torch.zeros(b, b)
+    sim[range(b), mate] = 0.6
+    sim[range(b), other] = 0.5
+    student = ModelOutput(image_features=torch.eye(b), text_features=torch.eye(b), logit_scale=torch.tensor(40.0),
+                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
+                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
+    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
+                  torch.arange(b), labels, [str(i) for i in range(b)])
+    fused = {}
+
+    def record(**inputs: torch.Tensor) -> torch.Tensor:
+        fused.update(inputs)
+        return torch.zeros(3 * b, 2, requires_grad=True)
+
+    task.train_model = record
+    torch.manual_seed(0)
+    same_label = 0
+    for _ in range(10):
+        task._itm(batch, student, image_m=sim.T.contiguous(), text_m=sim.T.contiguous())
+        negative_texts = fused["text_hidden"][b: 2 * b, 0, 0].long()  # each image's negative text
+        negative_images = fused["image_tokens"][2 * b:, 0, 0].long()  # each text's negative image
+        same_label += int((labels[negative_texts] == labels).sum() + (labels[negative_images] == labels).sum())
+        assert (negative_texts != torch.arange(b)).all() and (negative_images != torch.arange(b)).all()
+    assert same_label == 0 if positives == "label" else same_label > 40
