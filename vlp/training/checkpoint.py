@@ -81,7 +81,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    partial = root / f".{final.name}.partial-{os.getpid()}"
+    partial = partial_dir(final)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     safetensors.torch.save_model(model, str(partial / MODEL_FILE))
@@ -91,6 +91,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
         _fsync_file(partial / name)
         files[name] = {"bytes": (partial / name).stat().st_size, "sha256": _sha256(partial / name)}
     _write_text_atomic(partial / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
+    return commit_checkpoint(partial, final, keep)
+
+
+def partial_dir(final: Path) -> Path:
+    """The temporary name a checkpoint is written under before :func:`commit_checkpoint` renames it."""
+    return final.parent / f".{final.name}.partial-{os.getpid()}"
+
+
+def commit_checkpoint(partial: Path, final: Path, keep: int) -> Path:
+    """Rename a complete ``partial`` folder (manifest written last) to ``final``, then point ``latest`` at it and
+    keep the newest ``keep`` checkpoints."""
+    root = final.parent
     if final.exists():  # the same step saved again after a resume: swap, never leave neither
         old = root / f".{final.name}.old-{os.getpid()}"
         final.rename(old)

@@ -13,6 +13,7 @@ from vlp.data.pipeline import ShardLoader
 from vlp.data.preprocess import Preprocess
 from vlp.distributed import DistInfo
 from vlp.training.albef_task import AlbefTask
+from vlp.training.parallelize import build_sharded_task
 from vlp.training.task import ContrastiveTask
 
 logger = logging.getLogger("vlp.train")
@@ -55,11 +56,14 @@ def _objective_on(albef: AlbefConfig, name: str) -> bool:
 
 
 def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistInfo) -> ContrastiveTask | AlbefTask:
-    """The step computation: DDP around the trainable model (momentum copies stay outside), optional compile."""
+    """The step computation: DDP around the trainable model (momentum copies stay outside), optional compile;
+    ``train.parallel=fsdp``: the model (and momentum copy) sharded in place (``vlp.training.parallelize``)."""
     if getattr(model, "has_fusion", False):
         frozen = model.freeze_idle_heads(_objective_on(config.albef, "itm"), _objective_on(config.albef, "mlm"))
         if frozen:
             logger.info("frozen (their objective is off): %s", ", ".join(frozen))
+    if config.train.parallel == "fsdp":
+        return build_sharded_task(config, model, loss_fn, dist)
     train_model = model
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
