@@ -125,6 +125,27 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = loaded
 
 
+def safe_load(state: dict, path: Path) -> dict:
+    """``dcp.load(state)`` from the DCP folder ``path`` in place with the safe reader and planner (a collective);
+    :class:`CheckpointError` for a refused payload or a checkpoint that does not fit ``state``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    except CheckpointException as err:  # DCP wraps what each rank raised
+        for failure in err.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(cause, CheckpointError):
+                raise cause from None
+        raise CheckpointError(f"{path} does not fit this model and optimizer: {err}") from err
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as err:  # missing keys and bad shapes come as generic errors
+        raise CheckpointError(f"{path} does not fit this model and optimizer: {err}") from err
+    return state
+
+
 # ------------------------------------------------------------------------------------------------ state
 
 
@@ -198,7 +219,6 @@ def load_sharded_checkpoint(directory: Path, model: nn.Module, optimizer: torch.
     """Load a sharded checkpoint into ``model`` / ``optimizer`` / ``momentum`` in place, at any world size (a
     collective); returns the ``state.pt`` dict with ``optimizer`` and ``task.momentum`` set to the loaded states.
     ``optimizer=None`` loads only the weights (e.g. to export a checkpoint in one process)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     directory = Path(directory)
@@ -214,12 +234,7 @@ def load_sharded_checkpoint(directory: Path, model: nn.Module, optimizer: torch.
         parts = {"model": get_model_state_dict(model)}
     else:
         parts = sharded_parts(model, optimizer, momentum)
-    try:
-        dcp.load(parts, storage_reader=SafeFileSystemReader(directory / SHARDED_DIR), planner=SafeLoadPlanner())
-    except CheckpointError:
-        raise
-    except Exception as err:  # DCP reports missing keys and bad shapes as generic errors, often wrapped
-        raise CheckpointError(f"{directory / SHARDED_DIR} does not fit this model and optimizer: {err}") from err
+    safe_load(parts, directory / SHARDED_DIR)
     if optimizer is None:
         set_model_state_dict(model, parts["model"])
         return state
