@@ -18,7 +18,9 @@ address, replay, ...`` for ``--rounds`` rounds, medians reported:
 
 The headline is ``late_over_early``: the address method at 99 % over 1 % (flat is <= 1.5), in wall time;
 ``late_over_early_cpu`` is the same in CPU seconds (this process + its loader worker), which other tenants
-of a shared machine disturb far less. For context each round also times a fresh loader's first batch
+of a shared machine disturb far less. Near the end of an epoch fewer samples remain than the shuffle buffer
+holds, so a late position refills a part-empty buffer: ``mid_over_early`` (50 % over 1 %, both with a full
+buffer) is the like-for-like check of constant time. For context each round also times a fresh loader's first batch
 (start-up + shuffle buffer fill + one batch: what any resume costs at the least) and, in this process, the
 raw read of one shard and of one shard plus a shuffle buffer's worth of samples with the loader's own shard
 reader (no decoding). The target is a resume that costs no more than reading one shard plus the buffer.
@@ -308,6 +310,7 @@ def payload(settings: Settings, saved: list[Saved], timings: Timings, defects: l
     return {
         "benchmark": "resume",
         "late_over_early": round(ratio(late, early), 4),
+        "mid_over_early": round(ratio(timings.wall_median(f"address_{POSITIONS[1]}"), early), 4),
         "replay_over_address_at_99": round(ratio(replay_late, late), 4),
         "replay_late_over_early": round(ratio(replay_late, timings.wall_median(f"replay_{POSITIONS[0]}")), 4),
         "late_over_early_cpu": round(ratio(timings.cpu_median(f"address_{POSITIONS[-1]}"),
