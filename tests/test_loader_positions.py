@@ -47,10 +47,8 @@ def _take(stream: SlotStream, count: int) -> list[str]:
 
 def _resumed(sources: list[ShardSource], slot: Slot, settings: StreamSettings, state: dict,
              counts: dict[str, int]) -> tuple[SlotStream, SkipCounters]:
-    counters = SkipCounters()
+    counters = SkipCounters(counts)  # as the loader does: the counts up to the saved position
     stream = SlotStream(sources, slot, settings, counters, json.loads(json.dumps(state)))
-    counters.counts.clear()
-    counters.counts.update(counts)  # as the loader does: the counts up to the saved position
     return stream, counters
 
 
@@ -259,3 +257,21 @@ def test_elastic_resume_with_two_weighted_sources(tmp_path: Path) -> None:
                 delivered[item.source_index].append(item.raw.key)
     assert sorted(delivered[0]) == sorted(first)  # per source: the interrupted epoch exactly once
     assert sorted(delivered[1]) == sorted(second)
+
+
+def test_buffered_samples_of_a_vanished_shard_are_counted_as_lost(tmp_path: Path) -> None:
+    _dataset(tmp_path / "ds", [10, 10, 10])
+    sources = [ShardSource.from_spec(str(tmp_path / "ds"))]
+    settings = StreamSettings("epoch", seed=3, shuffle_buffer=15)
+    stream = SlotStream(sources, Slot(), settings, SkipCounters())
+    _take(stream, 14)
+    state = json.loads(json.dumps(stream.state()))
+    source_state = state["sources"][0]
+    current = source_state["unit"]
+    gone = next(row[0] for row in source_state["buffer"]
+                if row[0] != stream.streams[0].reader.plan[current].shard)
+    lost = sum(1 for row in source_state["buffer"] if row[0] == gone)
+    Path(sources[0].urls[gone]).unlink()
+    resumed, counters = _resumed(sources, Slot(), settings, state, {})
+    assert len(resumed.streams[0].buffer) == len(source_state["buffer"]) - lost
+    assert counters.counts["lost_in_corrupt_shard"] == lost and counters.counts["shard_read_error"] == 1
