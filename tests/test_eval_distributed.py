@@ -1,0 +1,128 @@
+"""Evaluation over 2 gloo ranks == 1 process: the key gather of ``encode_pairs``, the ITM corpus gather behind
+reranking, and the evaluations a DDP training run makes (== evaluating its exported model in one process).
+
+The eval shards hold 5 samples each: with 3 shards rank 0 reads 2 and rank 1 one (10 vs 5 pairs, so the gathers
+pad rank 1); with a single 1-sample shard rank 1 reads nothing at all. Ranks gather in rank order, one process reads
+the shards in their shuffled order: rows are compared after sorting by sample key.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from shard_factory import write_dataset
+from synthetic import SyntheticBatches
+
+from vlp.config import ModelConfig, load_config
+from vlp.evaluation.in_training import classnames_for, run_configured_evals, templates_for
+from vlp.evaluation.itm_rerank import ItmCorpus
+from vlp.evaluation.loading import LoadedModel, load_model_for_eval
+from vlp.evaluation.runner import encode_pairs, eval_loader, run_retrieval, run_zeroshot
+from vlp.models import create_model
+from vlp.training.trainer import Trainer
+
+MODEL = ModelConfig(name="albef-tiny", image_size=32, context_length=16, embed_dim=32, fusion_layers=2)
+MINILM_VOCAB = 30522
+BATCH = 4
+
+
+def _loaded() -> LoadedModel:
+    """The same random albef-tiny (a fusion encoder with an ITM head) in every process, in eval mode."""
+    torch.manual_seed(0)
+    return LoadedModel(create_model(MODEL).eval(), MODEL, "minilm", MODEL.name, "random-init")
+
+
+def _encode(rank: int, world_size: int, sets: dict[str, str]) -> dict:
+    """Per set: ``encode_pairs`` with an ITM corpus; for the uneven set also the metrics with ITM reranking."""
+    loaded, out = _loaded(), {}
+    for name, urls in sets.items():
+        corpus = ItmCorpus(loaded.model)
+        loader = eval_loader(loaded, urls, batch_size=BATCH, workers=0, require_caption=True)
+        images, texts, keys = encode_pairs(loaded, loader, "cpu", "fp32", corpus)
+        out[name] = {"images": images, "texts": texts, "keys": keys, "image_tokens": corpus.image_tokens,
+                     "text_ids": corpus.text_ids, "text_mask": corpus.text_mask}
+    record = run_retrieval(loaded, sets["uneven"], dataset="uneven", batch_size=BATCH, workers=0, ks=(1, 2, 5),
+                           rerank_k=4)
+    out["reranked"] = record["metrics"]
+    return out
+
+
+def _sorted_by_key(result: dict) -> dict:
+    order = sorted(range(len(result["keys"])), key=result["keys"].__getitem__)
+    return {name: [result["keys"][i] for i in order] if name == "keys" else value[order]
+            for name, value in result.items()}
+
+
+def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "uneven", [5, 5, 5], textured=True)
+    write_dataset(tmp_path / "one_sample", [1], textured=True)
+    sets = {"uneven": str(tmp_path / "uneven"), "one_sample": str(tmp_path / "one_sample")}
+    ranks = run_distributed(functools.partial(_encode, sets=sets), world_size=2, timeout_s=180)
+    single = _encode(0, 1, sets)
+    for name, size in (("uneven", 15), ("one_sample", 1)):
+        expected = _sorted_by_key(single[name])
+        assert len(expected["keys"]) == size and len(set(expected["keys"])) == size
+        for rank, result in enumerate(ranks):
+            got = _sorted_by_key(result[name])
+            assert got["keys"] == expected["keys"], (name, rank)  # every pair exactly once, padding dropped
+            for part in ("images", "texts"):
+                torch.testing.assert_close(got[part], expected[part], rtol=1e-5, atol=1e-6, msg=f"{name} {part}")
+            # the corpus rows follow the feature rows: tokens (float16 storage) and caption ids of the same pair
+            torch.testing.assert_close(got["image_tokens"], expected["image_tokens"], rtol=0, atol=2e-3)
+            assert torch.equal(got["text_ids"], expected["text_ids"]) and torch.equal(got["text_mask"],
+                                                                                    expected["text_mask"])
+    assert ranks[0]["reranked"] == ranks[1]["reranked"]
+    assert ranks[0]["reranked"] == pytest.approx(single["reranked"], rel=1e-6), "ITM-reranked metrics"
+
+
+def _eval_overrides(tmp_path: Path) -> list[str]:
+    write_dataset(tmp_path / "eval", [5, 5, 5], textured=True)  # labels 0..9
+    (tmp_path / "classes.txt").write_text("".join(f"class number {i}\n" for i in range(10)))
+    (tmp_path / "templates.txt").write_text("a photo of {}.\n{}, a picture\n")
+    return ["model.name=albef-tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
+            "model.fusion_layers=2", "data.tokenizer=minilm", f"data.batch_size={BATCH}", "albef.enabled=true",
+            "albef.queue_size=16", "optim.lr=1e-3", "schedule.warmup_steps=1", "train.steps=2", "train.log_every=1",
+            "train.checkpoint_every=100", "train.tensorboard=false", "eval.every_steps=2",
+            f"eval.zeroshot_urls={tmp_path / 'eval'}", f"eval.zeroshot_classnames={tmp_path / 'classes.txt'}",
+            f"eval.zeroshot_templates={tmp_path / 'templates.txt'}", f"eval.retrieval_urls={tmp_path / 'eval'}",
+            f"eval.batch_size={BATCH}", "eval.workers=0", f"train.output_dir={tmp_path / 'run'}"]
+
+
+def _train_and_evaluate(rank: int, world_size: int, overrides: tuple[str, ...]) -> dict:
+    """Train (evaluating at the last step), then evaluate the trained model again, still in training mode."""
+    config = load_config(None, list(overrides))
+    batches = SyntheticBatches(BATCH, 32, 16, rank=rank, world_size=world_size, vocab=MINILM_VOCAB)
+    trainer = Trainer(config, batches=batches, progress=False)
+    trainer.fit()
+    assert trainer.model.training
+    return {"again": run_configured_evals(trainer.model, config, trainer.dist.device, config.train.precision)}
+
+
+def test_evaluation_during_ddp_training_equals_one_process_evaluation_of_the_export(tmp_path: Path) -> None:
+    """The model's text tower has dropout: an evaluation that left the model in training mode would differ too."""
+    overrides = _eval_overrides(tmp_path)
+    ranks = run_distributed(functools.partial(_train_and_evaluate, overrides=tuple(overrides)), world_size=2,
+                            timeout_s=240)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert len(logged) == 1 and logged[0]["step"] == 2
+    logged_metrics = {k: v for k, v in logged[0].items() if k.startswith("eval/")}
+
+    loaded = load_model_for_eval(str(run))  # the exported model.safetensors, evaluated in this one process
+    config = load_config(run / "config.yaml")
+    zeroshot = run_zeroshot(loaded, str(tmp_path / "eval"), classnames_for(config.eval.zeroshot_classnames),
+                            templates_for(config.eval.zeroshot_templates), dataset="eval", batch_size=BATCH, workers=0)
+    retrieval = run_retrieval(loaded, str(tmp_path / "eval"), dataset="eval", batch_size=BATCH, workers=0)
+    expected = {**{f"eval/zeroshot/{k}": v for k, v in zeroshot["metrics"].items()},
+                **{f"eval/retrieval/{k}": v for k, v in retrieval["metrics"].items()}}
+    assert zeroshot["samples"] == 15 and retrieval["samples"] == 15
+    assert len(expected) > 8 and logged_metrics.keys() == expected.keys()
+    assert logged_metrics == pytest.approx(expected, rel=1e-6)
+    for rank, result in enumerate(ranks):  # every rank computes the same metrics
+        assert result["again"] == pytest.approx(expected, rel=1e-6), rank
