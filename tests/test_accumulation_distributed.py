@@ -84,30 +84,37 @@ def _initial_params(tmp_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def test_clip_accumulation_under_ddp_equals_one_process(tmp_path: Path) -> None:
-    runs = tuple((gather, (f"loss.gather={gather}",)) for gather in GATHERS)
-    ranks = run_distributed(functools.partial(_rank_runs, root=str(tmp_path / "two"), runs=runs), world_size=2,
-                            timeout_s=240)
-    initial = _initial_params(tmp_path)
-    for gather, extra in runs:
-        single = _train(tmp_path / "one" / gather, SyntheticBatches(2 * MICRO, 32, 16), *extra)
-        two = ranks[0][gather]
-        losses = _losses(tmp_path / "two" / gather)
-        assert len(losses) == STEPS and losses == pytest.approx(_losses(tmp_path / "one" / gather), rel=1e-5), gather
-        for name, value in two["params"].items():  # DDP keeps the replicas bit-identical
-            assert torch.equal(value, ranks[1][gather]["params"][name]), f"{gather} {name}"
-        _assert_close_per_tensor(two["grads"], single["grads"], f"{gather} gradient of", 1e-4)
-        _assert_updates_close(two["params"], single["params"], initial, 1e-3)
+RUNS = (*((gather, (f"loss.gather={gather}",)) for gather in GATHERS), ("albef", (*ALBEF, "loss.gather=local")))
 
 
-def test_albef_accumulation_under_ddp_equals_one_process(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """Every run of :data:`RUNS` on 2 ranks, in one launch (starting the processes costs more than the runs)."""
+    root = tmp_path_factory.mktemp("two")
+    return root, run_distributed(functools.partial(_rank_runs, root=str(root), runs=RUNS), world_size=2,
+                                 timeout_s=300)
+
+
+@pytest.mark.parametrize("gather", GATHERS)
+def test_clip_accumulation_under_ddp_equals_one_process(tmp_path: Path, two_ranks: tuple[Path, list[dict]],
+                                                        gather: str) -> None:
+    root, ranks = two_ranks
+    single = _train(tmp_path / "one", SyntheticBatches(2 * MICRO, 32, 16), f"loss.gather={gather}")
+    losses = _losses(root / gather)
+    assert len(losses) == STEPS and losses == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    two = ranks[0][gather]
+    for name, value in two["params"].items():  # DDP keeps the replicas bit-identical
+        assert torch.equal(value, ranks[1][gather]["params"][name]), name
+    _assert_close_per_tensor(two["grads"], single["grads"], "gradient of", 1e-4)
+    _assert_updates_close(two["params"], single["params"], _initial_params(tmp_path), 1e-3)
+
+
+def test_albef_accumulation_under_ddp_equals_one_process(tmp_path: Path, two_ranks: tuple[Path, list[dict]]) -> None:
     """ALBEF (ITC with momentum distillation, queue of 20): 12 keys a step, so the queue wraps on the second step
     and which slots get overwritten depends on the enqueue order. It must be the single process's: micro-batch
     major (micro-batch 0 of every rank, then micro-batch 1 of every rank), not rank major."""
-    runs = (("albef", (*ALBEF, "loss.gather=local")),)
-    ranks = run_distributed(functools.partial(_rank_runs, root=str(tmp_path / "two"), runs=runs), world_size=2,
-                            timeout_s=240)
-    single = _train(tmp_path / "one", SyntheticBatches(2 * MICRO, 32, 16), *runs[0][1])
+    root, ranks = two_ranks
+    single = _train(tmp_path / "one", SyntheticBatches(2 * MICRO, 32, 16), *RUNS[-1][1])
     first, second = ranks[0]["albef"], ranks[1]["albef"]
     for section in ("momentum", "queue"):
         for key, value in first["task"][section].items():
@@ -116,7 +123,7 @@ def test_albef_accumulation_under_ddp_equals_one_process(tmp_path: Path) -> None
     assert int(queue["count"]) == 20 and int(queue["ptr"]) == (STEPS * 2 * ACCUM * MICRO) % 20
     for key, value in queue.items():  # the same features and ids in the same slots as one process
         torch.testing.assert_close(first["task"]["queue"][key], value, rtol=1e-5, atol=1e-6, msg=f"queue.{key}")
-    assert _losses(tmp_path / "two" / "albef") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert _losses(root / "albef") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     _assert_close_per_tensor(first["grads"], single["grads"], "gradient of", 1e-4)
     initial = _initial_params(tmp_path)
     _assert_updates_close(first["params"], single["params"], initial, 1e-3)

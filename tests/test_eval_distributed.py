@@ -58,11 +58,25 @@ def _sorted_by_key(result: dict) -> dict:
             for name, value in result.items()}
 
 
-def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(tmp_path: Path) -> None:
-    write_dataset(tmp_path / "uneven", [5, 5, 5], textured=True)
-    write_dataset(tmp_path / "one_sample", [1], textured=True)
-    sets = {"uneven": str(tmp_path / "uneven"), "one_sample": str(tmp_path / "one_sample")}
-    ranks = run_distributed(functools.partial(_encode, sets=sets), world_size=2, timeout_s=180)
+def _on_rank(rank: int, world_size: int, sets: dict[str, str], overrides: tuple[str, ...]) -> dict:
+    return {"encode": _encode(rank, world_size, sets), "train": _train_and_evaluate(rank, world_size, overrides)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], list[dict]]:
+    """Both tests' work on 2 ranks in one launch (starting the processes costs more than the work)."""
+    root = tmp_path_factory.mktemp("eval")
+    write_dataset(root / "uneven", [5, 5, 5], textured=True)  # labels 0..9
+    write_dataset(root / "one_sample", [1], textured=True)
+    sets = {"uneven": str(root / "uneven"), "one_sample": str(root / "one_sample")}
+    on_rank = functools.partial(_on_rank, sets=sets, overrides=tuple(_train_overrides(root)))
+    return root, sets, run_distributed(on_rank, world_size=2, timeout_s=300)
+
+
+def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(
+        two_ranks: tuple[Path, dict[str, str], list[dict]]) -> None:
+    _, sets, results = two_ranks
+    ranks = [result["encode"] for result in results]
     single = _encode(0, 1, sets)
     for name, size in (("uneven", 15), ("one_sample", 1)):
         expected = _sorted_by_key(single[name])
@@ -80,17 +94,17 @@ def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(tmp_p
     assert ranks[0]["reranked"] == pytest.approx(single["reranked"], rel=1e-6), "ITM-reranked metrics"
 
 
-def _eval_overrides(tmp_path: Path) -> list[str]:
-    write_dataset(tmp_path / "eval", [5, 5, 5], textured=True)  # labels 0..9
-    (tmp_path / "classes.txt").write_text("".join(f"class number {i}\n" for i in range(10)))
-    (tmp_path / "templates.txt").write_text("a photo of {}.\n{}, a picture\n")
+def _train_overrides(root: Path) -> list[str]:
+    """ALBEF with fusion, 2 steps, evaluating zero-shot and retrieval on the uneven set at the last step."""
+    (root / "classes.txt").write_text("".join(f"class number {i}\n" for i in range(10)))
+    (root / "templates.txt").write_text("a photo of {}.\n{}, a picture\n")
     return ["model.name=albef-tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
             "model.fusion_layers=2", "data.tokenizer=minilm", f"data.batch_size={BATCH}", "albef.enabled=true",
             "albef.queue_size=16", "optim.lr=1e-3", "schedule.warmup_steps=1", "train.steps=2", "train.log_every=1",
             "train.checkpoint_every=100", "train.tensorboard=false", "eval.every_steps=2",
-            f"eval.zeroshot_urls={tmp_path / 'eval'}", f"eval.zeroshot_classnames={tmp_path / 'classes.txt'}",
-            f"eval.zeroshot_templates={tmp_path / 'templates.txt'}", f"eval.retrieval_urls={tmp_path / 'eval'}",
-            f"eval.batch_size={BATCH}", "eval.workers=0", f"train.output_dir={tmp_path / 'run'}"]
+            f"eval.zeroshot_urls={root / 'uneven'}", f"eval.zeroshot_classnames={root / 'classes.txt'}",
+            f"eval.zeroshot_templates={root / 'templates.txt'}", f"eval.retrieval_urls={root / 'uneven'}",
+            f"eval.batch_size={BATCH}", "eval.workers=0", f"train.output_dir={root / 'run'}"]
 
 
 def _train_and_evaluate(rank: int, world_size: int, overrides: tuple[str, ...]) -> dict:
@@ -103,12 +117,12 @@ def _train_and_evaluate(rank: int, world_size: int, overrides: tuple[str, ...]) 
     return {"again": run_configured_evals(trainer.model, config, trainer.dist.device, config.train.precision)}
 
 
-def test_evaluation_during_ddp_training_equals_one_process_evaluation_of_the_export(tmp_path: Path) -> None:
+def test_evaluation_during_ddp_training_equals_one_process_evaluation_of_the_export(
+        two_ranks: tuple[Path, dict[str, str], list[dict]]) -> None:
     """The model's text tower has dropout: an evaluation that left the model in training mode would differ too."""
-    overrides = _eval_overrides(tmp_path)
-    ranks = run_distributed(functools.partial(_train_and_evaluate, overrides=tuple(overrides)), world_size=2,
-                            timeout_s=240)
-    run = tmp_path / "run"
+    root, sets, results = two_ranks
+    ranks = [result["train"] for result in results]
+    run = root / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if any(k.startswith("eval/") for k in r)]
     assert len(logged) == 1 and logged[0]["step"] == 2
@@ -116,9 +130,9 @@ def test_evaluation_during_ddp_training_equals_one_process_evaluation_of_the_exp
 
     loaded = load_model_for_eval(str(run))  # the exported model.safetensors, evaluated in this one process
     config = load_config(run / "config.yaml")
-    zeroshot = run_zeroshot(loaded, str(tmp_path / "eval"), classnames_for(config.eval.zeroshot_classnames),
+    zeroshot = run_zeroshot(loaded, sets["uneven"], classnames_for(config.eval.zeroshot_classnames),
                             templates_for(config.eval.zeroshot_templates), dataset="eval", batch_size=BATCH, workers=0)
-    retrieval = run_retrieval(loaded, str(tmp_path / "eval"), dataset="eval", batch_size=BATCH, workers=0)
+    retrieval = run_retrieval(loaded, sets["uneven"], dataset="eval", batch_size=BATCH, workers=0)
     expected = {**{f"eval/zeroshot/{k}": v for k, v in zeroshot["metrics"].items()},
                 **{f"eval/retrieval/{k}": v for k, v in retrieval["metrics"].items()}}
     assert zeroshot["samples"] == 15 and retrieval["samples"] == 15
