@@ -55,8 +55,13 @@ def _losses(run_dir: Path) -> list[float]:
 
 def _rank_runs(rank: int, world_size: int, root: str, runs: tuple[tuple[str, tuple[str, ...]], ...]) -> dict:
     """Every run of ``runs`` ((name, overrides)) in turn on this rank: one launch serves several comparisons."""
-    return {name: _train(Path(root) / name, SyntheticBatches(MICRO, 32, 16, rank=rank, world_size=world_size), *extra)
+    return {name: _train(Path(root) / name, SyntheticBatches(MICRO, 32, 16, rank=rank, world_size=world_size,
+                                                             vocab=_vocab(extra)), *extra)
             for name, extra in runs}
+
+
+def _vocab(overrides: tuple[str, ...]) -> int:
+    return 30522 if "data.tokenizer=minilm" in overrides else 49408
 
 
 def _assert_close_per_tensor(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
@@ -84,7 +89,9 @@ def _initial_params(tmp_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-RUNS = (*((gather, (f"loss.gather={gather}",)) for gather in GATHERS), ("albef", (*ALBEF, "loss.gather=local")))
+FUSION = ("model.name=albef-tiny", "model.fusion_layers=2", "data.tokenizer=minilm", "albef.itm_global_negatives=true")
+RUNS = (*((gather, (f"loss.gather={gather}",)) for gather in GATHERS), ("albef", (*ALBEF, "loss.gather=local")),
+        ("fusion", (*ALBEF, *FUSION)))
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +121,7 @@ def test_albef_accumulation_under_ddp_equals_one_process(tmp_path: Path, two_ran
     and which slots get overwritten depends on the enqueue order. It must be the single process's: micro-batch
     major (micro-batch 0 of every rank, then micro-batch 1 of every rank), not rank major."""
     root, ranks = two_ranks
-    single = _train(tmp_path / "one", SyntheticBatches(2 * MICRO, 32, 16), *RUNS[-1][1])
+    single = _train(tmp_path / "one", SyntheticBatches(2 * MICRO, 32, 16), *dict(RUNS)["albef"])
     first, second = ranks[0]["albef"], ranks[1]["albef"]
     for section in ("momentum", "queue"):
         for key, value in first["task"][section].items():
@@ -129,3 +136,20 @@ def test_albef_accumulation_under_ddp_equals_one_process(tmp_path: Path, two_ran
     _assert_updates_close(first["params"], single["params"], initial, 1e-3)
     momentum_initial = {key: initial[key.removeprefix("model.")] for key in single["task"]["momentum"]}  # copies
     _assert_updates_close(first["task"]["momentum"], single["task"]["momentum"], momentum_initial, 1e-3)
+
+
+def test_albef_fusion_accumulation_under_ddp_keeps_the_ranks_identical(two_ranks: tuple[Path, list[dict]]) -> None:
+    """ITM (hard negatives drawn from every rank's micro-batch) and MLM with accumulation under DDP: the ranks run
+    the same collectives in every micro-step (no hang) and end with identical weights, momentum weights and queues.
+    (Negatives and masks are random draws, so no one-process comparison here.)"""
+    root, ranks = two_ranks
+    first, second = ranks[0]["fusion"], ranks[1]["fusion"]
+    for name, value in first["params"].items():
+        assert torch.equal(value, second["params"][name]), name
+    for section in ("momentum", "queue"):
+        for key, value in first["task"][section].items():
+            assert torch.equal(value, second["task"][section][key]), f"{section}.{key} differs between ranks"
+    assert int(first["task"]["queue"]["ptr"]) == (STEPS * 2 * ACCUM * MICRO) % 20
+    records = [json.loads(line) for line in (root / "fusion" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == STEPS and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert {"itm", "mlm"} <= records[-1]["parts"].keys()
