@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,14 @@ from shard_factory import write_dataset
 from synthetic import SyntheticBatches
 
 from vlp.config import ModelConfig, load_config
+from vlp.data.pipeline import ShardLoader
 from vlp.evaluation.in_training import classnames_for, run_configured_evals, templates_for
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.evaluation.runner import encode_pairs, eval_loader, run_retrieval, run_zeroshot
 from vlp.models import create_model
 from vlp.training.trainer import Trainer
+from vlp.types import Batch
 
 MODEL = ModelConfig(name="albef-tiny", image_size=32, context_length=16, embed_dim=32, fusion_layers=2)
 MINILM_VOCAB = 30522
@@ -37,15 +40,31 @@ def _loaded() -> LoadedModel:
     return LoadedModel(create_model(MODEL).eval(), MODEL, "minilm", MODEL.name, "random-init")
 
 
+class _Counted:
+    """A loader that counts the pairs it hands out (this rank's share)."""
+
+    def __init__(self, loader: ShardLoader) -> None:
+        self.loader, self.pairs = loader, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self.pairs += len(batch)
+            yield batch
+
+    def skip_counts(self) -> dict[str, int]:
+        return self.loader.skip_counts()
+
+
 def _encode(rank: int, world_size: int, sets: dict[str, str]) -> dict:
     """Per set: ``encode_pairs`` with an ITM corpus; for the uneven set also the metrics with ITM reranking."""
     loaded, out = _loaded(), {}
     for name, urls in sets.items():
         corpus = ItmCorpus(loaded.model)
-        loader = eval_loader(loaded, urls, batch_size=BATCH, workers=0, require_caption=True)
+        loader = _Counted(eval_loader(loaded, urls, batch_size=BATCH, workers=0, require_caption=True))
         images, texts, keys = encode_pairs(loaded, loader, "cpu", "fp32", corpus)
         out[name] = {"images": images, "texts": texts, "keys": keys, "image_tokens": corpus.image_tokens,
                      "text_ids": corpus.text_ids, "text_mask": corpus.text_mask}
+        out[f"{name}_local_pairs"] = loader.pairs
     record = run_retrieval(loaded, sets["uneven"], dataset="uneven", batch_size=BATCH, workers=0, ks=(1, 2, 5),
                            rerank_k=4)
     out["reranked"] = record["metrics"]
@@ -78,6 +97,8 @@ def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(
     _, sets, results = two_ranks
     ranks = [result["encode"] for result in results]
     single = _encode(0, 1, sets)
+    assert [r["uneven_local_pairs"] for r in ranks] == [10, 5]  # rank 1 shorter: its rows are padded in the gathers
+    assert [r["one_sample_local_pairs"] for r in ranks] == [1, 0]  # rank 1 holds nothing at all
     for name, size in (("uneven", 15), ("one_sample", 1)):
         expected = _sorted_by_key(single[name])
         assert len(expected["keys"]) == size and len(set(expected["keys"])) == size
