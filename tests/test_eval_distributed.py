@@ -3,20 +3,23 @@ reranking, and the evaluations a DDP training run makes (== evaluating its expor
 
 The eval shards hold 5 samples each: with 3 shards rank 0 reads 2 and rank 1 one (10 vs 5 pairs, so the gathers
 pad rank 1); with a single 1-sample shard rank 1 reads nothing at all. Ranks gather in rank order, one process reads
-the shards in their shuffled order: rows are compared after sorting by sample key.
+the shards in their shuffled order: rows are compared after sorting by sample key. The multi-caption reader
+(``encode_shard_retrieval``) with an ITM corpus gets two shards whose image 7 is on both ranks (de-duplicated
+after the gather).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from dist_utils import run_distributed
-from shard_factory import write_dataset
+from shard_factory import add_member, noise_png_bytes, write_dataset
 from synthetic import SyntheticBatches
 
 from vlp.config import ModelConfig, load_config
@@ -25,6 +28,7 @@ from vlp.evaluation.in_training import classnames_for, run_configured_evals, tem
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.evaluation.runner import encode_pairs, eval_loader, run_retrieval, run_zeroshot
+from vlp.evaluation.sources import encode_shard_retrieval
 from vlp.models import create_model
 from vlp.training.trainer import Trainer
 from vlp.types import Batch
@@ -58,13 +62,19 @@ class _Counted:
 def _encode(rank: int, world_size: int, sets: dict[str, str]) -> dict:
     """Per set: ``encode_pairs`` with an ITM corpus; for the uneven set also the metrics with ITM reranking."""
     loaded, out = _loaded(), {}
-    for name, urls in sets.items():
+    for name in ("uneven", "one_sample"):
+        urls = sets[name]
         corpus = ItmCorpus(loaded.model)
         loader = _Counted(eval_loader(loaded, urls, batch_size=BATCH, workers=0, require_caption=True))
         images, texts, keys = encode_pairs(loaded, loader, "cpu", "fp32", corpus)
         out[name] = {"images": images, "texts": texts, "keys": keys, "image_tokens": corpus.image_tokens,
                      "text_ids": corpus.text_ids, "text_mask": corpus.text_mask}
         out[f"{name}_local_pairs"] = loader.pairs
+    corpus = ItmCorpus(loaded.model)
+    images, texts, text_to_image, _ = encode_shard_retrieval(loaded, sets["multi_caption"], batch_size=2,
+                                                             itm_corpus=corpus)
+    out["multi_caption"] = {"images": images, "texts": texts, "text_to_image": text_to_image,
+                            "image_tokens": corpus.image_tokens, "text_ids": corpus.text_ids}
     record = run_retrieval(loaded, sets["uneven"], dataset="uneven", batch_size=BATCH, workers=0, ks=(1, 2, 5),
                            rerank_k=4)
     out["reranked"] = record["metrics"]
@@ -81,13 +91,29 @@ def _on_rank(rank: int, world_size: int, sets: dict[str, str], overrides: tuple[
     return {"encode": _encode(rank, world_size, sets), "train": _train_and_evaluate(rank, world_size, overrides)}
 
 
+def _multi_caption_shards(directory: Path) -> None:
+    """Two shards, one a rank: 3 images with 4 captions, then 2 more captions of image 7 (rank 1 encodes image 7
+    again: the gather pads its 1 image to 3 rows and the de-duplication by image id drops it)."""
+    directory.mkdir(parents=True)
+    shards = [[("a", 1, {"captions": ["one a", "one b"]}), ("b", 2, {"image_id": 7, "caption": "seven a"}),
+               ("c", 3, {"image_id": 9, "caption": "nine a"})],
+              [("d", 2, {"image_id": 7, "captions": ["seven b", "seven c"]})]]
+    for number, samples in enumerate(shards):
+        with tarfile.open(directory / f"{number:05d}.tar", "w") as tar:
+            for key, colour, meta in samples:
+                add_member(tar, f"{key}.png", noise_png_bytes(colour, (12, 12)))
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], list[dict]]:
     """Both tests' work on 2 ranks in one launch (starting the processes costs more than the work)."""
     root = tmp_path_factory.mktemp("eval")
     write_dataset(root / "uneven", [5, 5, 5], textured=True)  # labels 0..9
     write_dataset(root / "one_sample", [1], textured=True)
-    sets = {"uneven": str(root / "uneven"), "one_sample": str(root / "one_sample")}
+    _multi_caption_shards(root / "multi_caption")
+    sets = {"uneven": str(root / "uneven"), "one_sample": str(root / "one_sample"),
+            "multi_caption": str(root / "multi_caption")}
     on_rank = functools.partial(_on_rank, sets=sets, overrides=tuple(_train_overrides(root)))
     return root, sets, run_distributed(on_rank, world_size=2, timeout_s=300)
 
@@ -111,6 +137,15 @@ def test_encode_pairs_and_itm_corpus_gather_on_two_ranks_equal_one_process(
             torch.testing.assert_close(got["image_tokens"], expected["image_tokens"], rtol=0, atol=2e-3)
             assert torch.equal(got["text_ids"], expected["text_ids"]) and torch.equal(got["text_mask"],
                                                                                     expected["text_mask"])
+    expected = single["multi_caption"]
+    assert expected["images"].shape[0] == 3 and expected["text_to_image"].tolist() == [0, 0, 1, 2, 1, 1]
+    for rank, result in enumerate(ranks):  # two ranks read the shards in one process's order: rows compare 1:1
+        got = result["multi_caption"]
+        assert torch.equal(got["text_to_image"], expected["text_to_image"]) and torch.equal(got["text_ids"],
+                                                                                          expected["text_ids"])
+        for part in ("images", "texts"):
+            torch.testing.assert_close(got[part], expected[part], rtol=1e-5, atol=1e-6, msg=f"{rank} {part}")
+        torch.testing.assert_close(got["image_tokens"], expected["image_tokens"], rtol=0, atol=2e-3)
     assert ranks[0]["reranked"] == ranks[1]["reranked"]
     assert ranks[0]["reranked"] == pytest.approx(single["reranked"], rel=1e-6), "ITM-reranked metrics"
 
