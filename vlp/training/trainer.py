@@ -25,7 +25,7 @@ from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
-from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.optim import build_optimizer, set_lr
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
@@ -88,6 +88,7 @@ class Trainer:
         if self.dist.is_main:  # only now: a config that fails to build or to resume leaves the run's copy alone
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / EXPORT_CONFIG)
+            remove_stale_partials(self.run_dir)  # no save of this run is in progress yet: every partial is stale
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=config.train.tensorboard)
 
     # ------------------------------------------------------------------------------------------ checkpoints
