@@ -30,7 +30,7 @@ from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.optim import build_optimizer, set_lr
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
-from vlp.training.setup import build_batches, build_task, build_training_objects
+from vlp.training.setup import build_batches, build_task, build_training_objects, settle_ddp_buckets
 from vlp.types import LossOutput
 
 logger = logging.getLogger("vlp.train")
@@ -83,6 +83,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
         self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
+        self._buckets_settled = False
         if resume:
             self._restore(resume)
         if self.dist.is_main:  # only now: a config that fails to build or to resume leaves the run's copy alone
@@ -160,6 +161,9 @@ class Trainer:
             started = time.perf_counter()
             micro = [next(iterator).to(self.dist.device, non_blocking=True) for _ in range(accum)]
             data_seconds = time.perf_counter() - started
+            if not self._buckets_settled:  # DDP: every step of a fresh or resumed run reduces with one layout
+                settle_ddp_buckets(self.task, micro[0], self.step)
+                self._buckets_settled = True
             lr = lr_at(self.step, cfg.optim.lr, total, cfg.schedule)
             set_lr(self.optimizer, lr)
             result, skipped, stopped = self._optimizer_step(micro)
