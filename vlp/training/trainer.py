@@ -25,7 +25,7 @@ from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
-from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.dcp_checkpoint import (
     export_model,
@@ -38,7 +38,7 @@ from vlp.training.optim import build_optimizer, set_lr
 from vlp.training.parallelize import clip_gradients
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
-from vlp.training.setup import build_batches, build_task, build_training_objects
+from vlp.training.setup import build_batches, build_task, build_training_objects, settle_ddp_buckets
 from vlp.types import LossOutput
 
 logger = logging.getLogger("vlp.train")
@@ -91,11 +91,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
         self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
+        self._buckets_settled = False
         if resume:
             self._restore(resume)
         if self.dist.is_main:  # only now: a config that fails to build or to resume leaves the run's copy alone
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / EXPORT_CONFIG)
+            remove_stale_partials(self.run_dir)  # no save of this run is in progress yet: every partial is stale
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=config.train.tensorboard)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -202,6 +204,9 @@ class Trainer:
             started = time.perf_counter()
             micro = [next(iterator).to(self.dist.device, non_blocking=True) for _ in range(accum)]
             data_seconds = time.perf_counter() - started
+            if not self._buckets_settled:  # DDP: every step of a fresh or resumed run reduces with one layout
+                settle_ddp_buckets(self.task, micro[0], self.step)
+                self._buckets_settled = True
             lr = lr_at(self.step, cfg.optim.lr, total, cfg.schedule)
             set_lr(self.optimizer, lr)
             result, skipped, stopped = self._optimizer_step(micro)
