@@ -174,6 +174,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = usable cores minus loader workers (at least 1) on CPU
     attention: Literal["auto", "math", "flash", "efficient", "default"] = "auto"
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # multi-process: DDP replicas or FSDP2 shards (vlp.training.parallelize)
     malloc_cache: bool = True  # CPU: glibc keeps freed memory for the next step (vlp.training.cpu_memory)
     max_consecutive_skips: int = 5
     tensorboard: bool = True

@@ -126,6 +126,23 @@ def _check_cross_fields(config: Config) -> None:
     if albef.enabled and loss.kind != "clip":
         raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
                           f"got loss.kind={loss.kind!r}")
+    _check_fsdp(config)
+
+
+def _check_fsdp(config: Config) -> None:
+    """What ``train.parallel=fsdp`` does not combine with (see ``vlp.training.parallelize``)."""
+    train = config.train
+    if train.parallel != "fsdp":
+        return
+    if train.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp takes train.precision=bf16 or fp32: fp16 needs a gradient scaler that "
+                          "agrees across shards, which vlp does not have (use bf16)")
+    if train.compile:
+        raise ConfigError("train.compile=true is not applied under train.parallel=fsdp: set train.compile=false")
+    if config.eval.every_steps > 0:
+        raise ConfigError(f"eval.every_steps={config.eval.every_steps} is not supported with train.parallel=fsdp "
+                          "(evaluation runs the model outside its sharded forward): set eval.every_steps=0 and "
+                          "evaluate the exported model.safetensors with vlp eval")
 
 
 def check_config(config: Config) -> Config:
