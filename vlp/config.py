@@ -85,6 +85,8 @@ class ModelConfig:
     text_pooling: Literal["cls", "mean", "eos"] = "cls"
     lock_image: bool = False
     lock_text: bool = False
+    lock_text_cache_size: int = 65536  # training: LRU entries of a locked text tower's outputs (0: no cache)
+    lock_image_cache_size: int = 0  # same for a locked image tower; needs data.augment=none (see the README)
     grad_checkpointing: bool = False
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
     max_logit_scale: float = 100.0
