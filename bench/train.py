@@ -423,7 +423,7 @@ def main_lit(args: argparse.Namespace, s: Settings, model_json: Path) -> dict:
                                         for r in runs[who]]  # the uncached runs have no hit rate: null
                       for who in LIT_RUNS for key in ("samples_per_s", "cpu_ms_per_sample", "final_loss",
                                                       "cache_hit_rate")},
-        "settings": {**asdict(s), "model": "minilm-lit", "lock_text": True, "image_size": IMAGE_SIZE,
+        "settings": {**asdict(s), "arch": None, "model": "minilm-lit", "lock_text": True, "image_size": IMAGE_SIZE,
                      "context_length": CONTEXT_LENGTH, "shard_samples": SHARD_SAMPLES},
         "machine": {**machine_info(), "load_average_before": load_before.get("load_average")},
     }
