@@ -192,6 +192,8 @@ def test_cache_is_bypassed_unless_locked_tower_in_eval_and_model_training(lit_co
     assert unlocked.enable_lock_cache(64, 64) == [] and unlocked.text_cache is None
     unlocked.text_cache = TowerCache(64, "text")  # even when given one by hand
     unlocked(images, text_ids, text_mask)
+    unlocked.text_encoder.eval()  # and in eval mode: its weights still change every step
+    unlocked(images, text_ids, text_mask)
     assert unlocked.text_cache.stats.misses == unlocked.text_cache.stats.hits == 0
 
     model = create_model(lit_config).train()
