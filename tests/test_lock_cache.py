@@ -243,6 +243,8 @@ def test_setup_enables_refuses_and_says_why(tmp_path: Path, caplog: pytest.LogCa
                                "data.tokenizer=minilm", f"train.output_dir={tmp_path}"])
     assert enable_lock_cache(albef, create_model(albef.model)) == []
     assert "locked-tower cache off under ALBEF" in caplog.text
+    assert enabled("train.parallel=fsdp") == []  # a rank served from its cache would skip FSDP's all-gathers
+    assert "locked-tower cache off under train.parallel=fsdp" in caplog.text
     with pytest.raises(ConfigError, match=r"model.lock_text_cache_size=-1: must be >= 0"):
         _config(tmp_path, "model.lock_text_cache_size=-1")
 

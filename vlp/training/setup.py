@@ -69,6 +69,10 @@ def enable_lock_cache(config: Config, model: nn.Module) -> list[str]:
                     "the towers' token states (B, L, H), which the cache of pooled outputs does not hold (keeping "
                     "them would cost L x H values per caption); each step runs the locked towers")
         return []
+    if config.train.parallel == "fsdp":
+        logger.info("locked-tower cache off under train.parallel=fsdp: a sharded tower all-gathers its blocks in "
+                    "every forward, and a rank served from its cache would skip a collective the others run")
+        return []
     image_entries = cfg.lock_image_cache_size if cfg.lock_image else 0
     if image_entries and config.data.augment != "none":
         logger.warning("model.lock_image_cache_size=%d ignored: data.augment=%s gives the locked image tower new "
