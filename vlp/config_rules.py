@@ -54,7 +54,8 @@ FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, low_open=True, high_open=True
 NUMERIC_RULES: dict[str, Range] = {
     "model.image_size": AT_LEAST_1, "model.context_length": AT_LEAST_1, "model.embed_dim": AT_LEAST_1,
     "model.init_logit_scale": Range(), "model.max_logit_scale": POSITIVE, "model.init_logit_bias": Range(),
-    "model.fusion_layers": AT_LEAST_0, "model.preprocess.mean": Range(), "model.preprocess.std": POSITIVE,
+    "model.fusion_layers": AT_LEAST_0, "model.lock_text_cache_size": AT_LEAST_0,
+    "model.lock_image_cache_size": AT_LEAST_0, "model.preprocess.mean": Range(), "model.preprocess.std": POSITIVE,
     "loss.chunk_size": AT_LEAST_0, "loss.label_smoothing": Range(0, 1, high_open=True),
     "data.sources.weight": POSITIVE, "data.seed": AT_LEAST_0, "data.batch_size": AT_LEAST_1,
     "data.workers": AT_LEAST_0, "data.shuffle_buffer": AT_LEAST_0, "data.max_image_pixels": AT_LEAST_1,

@@ -283,6 +283,11 @@ class Trainer:
                   "logit_scale": float(self.model.logit_scale.detach().exp()), "samples_per_s": window.rate(),
                   "data_wait_fraction": window.data_fraction(), "skipped_samples": skipped_samples,
                   "skipped_steps": self.skipped_steps, **result.metrics}
+        caches = getattr(self.model, "lock_cache_stats", dict)()
+        if caches:  # this rank's locked-tower caches, counts since the run (or resume) began
+            record["lock_cache"] = {name: {"hit_rate": stats.hit_rate, "hits": stats.hits, "misses": stats.misses,
+                                           "entries": stats.entries, "evictions": stats.evictions}
+                                    for name, stats in caches.items()}
         self.log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{window.rate():.0f}", refresh=False)
         window.reset()
