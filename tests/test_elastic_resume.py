@@ -11,16 +11,28 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import multiprocessing
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from dist_utils import free_port, run_distributed
+from shard_factory import write_dataset
 from synthetic import SyntheticBatches
 
-from vlp.config import Config, ConfigError, load_config
+from vlp.config import Config, ConfigError, DataConfig, SourceConfig, load_config
+from vlp.data.pipeline import ShardLoader
 from vlp.training.checkpoint import find_checkpoint, load_state_file, save_checkpoint
 from vlp.training.trainer import Trainer
 
@@ -146,3 +158,167 @@ def test_a_changed_queue_size_is_named(tmp_path: Path) -> None:
     resumed = _config(tmp_path / "albef", *albef, "albef.queue_size=24", "train.steps=5")
     with pytest.raises(ConfigError, match="queues of 20 entries but albef.queue_size is 24"):
         Trainer(resumed, batches=SyntheticBatches(4, 32, 16), resume="latest", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ loader, gloo ranks
+BATCH = 3
+SHARDS = [7, 5, 6, 4, 9, 3, 8, 5]  # 47 samples; >= slots of every topology below (split by shard)
+# (old ranks, old workers, batches each old rank delivers before the checkpoint, new ranks, new workers)
+CHANGES = {"2x1-to-3x1": (2, 1, 3, 3, 1), "3x2-to-1x1": (3, 2, 2, 1, 1)}
+
+
+def _loader(data_dir: str, workers: int, epochs: int) -> ShardLoader:
+    config = DataConfig(sources=(SourceConfig(urls=data_dir),), batch_size=BATCH, workers=workers, shuffle_buffer=6,
+                        seed=5, prefetch_factor=2)
+    return ShardLoader(config, image_size=16, context_length=8, epochs=epochs, train=True)
+
+
+def _keys(loader: ShardLoader, limit: int | None = None) -> list[list[str]]:
+    """The keys of the next ``limit`` batches (all that are left when ``None``)."""
+    batches = []
+    for batch in loader:
+        batches.append(list(batch.keys))
+        if len(batches) == limit:
+            break
+    return batches
+
+
+def _before_the_change(rank: int, world_size: int, data_dir: str, workers: int, batches: int) -> dict:
+    """The old topology: ``batches`` batches of epoch 0, then this rank's position."""
+    multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under torchrun
+    loader = _loader(data_dir, workers, epochs=1)
+    keys = _keys(loader, batches)
+    return {"keys": keys, "state": json.dumps(loader.state_dict())}
+
+
+def _after_the_change(rank: int, world_size: int, data_dir: str, workers: int, states: tuple[str, ...]) -> dict:
+    """The new topology: resumed from every old rank's position, to the end of epoch 0 (``epochs=1``) and on to the
+    end of epoch 1 (``epochs=2``); and a fresh run of this topology for both."""
+    multiprocessing.set_start_method("fork", force=True)
+    old = [json.loads(s) for s in states]
+    result = {}
+    for epochs in (1, 2):
+        resumed = _loader(data_dir, workers, epochs)
+        result[f"elastic_{epochs}"] = resumed.load_state_dicts(old)
+        result[f"resumed_{epochs}"] = _keys(resumed)
+        result[f"fresh_{epochs}"] = _keys(_loader(data_dir, workers, epochs))
+    return result
+
+
+def _flat(batches: list[list[str]]) -> list[str]:
+    return [key for batch in batches for key in batch]
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_mid_epoch_change_of_ranks_and_workers_delivers_every_sample_once(tmp_path: Path, change: str) -> None:
+    old_ranks, old_workers, stop, new_ranks, new_workers = CHANGES[change]
+    keys = write_dataset(tmp_path / "shards", SHARDS)
+    data_dir = str(tmp_path / "shards")
+    before = run_distributed(functools.partial(_before_the_change, data_dir=data_dir, workers=old_workers,
+                                               batches=stop), world_size=old_ranks, timeout_s=120)
+    states = tuple(rank["state"] for rank in before)
+    after = run_distributed(functools.partial(_after_the_change, data_dir=data_dir, workers=new_workers,
+                                              states=states), world_size=new_ranks, timeout_s=120)
+    delivered_before = [key for rank in before for key in _flat(rank["keys"])]
+    assert [len(rank["keys"]) for rank in before] == [stop] * old_ranks and len(delivered_before) < len(keys) / 2
+    assert all(rank["elastic_1"] and rank["elastic_2"] for rank in after)  # re-split, not an exact resume
+    # the interrupted epoch: every sample exactly once over both topologies
+    delivered_after = [key for rank in after for key in _flat(rank["resumed_1"])]
+    assert Counter(delivered_before + delivered_after) == Counter(keys)
+    # the epoch after is that of a fresh run of the new topology, rank by rank, in order
+    epoch_one = []
+    for rank, run in enumerate(after):
+        rest_of_zero = _flat(run["resumed_1"])
+        resumed, fresh = _flat(run["resumed_2"]), _flat(run["fresh_2"])
+        assert resumed[: len(rest_of_zero)] == rest_of_zero, f"rank {rank}: epoch 0 ends differently with epochs=2"
+        assert resumed[len(rest_of_zero):] == fresh[len(_flat(run["fresh_1"])):], f"rank {rank}: epoch 1"
+        epoch_one += resumed[len(rest_of_zero):]
+    assert Counter(epoch_one) == Counter(keys)
+
+
+# ------------------------------------------------------------------------------------------ vlp train, torchrun
+LAUNCH_TIMEOUT_S = 240
+STEPS, ELASTIC_AT, KILL_AFTER = 12, 4, 6  # 2 ranks checkpoint at 4; 3 ranks go on; killed after the one at 6
+
+
+def _torchrun(ranks: int, data: Path, run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}", "--max-restarts=0", "-m", "vlp", "--log-level", "INFO", "train",
+            "--no-progress", "model.name=tiny", "model.image_size=32", "model.context_length=16",
+            "model.embed_dim=32", f"data.sources={data}", "data.batch_size=4", "data.workers=1",
+            "data.shuffle_buffer=8", f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=20",
+            "train.log_every=1", "train.tensorboard=false", "schedule.warmup_steps=2", "loss.gather=local",
+            f"train.output_dir={run}", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    """A torchrun launch in its own process group (a kill -9 of the group takes every rank and loader worker)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(command, env=_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, log: Path) -> str:
+    try:
+        code = process.wait(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        raise AssertionError(f"torchrun timed out after {LAUNCH_TIMEOUT_S} s:\n{log.read_text()[-4000:]}") from None
+    assert code == 0, f"torchrun exited with {code}:\n{log.read_text()[-4000:]}"
+    return log.read_text()
+
+
+def _kill_after_checkpoint(process: subprocess.Popen, run: Path, step: int) -> None:
+    """SIGKILL the whole launch (agent, ranks, loader workers) once checkpoint ``step`` is complete."""
+    pointer = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        while not (pointer.exists() and int(pointer.read_text().strip().split("_")[1]) >= step):
+            assert process.poll() is None, f"training exited with {process.returncode} before step {step}"
+            assert time.monotonic() < deadline, f"no checkpoint at step {step} in {LAUNCH_TIMEOUT_S} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_vlp_train_resumes_2_ranks_on_3_and_a_kill_9_during_it_resumes_bit_for_bit(tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    write_dataset(data, [20] * 8)  # 160 samples: 4 steps x 8 + 8 steps x 12 stay inside epoch 0
+    base, whole, killed = tmp_path / "base", tmp_path / "whole", tmp_path / "killed"
+    _kill_after_checkpoint(_start(_torchrun(2, data, base), tmp_path / "base.log"), base, ELASTIC_AT)
+    checkpoint = str(base / "checkpoints" / f"step_{ELASTIC_AT:08d}")
+
+    log = _finish(_start(_torchrun(3, data, whole, "--resume", checkpoint), tmp_path / "whole.log"),
+                  tmp_path / "whole.log")
+    line = (f"resumed elastically from 2 ranks x 1 worker to 3 ranks x 1 worker at step {ELASTIC_AT} ("
+            f"{checkpoint}; global batch 8 -> 12 samples per step")
+    assert log.count(line) == 1, log[-4000:]  # rank 0 alone says it
+    expected = _records(whole)
+    assert [r["step"] for r in expected] == list(range(ELASTIC_AT + 1, STEPS + 1))
+    assert (whole / "model.safetensors").is_file()
+
+    process = _start(_torchrun(3, data, killed, "--resume", checkpoint), tmp_path / "killed.log")
+    _kill_after_checkpoint(process, killed, KILL_AFTER)
+    assert not (killed / "model.safetensors").exists(), "the run ended before the kill: nothing was interrupted"
+    log = _finish(_start(_torchrun(3, data, killed, "--resume", "latest"), tmp_path / "again.log"),
+                  tmp_path / "again.log")
+    assert "resumed elastically" not in log and "resumed from" in log  # same topology: an exact resume
+    got = _records(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]  # bit for bit, also after the kill
+    final_expected = safetensors.torch.load_file(str(whole / "model.safetensors"))
+    final_got = safetensors.torch.load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(final_expected[k], final_got[k]) for k in final_expected)
+    # the derived per-rank generators differ between ranks (their saved states at the next checkpoint do too)
+    rng = load_state_file(whole / "checkpoints" / f"step_{KILL_AFTER:08d}" / "state.pt")["rng"]
+    assert len(rng) == 3 and all(not torch.equal(rng[a]["torch"], rng[b]["torch"]) for a, b in ((0, 1), (0, 2),
+                                                                                              (1, 2)))
