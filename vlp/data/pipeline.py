@@ -13,8 +13,10 @@ Stages, in order (what the iterator holds after each):
 Batching happens inside the loader workers, so each batch comes from one worker together with that worker's
 position after it. The main process keeps the position of the last batch it handed out for every worker;
 on restore, workers are rotated so the next batch comes from the worker whose turn it was, and each worker
-fast-forwards its raw stream (no decoding) to its saved position: the remaining stream is exactly what an
-uninterrupted run would have produced. Streams are endless (epoch after epoch), so no rank ever runs dry.
+continues its raw stream from its saved address (the current shard at its byte offset, the shuffle buffer re-read;
+see stream.py): the remaining stream is exactly what an uninterrupted run would have produced, at a cost that does
+not grow with the epoch's progress. Streams are endless (epoch after epoch), so no rank ever runs dry. A position
+saved with another number of ranks or workers resumes elastically (:meth:`ShardLoader.load_state_dicts`).
 """
 
 from __future__ import annotations
@@ -32,25 +34,24 @@ from vlp.config import DataConfig
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_label, decode_metadata
+from vlp.data.positions import LoaderStateError
 from vlp.data.preprocess import Preprocess
-from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed
+from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed, elastic_states
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.transforms import ClipImageTransform, ImageTransform
 from vlp.data.urls import ShardSource
 from vlp.distributed import get_rank, get_world_size
-from vlp.errors import VlpError
 from vlp.types import Batch
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: positions as addresses (shard, tar entry, byte offset, buffered samples)
 logger = logging.getLogger("vlp.data")
 # the config setting behind each field of a saved loader position (what a resume must not change)
 STATE_FIELDS = {"sources": "data.sources", "weights": "data.sources weights", "mode": "data.mode",
                 "seed": "data.seed", "shuffle_buffer": "data.shuffle_buffer", "workers": "data.workers",
                 "rank": "the rank", "world_size": "the number of processes"}
 
-
-class LoaderStateError(VlpError, ValueError):
-    """A saved loader position that this loader cannot continue (another version, data or topology)."""
+# what may differ between a saved position and this loader for an elastic resume (everything else must match)
+ELASTIC_FIELDS = ("rank", "world_size", "workers", "shuffle_buffer")
 
 
 @contextlib.contextmanager
@@ -235,14 +236,14 @@ class ShardLoader:
     def __init__(self, config: DataConfig, *, image_size: int, context_length: int, train: bool = True,
                  rank: int | None = None, world_size: int | None = None, batch_size: int | None = None,
                  uint8_images: bool = False, epochs: int | None = None, require_caption: bool = True,
-                 preprocess: Preprocess | None = None) -> None:
+                 preprocess: Preprocess | None = None, resume: str = "address") -> None:
         sources = tuple(ShardSource.from_spec(s.urls, s.weight) for s in config.sources)
         self.preprocess = preprocess = preprocess or Preprocess(image_size, jpeg_draft=config.jpeg_draft)
         self.num_workers = config.workers
         self.spec = LoaderSpec(
             sources=sources,
             settings=StreamSettings(config.mode, config.seed, config.shuffle_buffer if train else 0, epochs,
-                                    read_retries=config.read_retries),
+                                    read_retries=config.read_retries, resume=resume),  # type: ignore[arg-type]
             limits=DecodeLimits(config.max_image_pixels, config.max_image_bytes, config.max_caption_chars),
             augment=config.augment, train=train, image_size=image_size, tokenizer=config.tokenizer,
             context_length=context_length, batch_size=batch_size or config.batch_size,
@@ -319,17 +320,69 @@ class ShardLoader:
                             for w in sorted(self._states)}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; the data, seed, mode, ranks and workers must match."""
-        if state.get("version") != STATE_VERSION:
-            raise LoaderStateError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        saved, current = state["fingerprint"], self._fingerprint()
-        changed = [name for name in current if saved.get(name) != current[name]]
+        """Continue exactly from a saved position; the data, seed, mode, ranks and workers must match."""
+        changed = self._changed(state)
         if changed:
-            before, now = [saved.get(n) for n in changed], [current[n] for n in changed]
-            names = ", ".join(STATE_FIELDS.get(name, name) for name in changed)
-            raise LoaderStateError(f"cannot resume the data stream exactly: {names} changed since the "
-                             f"checkpoint (saved {before}, now {now})")
+            raise LoaderStateError(f"cannot resume the data stream exactly: {self._describe(changed, state)}")
         self._next_worker = int(state["next_worker"])
         workers = {int(w): v for w, v in state["workers"].items()}
         self._states = {w: v["stream"] for w, v in workers.items()}
         self._counts = {w: dict(v["counts"]) for w, v in workers.items()}
+
+    def load_state_dicts(self, states: list[dict | None]) -> bool:
+        """Resume from the saved positions of every rank of a run (indexed by rank; a checkpoint's ``loader`` list).
+
+        With the ranks and workers they were saved with, this rank continues exactly (``False`` is returned).
+        Otherwise (another number of processes, ``data.workers`` or ``data.shuffle_buffer``) the resume is elastic
+        and ``True`` is returned: what the interrupted epoch had not delivered is re-split over this topology's
+        slots (:func:`vlp.data.stream.elastic_states`), so within that epoch every sample is delivered exactly once
+        overall; later epochs are those of a fresh run on this topology. The skip counts of every old rank are
+        carried on by rank 0."""
+        saved = [s for s in states if s is not None]
+        if not saved:
+            return False
+        own = states[self.spec.rank] if self.spec.rank < len(states) else None
+        first = own or saved[0]
+        changed = self._changed(first)
+        if not changed:
+            self.load_state_dict(first)
+            return False
+        fixed = [name for name in changed if name not in ELASTIC_FIELDS]
+        if fixed:
+            raise LoaderStateError(f"cannot resume the data stream: {self._describe(fixed, first)}")
+        old_ranks, old_workers = int(first["fingerprint"]["world_size"]), int(first["fingerprint"]["workers"])
+        if len(states) != old_ranks:
+            raise LoaderStateError(f"the checkpoint holds loader positions of {len(states)} ranks, its fingerprint "
+                                   f"says {old_ranks}")
+        slots: dict[int, dict] = {}
+        counts: list[dict[str, int]] = []
+        for rank, state in enumerate(states):
+            for worker, value in (state or {"workers": {}})["workers"].items():
+                slots[rank * old_workers + int(worker)] = value["stream"]
+                counts.append(value["counts"])
+        workers = self.spec.num_workers
+        new_states = elastic_states(list(self.spec.sources), self.spec.settings, (old_ranks, old_workers), slots,
+                                    (self.spec.world_size, workers))
+        mine = new_states[self.spec.rank * workers: (self.spec.rank + 1) * workers]
+        self._states = dict(enumerate(mine))
+        self._counts = {w: {} for w in range(workers)}
+        if self.spec.rank == 0:
+            self._counts[0] = sum_counts(counts)
+        self._next_worker = 0
+        logger.info("data stream resumed elastically: %d ranks x %d workers -> %d ranks x %d workers; the "
+                    "interrupted epoch's remaining samples are re-split", old_ranks, old_workers,
+                    self.spec.world_size, workers)
+        return True
+
+    def _changed(self, state: dict) -> list[str]:
+        if state.get("version") != STATE_VERSION:
+            raise LoaderStateError(f"loader state version {state.get('version')!r} is not {STATE_VERSION} (a "
+                                   "checkpoint of an older vlp): resume it with the version that wrote it")
+        saved, current = state["fingerprint"], self._fingerprint()
+        return [name for name in current if saved.get(name) != current[name]]
+
+    def _describe(self, changed: list[str], state: dict) -> str:
+        saved, current = state["fingerprint"], self._fingerprint()
+        before, now = [saved.get(n) for n in changed], [current[n] for n in changed]
+        names = ", ".join(STATE_FIELDS.get(name, name) for name in changed)
+        return f"{names} changed since the checkpoint (saved {before}, now {now})"

@@ -23,7 +23,8 @@ import logging
 import tarfile
 import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from urllib.parse import urlparse
 
 import webdataset
 
@@ -36,6 +37,7 @@ from vlp.data.layout import (
     is_unsafe_member_name,
     split_member_name,
 )
+from vlp.data.positions import ReadPoint
 
 WANTED_EXTENSIONS = frozenset(IMAGE_EXTENSIONS + TEXT_EXTENSIONS)
 _TAIL_BYTES = 1 << 20  # bytes kept behind the read position to inspect where tarfile stopped
@@ -47,7 +49,8 @@ logger = logging.getLogger("vlp.data")
 
 @dataclass
 class RawSample:
-    """One sample's undecoded members. ``index`` is the sample's position inside its shard."""
+    """One sample's undecoded members. ``index`` is the sample's position inside its shard; ``at`` its address
+    (where its first member starts), ``after`` where reading continues after it (``None`` until known)."""
 
     key: str
     url: str
@@ -57,6 +60,8 @@ class RawSample:
     txt: bytes | None = None
     json: bytes | None = None
     cls: bytes | None = None
+    at: ReadPoint = ReadPoint()
+    after: ReadPoint | None = None
 
 
 @dataclass
@@ -126,8 +131,35 @@ def _first_nonzero(data: bytes | bytearray, start: int) -> int | None:
     return start + zeros if zeros < len(data) else None
 
 
+def local_tar_path(url: str) -> str | None:
+    """The file path of a local, uncompressed ``.tar`` shard (one that can be read from a byte offset), else None."""
+    parsed = urlparse(url)
+    if url.startswith("pipe:") or parsed.scheme not in ("", "file"):
+        return None
+    path = parsed.path if parsed.scheme == "file" else url
+    return path if path.endswith(".tar") else None
+
+
 def _open(url: str) -> io.IOBase:
     return webdataset.gopen(url, "rb")
+
+
+def _open_at(url: str, offset: int) -> io.IOBase:
+    """The shard's byte stream from ``offset`` (a local uncompressed shard: see :func:`_seek_offset`)."""
+    if not offset:
+        return _open(url)
+    path = local_tar_path(url)
+    assert path is not None, f"cannot seek in {url}"  # callers check _seek_offset first
+    handle = open(path, "rb")  # noqa: SIM115 - closed by the reader
+    handle.seek(offset)
+    return handle
+
+
+def _seek_offset(url: str, point: ReadPoint) -> int:
+    """The byte offset to open ``url`` at for ``point``: 0 (read forward from the start) unless seekable."""
+    if point.offset and local_tar_path(url) is not None:
+        return point.offset
+    return 0
 
 
 def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
@@ -144,15 +176,21 @@ def _add_member(sample: RawSample, ext: str, data: bytes | None) -> None:
         sample.cls = data
 
 
-_Member = tuple[int, str, str, bytes | None]  # (tar entry number, key, extension, bytes)
+# (tar entry number, byte offset of its header, key, extension, bytes); key None: the end of the archive's members
+_Member = tuple[int, int, str | None, str, bytes | None]
 
 
-def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters, progress: _Progress) -> Iterator[_Member]:
-    """(entry, key, extension, bytes) of each regular, safely named member; bytes are None (never read) and the
-    member counted when its extension is not whitelisted, so a sample made only of such members still counts. Links
-    and other non-regular members are counted and skipped (directories are skipped silently). Entries before
-    ``progress.skip_entries`` are skipped unread; those before ``progress.counted_entries`` are not counted again."""
-    for entry, info in enumerate(tar):
+def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters, progress: _Progress,
+             base: tuple[int, int] = (0, 0)) -> Iterator[_Member]:
+    """(entry, offset, key, extension, bytes) of each regular, safely named member; bytes are None (never read) and
+    the member counted when its extension is not whitelisted, so a sample made only of such members still counts.
+    Links and other non-regular members are counted and skipped (directories are skipped silently). Entries before
+    ``progress.skip_entries`` are skipped unread; those before ``progress.counted_entries`` are not counted again.
+    ``base`` is the (entry, byte offset) the archive was opened at; a last item with key None marks the end."""
+    base_entry, base_offset = base
+    next_entry = base_entry
+    for entry, info in enumerate(tar, start=base_entry):
+        offset, next_entry = base_offset + info.offset, entry + 1
         if entry < progress.skip_entries:
             continue  # settled on an earlier attempt: tarfile moves past its data without reading it out
         add = counters.add if entry >= progress.counted_entries else _count_nothing
@@ -170,10 +208,11 @@ def _members(tar: tarfile.TarFile, url: str, counters: SkipCounters, progress: _
         if ext not in WANTED_EXTENSIONS:
             # never read, never decoded: .pyd/.pkl/.pth members cannot execute anything
             add(reasons.IGNORED_MEMBER, f"{url}:{info.name}", detail="extension not whitelisted")
-            yield entry, key, ext, None
+            yield entry, offset, key, ext, None
             continue
         handle = tar.extractfile(info)
-        yield entry, key, ext, handle.read() if handle is not None else b""
+        yield entry, offset, key, ext, handle.read() if handle is not None else b""
+    yield next_entry, base_offset + tar.offset, None, "", None
 
 
 def _count_nothing(reason: str, where: str, amount: int = 1, detail: str = "") -> None:
@@ -182,15 +221,20 @@ def _count_nothing(reason: str, where: str, amount: int = 1, detail: str = "") -
 
 def _group(members: Iterator[_Member], url: str, first_index: int) -> Iterator[tuple[RawSample, int]]:
     """Consecutive members with the same key form one sample (webdataset's grouping rule); each sample comes with
-    the number of the tar entry after its last member. Samples are numbered from ``first_index``."""
+    the number of the tar entry after its last member, and knows its own address and (once the next member or the
+    end of the members was seen) the one after it. Samples are numbered from ``first_index``."""
     current: RawSample | None = None
     index, end = first_index, 0
-    for entry, key, ext, data in members:
+    for entry, offset, key, ext, data in members:
+        if current is not None and key != current.key:
+            current.after = ReadPoint(index + 1, entry, offset)
+        if key is None:
+            break
         if current is None or key != current.key:
             if current is not None:
                 yield current, end
                 index += 1
-            current = RawSample(key=key, url=url, index=index)
+            current = RawSample(key=key, url=url, index=index, at=ReadPoint(index, entry, offset))
         _add_member(current, ext, data)
         end = entry + 1
     if current is not None:
@@ -201,6 +245,8 @@ def _settle(sample: RawSample, end: int, keep: Callable[[int], bool] | None,
             progress: _Progress) -> Iterator[RawSample]:
     """Deliver a complete sample (if kept) and remember that a re-read starts after it."""
     progress.settled, progress.skip_entries = sample.index + 1, end
+    after = sample.after or ReadPoint(sample.index + 1, end, None)
+    sample.after = replace(after, counted=progress.counted_entries)
     if keep is None or keep(sample.index):
         yield sample
 
@@ -245,13 +291,19 @@ def iter_shard(
     expected_samples: int | None = None,
     keep: Callable[[int], bool] | None = None,
     read_retries: int = DEFAULT_READ_RETRIES,
+    start: ReadPoint | None = None,
 ) -> Iterator[RawSample]:
     """Yield the raw samples of one shard, checking integrity; ``keep(index)`` selects samples by position.
+
+    With ``start``, reading begins at that sample: a local uncompressed shard is opened at its byte offset; any
+    other (``pipe:``, remote, compressed) is read forward from its start, skipping the earlier entries unread.
 
     A read error (an ``OSError`` from the storage, a failing ``pipe:`` command) is retried up to ``read_retries``
     times with :func:`backoff_seconds` between attempts, each resuming after the last sample already settled; then
     the shard is counted as ``shard_read_error`` and the iterator ends."""
-    progress = _Progress()
+    start = start or ReadPoint()
+    progress = _Progress(settled=start.index, skip_entries=start.entry, counted_entries=start.counted)
+    seek = start if _seek_offset(url, start) else None
     error: str | None = None
     for attempt in range(read_retries + 1):
         if attempt:
@@ -259,23 +311,28 @@ def iter_shard(
             logger.warning("read error in shard %s: %s; retry %d of %d in %.1f s, resuming after sample %d",
                            url, error, attempt, read_retries, delay, progress.settled)
             _sleep(delay)
-        error = yield from _read_attempt(url, counters, expected_samples, keep, progress, first=attempt == 0)
+        at = seek if attempt == 0 else None  # a retry reads forward from the start, skipping settled entries
+        error = yield from _read_attempt(url, counters, expected_samples, keep, progress, first=attempt == 0, seek=at)
         if error is None:
             return
     _report_read_error(url, error or "", read_retries, progress, expected_samples, keep, counters)
 
 
 def _read_attempt(url: str, counters: SkipCounters, expected_samples: int | None, keep: Callable[[int], bool] | None,
-                  progress: _Progress, first: bool) -> Generator[RawSample, None, str | None]:
-    """One pass over a shard from ``progress`` on: damage is counted here; a read error is returned to retry."""
+                  progress: _Progress, first: bool, seek: ReadPoint | None = None,
+                  ) -> Generator[RawSample, None, str | None]:
+    """One pass over a shard from ``progress`` on (opened at ``seek``'s byte offset when given): damage is counted
+    here; a read error is returned to retry."""
+    base = (seek.entry, seek.offset or 0) if seek is not None else (0, 0)
     try:
-        stream = _open(url)
+        stream = _open_at(url, base[1])
     except Exception as err:  # noqa: BLE001 - any opening failure is counted, with its message
         if not first:
             return f"reopening failed: {err}"  # it opened before: the storage is failing, not the shard missing
         counters.add(reasons.UNREADABLE_SHARD, url, detail=str(err))
-        if expected_samples:
-            counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=expected_samples, detail="shard unreadable")
+        lost = sum(1 for i in range(progress.settled, expected_samples or 0) if keep is None or keep(i))
+        if lost:
+            counters.add(reasons.LOST_IN_CORRUPT_SHARD, url, amount=lost, detail="shard unreadable")
         return None
     reader = _TailReader(stream)
     seen, last = progress.settled, None  # ``last``: the latest sample, held back until the next one starts or the end
@@ -283,7 +340,7 @@ def _read_attempt(url: str, counters: SkipCounters, expected_samples: int | None
     try:
         tar = tarfile.open(fileobj=reader, mode="r|*")  # type: ignore[arg-type]  # noqa: SIM115 - closed below
         in_members = True
-        for sample, sample_end in _group(_members(tar, url, counters, progress), url, progress.settled):
+        for sample, sample_end in _group(_members(tar, url, counters, progress, base), url, progress.settled):
             if last is not None:
                 yield from _settle(last, end, keep, progress)  # complete: a member of the next sample has been read
             last, end, seen = sample, sample_end, seen + 1
