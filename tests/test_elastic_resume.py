@@ -3,8 +3,9 @@
 - Trainer unit tests (one process, checkpoints rewritten as if another world size had saved them): what restores
   unchanged, which generators are kept or derived, what the batch source receives, what the log says, what is
   still refused.
-- Loader (real gloo ranks): 2 -> 3 ranks and 3 -> 1 rank (2 -> 1 workers) mid-epoch; the interrupted epoch
-  delivers every sample exactly once over both topologies, and the epoch after is that of a fresh run.
+- Loader (real gloo ranks): one epoch interrupted twice, 2 ranks x 2 workers -> 3 ranks x 1 worker -> 1 rank; the
+  interrupted epoch delivers every sample exactly once over all topologies, and the epoch after each change is that
+  of a fresh run of the new topology.
 - ``vlp train`` under torchrun: 2 ranks checkpoint, 3 ranks resume elastically to ``train.steps``; a kill -9 during
   the elastic run and ``--resume latest`` on 3 ranks equal the uninterrupted elastic continuation bit for bit.
 """
@@ -163,8 +164,10 @@ def test_a_changed_queue_size_is_named(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ loader, gloo ranks
 BATCH = 3
 SHARDS = [7, 5, 6, 4, 9, 3, 8, 5]  # 47 samples; >= slots of every topology below (split by shard)
-# (old ranks, old workers, batches each old rank delivers before the checkpoint, new ranks, new workers)
-CHANGES = {"2x1-to-3x1": (2, 1, 3, 3, 1), "3x2-to-1x1": (3, 2, 2, 1, 1)}
+# one epoch interrupted twice: 2 ranks x 2 workers deliver 2 batches each, 3 ranks x 1 worker go on for 2 batches
+# each, 1 rank x 1 worker finishes it (three launches; each new topology also runs on into epoch 1)
+OLD_RANKS, OLD_WORKERS, OLD_BATCHES = 2, 2, 2
+MID_RANKS, MID_BATCHES = 3, 2
 
 
 def _loader(data_dir: str, workers: int, epochs: int) -> ShardLoader:
@@ -183,25 +186,31 @@ def _keys(loader: ShardLoader, limit: int | None = None) -> list[list[str]]:
     return batches
 
 
-def _before_the_change(rank: int, world_size: int, data_dir: str, workers: int, batches: int) -> dict:
-    """The old topology: ``batches`` batches of epoch 0, then this rank's position."""
+def _first_topology(rank: int, world_size: int, data_dir: str) -> dict:
+    """2 ranks x 2 workers: ``OLD_BATCHES`` batches of epoch 0, then this rank's position."""
     multiprocessing.set_start_method("fork", force=True)  # loader workers fork, as under torchrun
-    loader = _loader(data_dir, workers, epochs=1)
-    keys = _keys(loader, batches)
-    return {"keys": keys, "state": json.dumps(loader.state_dict())}
+    loader = _loader(data_dir, OLD_WORKERS, epochs=1)
+    keys = _keys(loader, OLD_BATCHES)
+    return {"head": keys, "state": json.dumps(loader.state_dict())}
 
 
-def _after_the_change(rank: int, world_size: int, data_dir: str, workers: int, states: tuple[str, ...]) -> dict:
-    """The new topology: resumed from every old rank's position, to the end of epoch 0 (``epochs=1``) and on to the
-    end of epoch 1 (``epochs=2``); and a fresh run of this topology for both."""
+def _new_topology(rank: int, world_size: int, data_dir: str, states: tuple[str, ...], stop: int | None) -> dict:
+    """One worker per rank, resumed from every old rank's position: to the end of epoch 0 (``epochs=1``) and on to
+    the end of epoch 1 (``epochs=2``); a fresh run of this topology for both; with ``stop``, a third resumed loader
+    delivers ``stop`` batches and saves its position (to be interrupted again)."""
     multiprocessing.set_start_method("fork", force=True)
     old = [json.loads(s) for s in states]
-    result = {}
+    result: dict = {}
     for epochs in (1, 2):
-        resumed = _loader(data_dir, workers, epochs)
+        resumed = _loader(data_dir, 1, epochs)
         result[f"elastic_{epochs}"] = resumed.load_state_dicts(old)
         result[f"resumed_{epochs}"] = _keys(resumed)
-        result[f"fresh_{epochs}"] = _keys(_loader(data_dir, workers, epochs))
+        result[f"fresh_{epochs}"] = _keys(_loader(data_dir, 1, epochs))
+    if stop:
+        interrupted = _loader(data_dir, 1, epochs=1)
+        interrupted.load_state_dicts(old)
+        result["head"] = _keys(interrupted, stop)
+        result["state"] = json.dumps(interrupted.state_dict())
     return result
 
 
@@ -209,23 +218,28 @@ def _flat(batches: list[list[str]]) -> list[str]:
     return [key for batch in batches for key in batch]
 
 
-@pytest.mark.parametrize("change", sorted(CHANGES))
-def test_a_mid_epoch_change_of_ranks_and_workers_delivers_every_sample_once(tmp_path: Path, change: str) -> None:
-    old_ranks, old_workers, stop, new_ranks, new_workers = CHANGES[change]
-    keys = write_dataset(tmp_path / "shards", SHARDS)
-    data_dir = str(tmp_path / "shards")
-    before = run_distributed(functools.partial(_before_the_change, data_dir=data_dir, workers=old_workers,
-                                               batches=stop), world_size=old_ranks, timeout_s=120)
-    states = tuple(rank["state"] for rank in before)
-    after = run_distributed(functools.partial(_after_the_change, data_dir=data_dir, workers=new_workers,
-                                              states=states), world_size=new_ranks, timeout_s=120)
-    delivered_before = [key for rank in before for key in _flat(rank["keys"])]
-    assert [len(rank["keys"]) for rank in before] == [stop] * old_ranks and len(delivered_before) < len(keys) / 2
+@pytest.fixture(scope="module")
+def topologies(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[dict], list[dict], list[dict]]:
+    """All keys, and what the ranks of 2 x 2, then 3 x 1, then 1 x 1 delivered."""
+    data_dir = tmp_path_factory.mktemp("elastic") / "shards"
+    keys = write_dataset(data_dir, SHARDS)
+    first = run_distributed(functools.partial(_first_topology, data_dir=str(data_dir)), world_size=OLD_RANKS,
+                            timeout_s=240)
+    mid = run_distributed(functools.partial(_new_topology, data_dir=str(data_dir), stop=MID_BATCHES,
+                                            states=tuple(rank["state"] for rank in first)),
+                          world_size=MID_RANKS, timeout_s=240)
+    last = run_distributed(functools.partial(_new_topology, data_dir=str(data_dir), stop=None,
+                                             states=tuple(rank["state"] for rank in mid)), world_size=1, timeout_s=240)
+    return keys, first, mid, last
+
+
+def _check_the_rest_and_the_next_epoch(keys: list[str], delivered_before: list[str], after: list[dict]) -> None:
+    """The interrupted epoch delivers every sample exactly once over both topologies; the epoch after is that of a
+    fresh run of the new topology, rank by rank, in order."""
+    assert 0 < len(delivered_before) < len(keys) - len(after)  # mid-epoch: every new rank has samples left
     assert all(rank["elastic_1"] and rank["elastic_2"] for rank in after)  # re-split, not an exact resume
-    # the interrupted epoch: every sample exactly once over both topologies
     delivered_after = [key for rank in after for key in _flat(rank["resumed_1"])]
     assert Counter(delivered_before + delivered_after) == Counter(keys)
-    # the epoch after is that of a fresh run of the new topology, rank by rank, in order
     epoch_one = []
     for rank, run in enumerate(after):
         rest_of_zero = _flat(run["resumed_1"])
@@ -234,6 +248,19 @@ def test_a_mid_epoch_change_of_ranks_and_workers_delivers_every_sample_once(tmp_
         assert resumed[len(rest_of_zero):] == fresh[len(_flat(run["fresh_1"])):], f"rank {rank}: epoch 1"
         epoch_one += resumed[len(rest_of_zero):]
     assert Counter(epoch_one) == Counter(keys)
+
+
+def test_2_ranks_x_2_workers_to_3_ranks_x_1_mid_epoch_deliver_every_sample_once(topologies: tuple) -> None:
+    keys, first, mid, _ = topologies
+    assert [len(rank["head"]) for rank in first] == [OLD_BATCHES] * OLD_RANKS
+    _check_the_rest_and_the_next_epoch(keys, [key for rank in first for key in _flat(rank["head"])], mid)
+
+
+def test_3_ranks_to_1_later_in_the_same_epoch_deliver_every_sample_once(topologies: tuple) -> None:
+    keys, first, mid, last = topologies
+    assert [len(rank["head"]) for rank in mid] == [MID_BATCHES] * MID_RANKS
+    before = [key for run in (*first, *mid) for key in _flat(run["head"])]  # two topologies before this one
+    _check_the_rest_and_the_next_epoch(keys, before, last)
 
 
 # ------------------------------------------------------------------------------------------ vlp train, torchrun
