@@ -6,8 +6,9 @@
 - Loader (real gloo ranks): one epoch interrupted twice, 2 ranks x 2 workers -> 3 ranks x 1 worker -> 1 rank; the
   interrupted epoch delivers every sample exactly once over all topologies, and the epoch after each change is that
   of a fresh run of the new topology.
-- ``vlp train`` under torchrun: 2 ranks checkpoint, 3 ranks resume elastically to ``train.steps``; a kill -9 during
-  the elastic run and ``--resume latest`` on 3 ranks equal the uninterrupted elastic continuation bit for bit.
+- ``vlp train`` under torchrun (ALBEF without fusion: momentum encoder and queues): 2 ranks checkpoint, 3 ranks resume
+  elastically to ``train.steps``; a kill -9 during the elastic run and ``--resume latest`` on 3 ranks equal the
+  uninterrupted elastic continuation bit for bit (losses, weights, momentum weights, queues, generator states).
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ def _rng() -> tuple[torch.Tensor, object]:
     return torch.get_rng_state(), random.getstate()
 
 
-def _saved_by(tmp_path: Path, world_size: int, workers: int = 2) -> tuple[Path, dict]:
+def _saved_by(tmp_path: Path, world_size: int, workers: int = 2, *overrides: str) -> tuple[Path, dict]:
     """A 3-step checkpoint, rewritten as if ``world_size`` ranks with ``workers`` loader workers each had saved it
     (rank r > 0 gets its own generator states and loader position)."""
-    config = _config(tmp_path / "saved")
+    config = _config(tmp_path / "saved", *overrides)
     trainer = Trainer(config, batches=_Source(config, workers), progress=False)
     trainer.fit()
     state = load_state_file(find_checkpoint(config.train.output_dir) / "state.pt")
@@ -150,6 +151,17 @@ def test_a_source_that_cannot_resplit_refuses_another_world_size(tmp_path: Path)
     plain = SyntheticBatches(4, 32, 16)
     Trainer(config, batches=plain, resume=str(same), progress=False)  # exact resume through load_state_dict
     assert plain.position == saved["loader"][0]["position"] == 3
+
+
+def test_momentum_encoder_and_queues_restore_unchanged_on_a_new_world_size(tmp_path: Path) -> None:
+    albef = ("albef.enabled=true", "albef.queue_size=10")  # 3 steps x 4 rows: the queue has wrapped
+    directory, saved = _saved_by(tmp_path, 2, 2, *albef)
+    trainer = _resume(tmp_path, directory, 1, True, *albef)
+    got = trainer.task.state_dict()
+    for section in ("momentum", "queue"):
+        assert saved["task"][section].keys() == got[section].keys() and len(got[section]) >= 5, section
+        assert all(torch.equal(v, got[section][k]) for k, v in saved["task"][section].items()), section
+    assert int(got["queue"]["count"]) == 10 and int(got["queue"]["ptr"]) == 2
 
 
 def test_a_changed_queue_size_is_named(tmp_path: Path) -> None:
@@ -275,7 +287,7 @@ def _torchrun(ranks: int, data: Path, run: Path, *extra: str) -> list[str]:
             "model.embed_dim=32", f"data.sources={data}", "data.batch_size=4", "data.workers=1",
             "data.shuffle_buffer=8", f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=20",
             "train.log_every=1", "train.tensorboard=false", "schedule.warmup_steps=2", "loss.gather=local",
-            f"train.output_dir={run}", *extra]
+            "albef.enabled=true", "albef.queue_size=20", f"train.output_dir={run}", *extra]
 
 
 def _env() -> dict[str, str]:
@@ -345,7 +357,19 @@ def test_vlp_train_resumes_2_ranks_on_3_and_a_kill_9_during_it_resumes_bit_for_b
     final_expected = safetensors.torch.load_file(str(whole / "model.safetensors"))
     final_got = safetensors.torch.load_file(str(killed / "model.safetensors"))
     assert all(torch.equal(final_expected[k], final_got[k]) for k in final_expected)
-    # the derived per-rank generators differ between ranks (their saved states at the next checkpoint do too)
-    rng = load_state_file(whole / "checkpoints" / f"step_{KILL_AFTER:08d}" / "state.pt")["rng"]
-    assert len(rng) == 3 and all(not torch.equal(rng[a]["torch"], rng[b]["torch"]) for a, b in ((0, 1), (0, 2),
-                                                                                              (1, 2)))
+    # momentum weights and queues (filled with all ranks' features, 8 then 12 rows a step) agree too
+    for step in (KILL_AFTER, STEPS):
+        state_expected, state_got = (load_state_file(run / "checkpoints" / f"step_{step:08d}" / "state.pt")
+                                     for run in (whole, killed))
+        for section in ("momentum", "queue"):
+            assert state_expected["task"][section].keys() == state_got["task"][section].keys()
+            assert all(torch.equal(v, state_got["task"][section][k])
+                       for k, v in state_expected["task"][section].items()), (step, section)
+    # the generators derived at the elastic resume: the same in both runs, different on every rank
+    rng_whole, rng_killed = (load_state_file(run / "checkpoints" / f"step_{KILL_AFTER:08d}" / "state.pt")["rng"]
+                             for run in (whole, killed))
+    assert len(rng_whole) == len(rng_killed) == 3
+    for rank in range(3):
+        assert torch.equal(rng_whole[rank]["torch"], rng_killed[rank]["torch"]), rank
+        assert rng_whole[rank]["python"] == rng_killed[rank]["python"], rank
+    assert all(not torch.equal(rng_whole[a]["torch"], rng_whole[b]["torch"]) for a, b in ((0, 1), (0, 2), (1, 2)))
