@@ -89,6 +89,7 @@ demo:
 
 bench: $(BENCH_STAMP) debian-data
 	$(BIN)/python -m bench.data
+	$(BIN)/python -m bench.resume
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.loss_memory
 	$(BIN)/python -m bench.eval

@@ -23,6 +23,13 @@ exact peak RSS of the largest process), total wall time and the time from launch
 MFU = model FLOPs per sample (counted with ``FlopCounterMode`` over forward + loss + backward) x samples/s / the
 best measured ``torch.mm`` FLOP/s in the run's matmul dtype on this machine, at the trainers' thread count.
 
+``--lit``: instead of the peer comparison, LiT with a cached locked text tower against the same run without the
+cache: ``minilm-lit`` (the tiny ViT + the pretrained all-MiniLM-L6-v2, ``model.lock_text=true``) on the same shards
+and settings, ``model.lock_text_cache_size=0`` (uncached) and the default (cached) alternating, both ours; the JSON
+line (``bench/results/train_lit.json``) carries ``lit_uncached_samples_per_s``, ``lit_cached_samples_per_s``,
+``lit_cache_ratio`` (cached / uncached samples/s), ``lit_cache_cpu_ratio`` (uncached / cached CPU ms per sample)
+and the cache's ``lit_cache_hit_rate`` at the end of the cached runs.
+
 ``--threads`` defaults to 1: on this shared 2-core machine, two intra-op threads stall on each other whenever
 another tenant or the loader worker holds a core (elementwise ops measured 4x slower than with one thread, and
 training runs varied 10x from run to run), which drowns the comparison; ``--threads 0`` keeps torch's default.
@@ -37,7 +44,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.common import CACHE_DIR, alternate, emit, format_table, machine_info, median, ratio
@@ -63,6 +70,8 @@ IMAGE_SIZE, CONTEXT_LENGTH = 64, 32
 SHARD_SAMPLES, SHARD_COUNT, SHARD_SIDE, JPEG_QUALITY = 2048, 8, 64, 90
 REPO = Path(__file__).resolve().parent.parent
 TRAINERS = ("ours", "open_clip")
+LIT_RUNS = ("lit_uncached", "lit_cached")  # --lit: both are ours (minilm-lit, locked text tower)
+LIT_CACHE_ENTRIES = {"lit_uncached": 0, "lit_cached": 65536}
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,13 @@ class RunResult:
     peak_tree_pss_mb: float
     peak_tree_rss_mb: float
     max_process_rss_mb: float
+    cache_hit_rate: float = math.nan  # --lit: the text cache's hit rate in the last log record
+
+
+def _last_hit_rate(run_dir: Path) -> float:
+    """The locked text tower cache's hit rate in a run's last log record (NaN when the run had no cache)."""
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return float(record.get("lock_cache", {}).get("text", {}).get("hit_rate", math.nan))
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -144,6 +160,12 @@ def ours_argv(s: Settings, run_dir: Path) -> list[str]:
     ]
 
 
+def lit_argv(s: Settings, run_dir: Path, cache_entries: int) -> list[str]:
+    """``vlp train`` of ``minilm-lit`` with a locked text tower, cached or not, else as :func:`ours_argv`."""
+    return [*ours_argv(s, run_dir), "model.name=minilm-lit", "data.tokenizer=minilm", "model.embed_dim=128",
+            "model.lock_text=true", f"model.lock_text_cache_size={cache_entries}"]
+
+
 def open_clip_argv(s: Settings, run_dir: Path) -> list[str]:
     """``open_clip_train.main`` with the same settings (``--force-custom-text``: the module layout ours uses)."""
     return [
@@ -171,16 +193,22 @@ def run_once(who: str, s: Settings, model_json: Path, runs_dir: Path, index: int
     run_dir = runs_dir / f"r{index + 1}-{who}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    argv = ours_argv(s, run_dir) if who == "ours" else open_clip_argv(s, run_dir)
+    if who in LIT_CACHE_ENTRIES:
+        argv = lit_argv(s, run_dir, LIT_CACHE_ENTRIES[who])
+    else:
+        argv = ours_argv(s, run_dir) if who == "ours" else open_clip_argv(s, run_dir)
     times_json, log_path = run_dir / "step_times.json", run_dir / "child.log"
-    command = [sys.executable, "-m", "bench.train_child", who, str(model_json), str(times_json), "--", *argv]
+    trainer = "open_clip" if who == "open_clip" else "ours"
+    command = [sys.executable, "-m", "bench.train_child", trainer, str(model_json), str(times_json), "--", *argv]
     child = run_child(command, log_path=log_path, timeout=s.timeout_s, cwd=REPO, env=child_env(s.threads))
     times = json.loads(times_json.read_text())["step_times"] if times_json.is_file() else []
     if child.exit_code != 0 or len(times) != s.steps:
         raise RuntimeError(f"{who} run failed (exit {child.exit_code}, timed out: {child.timed_out}, "
                            f"{len(times)}/{s.steps} steps); {log_path}:\n{tail(log_path)}")
-    log = read_ours(run_dir) if who == "ours" else read_open_clip(run_dir / "open_clip" / "out.log", s.batch_size)
+    log = read_open_clip(run_dir / "open_clip" / "out.log", s.batch_size) if who == "open_clip" else read_ours(run_dir)
     result = summarize(child, times, log, s)
+    if who in LIT_CACHE_ENTRIES:
+        result = replace(result, cache_hit_rate=_last_hit_rate(run_dir))
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
     return result
@@ -253,7 +281,7 @@ def _payload(s: Settings, runs: dict[str, list[RunResult]], flops: float, peak: 
         "matmul_peak_gflop_per_s": round(peak / 1e9, 1),
         "quick": quick,
         "per_round": {f"{who}_{key}": [round(getattr(r, key), 4) for r in runs[who]]
-                      for who in TRAINERS for key in asdict(runs[who][0])}
+                      for who in TRAINERS for key in asdict(runs[who][0]) if key != "cache_hit_rate"}
         | {"ratio": [round(ratio(o.samples_per_s, p.samples_per_s), 4)
                      for o, p in zip(runs["ours"], runs["open_clip"], strict=True)]},
         "settings": {**asdict(s), "arch_config": ARCH_CONFIG, "image_size": IMAGE_SIZE,
@@ -285,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-steps", type=int, default=5, help="final loss: mean of this many last losses")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a run is killed")
     parser.add_argument("--keep-runs", action="store_true", help="keep run directories (bench/.cache/train_runs)")
+    parser.add_argument("--lit", action="store_true",
+                        help="LiT (minilm-lit, locked text tower): cached vs uncached instead of ours vs open_clip")
     return parser.parse_args(argv)
 
 
@@ -309,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     shards, model_json = ensure_inputs()
     s = settings_from(args, shards)
+    if args.lit:
+        return main_lit(args, s, model_json)
     load_before = machine_info(packages=())
     import open_clip
     import torch
@@ -346,6 +378,58 @@ def main(argv: list[str] | None = None) -> dict:
           f"{payload['ours_final_loss']:.4f} vs open_clip {payload['open_clip_final_loss']:.4f}; ours MFU "
           f"{100 * payload['ours_mfu']:.2f}%")
     emit("train", payload)
+    return payload
+
+
+def main_lit(args: argparse.Namespace, s: Settings, model_json: Path) -> dict:
+    """``--lit``: uncached and cached LiT runs alternating; medians, the ratios, the JSON line."""
+    load_before = machine_info(packages=())
+    print(f"LiT locked text tower cache: {s.rounds} rounds x (uncached, cached), minilm-lit, {s.steps} steps "
+          f"({s.skip_steps} untimed), batch {s.batch_size}, {s.precision}, {s.workers} loader workers, "
+          f"{s.threads or 'default'} torch threads", flush=True)
+    runs_dir = CACHE_DIR / "train_runs" / time.strftime("lit-%Y%m%d-%H%M%S")
+    runs: dict[str, list[RunResult]] = {who: [] for who in LIT_RUNS}
+
+    def run(who: str) -> float:
+        runs[who].append(run_once(who, s, model_json, runs_dir, len(runs[who]), args.keep_runs))
+        r = runs[who][-1]
+        print(f"  {who:>12}: {r.samples_per_s:7.1f} samples/s (logged {r.logged_samples_per_s:.1f}), "
+              f"{r.cpu_ms_per_sample:.1f} CPU ms/sample, final loss {r.final_loss:.4f}, hit rate "
+              f"{r.cache_hit_rate:.3f}, wall {r.wall_s:.1f} s", flush=True)
+        return r.samples_per_s
+
+    alternate(lambda: run(LIT_RUNS[0]), lambda: run(LIT_RUNS[1]), s.rounds)
+    if not args.keep_runs:
+        shutil.rmtree(runs_dir, ignore_errors=True)
+
+    def med(who: str, key: str) -> float:
+        return median([getattr(r, key) for r in runs[who]])
+
+    uncached, cached = (med(who, "samples_per_s") for who in LIT_RUNS)
+    cpu_uncached, cpu_cached = (med(who, "cpu_ms_per_sample") for who in LIT_RUNS)
+    payload = {
+        "benchmark": "train_lit",
+        "lit_uncached_samples_per_s": round(uncached, 2),
+        "lit_cached_samples_per_s": round(cached, 2),
+        "lit_cache_ratio": round(ratio(cached, uncached), 4),
+        "lit_uncached_cpu_ms_per_sample": round(cpu_uncached, 3),
+        "lit_cached_cpu_ms_per_sample": round(cpu_cached, 3),
+        "lit_cache_cpu_ratio": round(ratio(cpu_uncached, cpu_cached), 4),
+        "lit_cache_hit_rate": round(med("lit_cached", "cache_hit_rate"), 4),
+        "lit_uncached_final_loss": round(med("lit_uncached", "final_loss"), 4),
+        "lit_cached_final_loss": round(med("lit_cached", "final_loss"), 4),
+        "quick": bool(args.quick),
+        "per_round": {f"{who}_{key}": [None if math.isnan(getattr(r, key)) else round(getattr(r, key), 4)
+                                        for r in runs[who]]  # the uncached runs have no hit rate: null
+                      for who in LIT_RUNS for key in ("samples_per_s", "cpu_ms_per_sample", "final_loss",
+                                                      "cache_hit_rate")},
+        "settings": {**asdict(s), "arch": None, "model": "minilm-lit", "lock_text": True, "image_size": IMAGE_SIZE,
+                     "context_length": CONTEXT_LENGTH, "shard_samples": SHARD_SAMPLES},
+        "machine": {**machine_info(), "load_average_before": load_before.get("load_average")},
+    }
+    print(f"LiT cache ratio (samples/s, cached / uncached): {payload['lit_cache_ratio']:.3f}; CPU ms/sample "
+          f"uncached / cached: {payload['lit_cache_cpu_ratio']:.3f}; hit rate {payload['lit_cache_hit_rate']:.3f}")
+    emit("train_lit", payload)
     return payload
 
 

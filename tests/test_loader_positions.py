@@ -47,10 +47,8 @@ def _take(stream: SlotStream, count: int) -> list[str]:
 
 def _resumed(sources: list[ShardSource], slot: Slot, settings: StreamSettings, state: dict,
              counts: dict[str, int]) -> tuple[SlotStream, SkipCounters]:
-    counters = SkipCounters()
+    counters = SkipCounters(counts)  # as the loader does: the counts up to the saved position
     stream = SlotStream(sources, slot, settings, counters, json.loads(json.dumps(state)))
-    counters.counts.clear()
-    counters.counts.update(counts)  # as the loader does: the counts up to the saved position
     return stream, counters
 
 
@@ -237,3 +235,43 @@ def test_shard_loaders_resume_on_another_world_size(tmp_path: Path, caplog: pyte
     assert same.load_state_dicts(states) is False  # the same topology resumes exactly
     with pytest.raises(LoaderStateError, match="data.seed"):
         _loader(tmp_path / "ds", 0, 3, seed=5).load_state_dicts(states)
+
+
+def test_elastic_resume_with_two_weighted_sources(tmp_path: Path) -> None:
+    first = _dataset(tmp_path / "a", [9, 7, 8, 6, 9, 5])
+    second = _dataset(tmp_path / "b", [5, 6, 7, 8])
+    sources = [ShardSource.from_spec(str(tmp_path / "a"), 2.0), ShardSource.from_spec(str(tmp_path / "b"), 1.0)]
+    settings = StreamSettings("epoch", seed=6, shuffle_buffer=5)
+    delivered: dict[int, list[str]] = {0: [], 1: []}
+    saved = {}
+    for index, slot in enumerate(_slots(2, 2)):
+        stream = SlotStream(sources, slot, settings, SkipCounters())
+        for item in itertools.islice(stream, 4 + index):
+            assert item.epoch == 0
+            delivered[item.source_index].append(item.raw.key)
+        saved[index] = json.loads(json.dumps(stream.state()))
+    for slot, state in zip(_slots(1, 3), elastic_states(sources, settings, (2, 2), saved, (1, 3)), strict=True):
+        stream = SlotStream(sources, slot, settings, SkipCounters(), state)
+        for item in itertools.islice(stream, 120):
+            if item.epoch == 0:
+                delivered[item.source_index].append(item.raw.key)
+    assert sorted(delivered[0]) == sorted(first)  # per source: the interrupted epoch exactly once
+    assert sorted(delivered[1]) == sorted(second)
+
+
+def test_buffered_samples_of_a_vanished_shard_are_counted_as_lost(tmp_path: Path) -> None:
+    _dataset(tmp_path / "ds", [10, 10, 10])
+    sources = [ShardSource.from_spec(str(tmp_path / "ds"))]
+    settings = StreamSettings("epoch", seed=3, shuffle_buffer=15)
+    stream = SlotStream(sources, Slot(), settings, SkipCounters())
+    _take(stream, 14)
+    state = json.loads(json.dumps(stream.state()))
+    source_state = state["sources"][0]
+    current = source_state["unit"]
+    gone = next(row[0] for row in source_state["buffer"]
+                if row[0] != stream.streams[0].reader.plan[current].shard)
+    lost = sum(1 for row in source_state["buffer"] if row[0] == gone)
+    Path(sources[0].urls[gone]).unlink()
+    resumed, counters = _resumed(sources, Slot(), settings, state, {})
+    assert len(resumed.streams[0].buffer) == len(source_state["buffer"]) - lost
+    assert counters.counts["lost_in_corrupt_shard"] == lost and counters.counts["shard_read_error"] == 1

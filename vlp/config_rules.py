@@ -54,7 +54,8 @@ FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, low_open=True, high_open=True
 NUMERIC_RULES: dict[str, Range] = {
     "model.image_size": AT_LEAST_1, "model.context_length": AT_LEAST_1, "model.embed_dim": AT_LEAST_1,
     "model.init_logit_scale": Range(), "model.max_logit_scale": POSITIVE, "model.init_logit_bias": Range(),
-    "model.fusion_layers": AT_LEAST_0, "model.preprocess.mean": Range(), "model.preprocess.std": POSITIVE,
+    "model.fusion_layers": AT_LEAST_0, "model.lock_text_cache_size": AT_LEAST_0,
+    "model.lock_image_cache_size": AT_LEAST_0, "model.preprocess.mean": Range(), "model.preprocess.std": POSITIVE,
     "loss.chunk_size": AT_LEAST_0, "loss.label_smoothing": Range(0, 1, high_open=True),
     "data.sources.weight": POSITIVE, "data.seed": AT_LEAST_0, "data.batch_size": AT_LEAST_1,
     "data.workers": AT_LEAST_0, "data.shuffle_buffer": AT_LEAST_0, "data.max_image_pixels": AT_LEAST_1,
@@ -126,6 +127,23 @@ def _check_cross_fields(config: Config) -> None:
     if albef.enabled and loss.kind != "clip":
         raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
                           f"got loss.kind={loss.kind!r}")
+    _check_fsdp(config)
+
+
+def _check_fsdp(config: Config) -> None:
+    """What ``train.parallel=fsdp`` does not combine with (see ``vlp.training.parallelize``)."""
+    train = config.train
+    if train.parallel != "fsdp":
+        return
+    if train.precision == "fp16":
+        raise ConfigError("train.parallel=fsdp takes train.precision=bf16 or fp32: fp16 needs a gradient scaler that "
+                          "agrees across shards, which vlp does not have (use bf16)")
+    if train.compile:
+        raise ConfigError("train.compile=true is not applied under train.parallel=fsdp: set train.compile=false")
+    if config.eval.every_steps > 0:
+        raise ConfigError(f"eval.every_steps={config.eval.every_steps} is not supported with train.parallel=fsdp "
+                          "(evaluation runs the model outside its sharded forward): set eval.every_steps=0 and "
+                          "evaluate the exported model.safetensors with vlp eval")
 
 
 def check_config(config: Config) -> Config:

@@ -191,10 +191,9 @@ class ShardDataset(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (physical + self.rotation) % self.spec.num_workers
         slot = Slot(self.spec.rank, self.spec.world_size, logical, self.spec.num_workers)
-        counters = SkipCounters()
+        counters = SkipCounters(self.counts.get(logical, {}))  # counts up to the saved position, decode included
+        # resuming adds only what is new: samples of the saved buffer that can no longer be read
         stream = SlotStream(list(self.spec.sources), slot, self.spec.settings, counters, self.states.get(logical))
-        counters.counts.clear()
-        counters.counts.update(self.counts.get(logical, {}))  # counts up to the saved position, decode included
         maker = _BatchMaker(self.spec, slot, stream, counters)
         while True:
             try:

@@ -2,7 +2,8 @@
 
 A local uncompressed shard is opened once and each sample read at its byte offset; any other shard (``pipe:``,
 remote, compressed) is read forward once, from its start up to the last wanted sample. Damage met on the way was
-counted when the samples were first read, so nothing is counted here; a sample found under another key means the
+counted when the samples were first read, so nothing is counted here. When reading at an offset fails, the missing
+samples are read forward with the shard's retries. A sample found under another key means the
 shard changed since the checkpoint (:class:`LoaderStateError`); one that cannot be read at all is reported to the
 caller, which counts it as lost.
 """
@@ -19,10 +20,12 @@ from vlp.data.tar_stream import RawSample, _group, _members, _Progress, iter_sha
 def read_samples_at(url: str, addresses: list[SampleAddress], read_retries: int = 0) -> dict[str, RawSample]:
     """The samples at ``addresses`` (all in shard ``url``) by key; keys that could not be read are absent."""
     path = local_tar_path(url)
+    found: dict[int, RawSample] = {}
     if path is not None and all(a.point.offset is not None for a in addresses):
         found = _read_by_offset(url, path, addresses)
-    else:
-        found = _read_forward(url, addresses, read_retries)
+    missing = [a for a in addresses if a.point.index not in found]
+    if missing:  # not seekable, or a read failed: read forward, with the shard's retries
+        found.update(_read_forward(url, missing, read_retries))
     for address in addresses:
         sample = found.get(address.point.index)
         if sample is not None and sample.key != address.key:

@@ -182,9 +182,12 @@ class SourceStream:
         self._begin_epoch(int(state["epoch"]), None if rows is None else [WorkUnit.from_json(r) for r in rows])
         if not state.get("consumed"):
             return
-        if settings.resume == "replay":
-            for _ in range(int(state["consumed"])):  # the reference path: linear in the position
+        if settings.resume == "replay":  # the reference path: linear in the position
+            counts = dict(counters.counts)
+            for _ in range(int(state["consumed"])):
                 self._draw()
+            counters.counts.clear()
+            counters.counts.update(counts)  # the replayed samples' skips were counted before the checkpoint
         else:
             self._restore(state)
 

@@ -46,6 +46,7 @@ def run_configured_evals(model: nn.Module, config: Config, device: torch.device,
     cfg = config.eval
     loaded = LoadedModel(model, config.model, tokenizer_for(config.model), config.model.name, "training")
     was_training = model.training
+    model.eval()  # as a checkpoint is evaluated: no dropout (restored below)
     results: dict[str, float] = {}
     try:
         if cfg.zeroshot_urls:

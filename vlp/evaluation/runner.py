@@ -148,14 +148,15 @@ def encode_pairs(
             if itm_corpus is not None:
                 itm_corpus.add_texts(batch.text_ids, batch.text_mask)
             keys += batch.keys
-    if not images:
-        raise EvalDataError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
-    index = torch.arange(len(keys), device=device)
-    image_features, _ = gather_uneven(torch.cat(images), index)
-    text_features, _ = gather_uneven(torch.cat(texts), index)
+    # every rank gathers, also one whose share of the shards held nothing; all ranks then agree on an empty set
+    index, empty = torch.arange(len(keys), device=device), torch.zeros(0, 0, device=device)
+    image_features, _ = gather_uneven(torch.cat(images) if images else empty, index)
+    text_features, _ = gather_uneven(torch.cat(texts) if texts else empty, index)
     all_keys = [k for part in distributed.all_gather_objects(keys) for k in part]
     if itm_corpus is not None:
         itm_corpus.finish(gather_images=True, gather_texts=True)
+    if not all_keys:
+        raise EvalDataError(f"no image-caption pairs to evaluate (skipped: {loader.skip_counts()})")
     return image_features, text_features, all_keys
 
 

@@ -137,6 +137,8 @@ class AlbefModel(DualEncoder):
         self.register_load_state_dict_pre_hook(_fill_tied_keys)
         self.register_state_dict_post_hook(_drop_tied_aliases)
 
+    supports_lock_cache = False  # the fusion encoder reads token states (B, L, H) / (B, N, C) the cache does not hold
+
     @property
     def has_fusion(self) -> bool:
         """True when the model has a fusion encoder (and so ITM and MLM heads)."""

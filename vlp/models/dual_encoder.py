@@ -9,6 +9,11 @@ A tower is any ``nn.Module`` with
   projection (open_clip towers). Such a tower is used as is when ``output_dim == embed_dim``; every other
   tower gets an ``nn.Linear(output_dim, embed_dim)``, bias-free unless ``projection_bias`` (ALBEF);
 * ``set_grad_checkpointing(enable: bool)`` and ``no_weight_decay() -> set[str]`` (both optional).
+
+A locked tower can be given a :class:`~vlp.models.tower_cache.TowerCache` (``enable_lock_cache``): in training
+passes (the model in train mode, the locked tower in eval mode) its pooled outputs are then looked up by the exact
+bytes of each input row and the tower runs only on rows it has not seen. The trainable projection is applied
+after the cache, so the cache holds the locked part's output only. The cache is not state (not in ``state_dict``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.models.tower_cache import CacheStats, TowerCache
+from vlp.registry import ModelError
 from vlp.types import ModelOutput
 
 
@@ -72,20 +79,28 @@ class DualEncoder(nn.Module):
         self.max_logit_scale = max_logit_scale
         self.image_locked = False
         self.text_locked = False
+        self.image_cache: TowerCache | None = None  # plain attributes: never in state_dict, never saved
+        self.text_cache: TowerCache | None = None
 
     # ------------------------------------------------------------------------------------------------ encoding
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images (B, 3, H, W) -> image features (B, D), L2-normalised when ``normalize``."""
         with torch.no_grad() if self.image_locked else nullcontext():
-            pooled = self.image_encoder(images)  # (B, image_encoder.output_dim)
+            if self._serves_from_cache(self.image_cache, self.image_locked, self.image_encoder):
+                pooled = self.image_cache(self.image_encoder, images)  # (B, image_encoder.output_dim)
+            else:
+                pooled = self.image_encoder(images)  # (B, image_encoder.output_dim)
         features = self.image_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """text_ids (B, L) int64, text_mask (B, L) bool -> text features (B, D), L2-normalised when ``normalize``."""
         with torch.no_grad() if self.text_locked else nullcontext():
-            pooled = self.text_encoder(text_ids, text_mask)  # (B, text_encoder.output_dim)
+            if self._serves_from_cache(self.text_cache, self.text_locked, self.text_encoder):
+                pooled = self.text_cache(self.text_encoder, text_ids, text_mask)  # (B, text_encoder.output_dim)
+            else:
+                pooled = self.text_encoder(text_ids, text_mask)  # (B, text_encoder.output_dim)
         features = self.text_projection(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -116,6 +131,30 @@ class DualEncoder(nn.Module):
         self.text_encoder.requires_grad_(False)
         self.text_locked = True
         self.text_encoder.eval()
+
+    # ------------------------------------------------------------------------------------- locked-tower caches
+
+    supports_lock_cache = True  # False where a subclass reads more of a tower than its pooled output (ALBEF)
+
+    def _serves_from_cache(self, cache: TowerCache | None, locked: bool, tower: nn.Module) -> bool:
+        """A cache answers only training passes (model in train mode) of a locked tower that is in eval mode."""
+        return cache is not None and locked and self.training and not tower.training
+
+    def enable_lock_cache(self, text_entries: int, image_entries: int) -> list[str]:
+        """Give each locked tower a cache of up to ``*_entries`` output rows (0: none); returns the towers cached.
+        Towers that are not locked get none; calling again replaces (empties) the caches."""
+        if not self.supports_lock_cache:
+            raise ModelError(f"{type(self).__name__} reads token states of its towers: a locked-tower cache of "
+                             "pooled outputs cannot serve it")
+        self.text_cache = TowerCache(text_entries, "text") if self.text_locked and text_entries > 0 else None
+        self.image_cache = TowerCache(image_entries, "image") if self.image_locked and image_entries > 0 else None
+        return [name for name, cache in (("text", self.text_cache), ("image", self.image_cache))
+                if cache is not None]
+
+    def lock_cache_stats(self) -> dict[str, CacheStats]:
+        """``{"text": stats, "image": stats}`` of the caches that exist."""
+        return {name: cache.stats for name, cache in (("text", self.text_cache), ("image", self.image_cache))
+                if cache is not None}
 
     def train(self, mode: bool = True) -> DualEncoder:
         """Like ``nn.Module.train`` but a locked tower stays in eval mode (no dropout, frozen norm statistics)."""

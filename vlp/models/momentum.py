@@ -9,6 +9,9 @@ per optimizer step (the task's post-step hook), in place and with one foreach ke
 Parameters are matched by name once (tied or shared parameters appear once, as in ``named_parameters``), so a
 tied weight (the MLM decoder tied to the word embeddings) stays tied in the copy. Buffers are copied. The state
 dict is ``nn.Module``'s: the copy's keys under ``model.``.
+
+Sharded (FSDP2) models: when the online model and the copy are sharded the same way (``vlp.training.parallelize``),
+their parameters are DTensors of equal placement and the lerp runs on the local shards, with no communication.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vlp.registry import ModelError
 
@@ -50,6 +54,10 @@ class MomentumEncoder(nn.Module):
         self._index_copy()
         self._match(online)
 
+    def reindex(self) -> None:
+        """Index the copy's parameters again after they were replaced in place (e.g. sharded by ``fully_shard``)."""
+        self._index_copy()
+
     def _index_copy(self) -> None:
         """The copy's floating parameters (in ``_param_names`` order) and buffers, as lists for the foreach calls."""
         params, buffers = dict(self.model.named_parameters()), dict(self.model.named_buffers())
@@ -75,6 +83,9 @@ class MomentumEncoder(nn.Module):
                     f"on {param.device} online but {tuple(ema.shape)} {ema.dtype} on {ema.device} "
                     "in the momentum copy"
                 )
+            if _placement(ema) != _placement(param):
+                raise ModelError(f"MomentumEncoder.update: parameter {name!r} is sharded as {_placement(param)} online "
+                                 f"but {_placement(ema)} in the momentum copy: shard both the same way")
         self._online_params = online_params
         self._online_buffers = [buffers[name] for name in self._buffer_names]
         self._online_ref = weakref.ref(online)
@@ -111,7 +122,7 @@ class MomentumEncoder(nn.Module):
             self._match(online)
         if self._ema_params:
             try:
-                torch._foreach_lerp_(self._ema_params, self._online_params, 1.0 - momentum)
+                torch._foreach_lerp_(_local(self._ema_params), _local(self._online_params), 1.0 - momentum)
             except RuntimeError:
                 self._match(online)  # the online model was moved or cast in place: name the parameter
                 raise
@@ -123,3 +134,13 @@ class MomentumEncoder(nn.Module):
         for ema, value in zip(self._ema_buffers, self._online_buffers, strict=True):
             if not ema.is_floating_point():
                 ema.copy_(value)
+
+
+def _placement(tensor: torch.Tensor) -> tuple | None:
+    """(mesh, placements) of a DTensor, None for a plain tensor."""
+    return (tensor.device_mesh, tuple(tensor.placements)) if isinstance(tensor, DTensor) else None
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of DTensors (views: in-place updates reach the parameters), plain tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]

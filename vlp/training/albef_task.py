@@ -87,7 +87,7 @@ class AlbefTask:
         image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
         text_m = torch.cat([t.text_features for t in teachers]).float()
         ids = torch.cat([batch.sample_ids for batch in micro_batches])
-        gathered = self._gather_keys(image_m, text_m, ids)
+        gathered = self._gather_keys(image_m, text_m, ids, [len(batch) for batch in micro_batches])
         # loss.gather=none: this rank's batch + the queue as keys (the original ALBEF); otherwise every rank's batch
         batch_keys = (image_m, text_m, ids) if self.config.loss.gather == "none" else gathered
         queue_image, queue_text, queue_ids = self.queue.valid()
@@ -106,11 +106,22 @@ class AlbefTask:
         self._pending = gathered
         return _mean_outputs(outputs, {"alpha": alpha})
 
-    def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor,
-                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Momentum features of the whole step's batch from every rank (rank order): the keys and the enqueue."""
-        return (distributed.all_gather_tensor(image_m), distributed.all_gather_tensor(text_m),
-                distributed.all_gather_tensor(ids))
+    def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor, ids: torch.Tensor,
+                     sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Momentum features of the whole step's batch from every rank: the keys and the enqueue.
+
+        Rows come in the order one process would hold them on the concatenated micro-batches (micro-batch 0 of
+        every rank in rank order, then micro-batch 1, ...), so the queue's slots, and which keys a wrap-around
+        overwrites, do not depend on how the global batch is split into ranks and micro-batches. ``sizes``: this
+        step's micro-batch sizes, the same on every rank (the gathers need equal row counts anyway).
+        """
+        gathered = (distributed.all_gather_tensor(image_m), distributed.all_gather_tensor(text_m),
+                    distributed.all_gather_tensor(ids))  # rank major: (W * B_rank, ...)
+        world = distributed.group_rank_and_size()[1]
+        if world == 1 or len(sizes) == 1:
+            return gathered
+        order = _micro_batch_major(sizes, world).to(ids.device)
+        return gathered[0][order], gathered[1][order], gathered[2][order]
 
     def _micro_step(self, batch: Batch, teacher: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
                     keys: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha: float) -> LossOutput:
@@ -203,6 +214,15 @@ class AlbefTask:
     def load_state_dict(self, state: dict) -> None:
         self.momentum.load_state_dict(state["momentum"])
         self.queue.load_state_dict(state["queue"])
+
+
+def _micro_batch_major(sizes: list[int], world: int) -> torch.Tensor:
+    """Indices that reorder rank-major rows (rank r's micro-batches 0..k-1, then rank r+1's) micro-batch major
+    (micro-batch 0 of ranks 0..W-1, then micro-batch 1 of ranks 0..W-1, ...); every rank has micro-batches of
+    ``sizes`` rows."""
+    per_rank, starts = sum(sizes), [sum(sizes[:k]) for k in range(len(sizes))]
+    return torch.cat([torch.arange(rank * per_rank + start, rank * per_rank + start + size)
+                      for start, size in zip(starts, sizes, strict=True) for rank in range(world)])
 
 
 def _weighted_sum(results: list[tuple[float, LossOutput]]) -> LossOutput:

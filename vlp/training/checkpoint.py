@@ -9,7 +9,8 @@ A checkpoint is written under a temporary name, every file fsynced, ``manifest.j
 other files) written last, the directory renamed into place, and only then the ``latest`` pointer replaced
 (temporary file + fsync + rename). A directory without a matching manifest is never picked: ``latest`` falls
 back to the newest checkpoint that verifies. ``state.pt`` holds only tensors and plain Python values and is
-read with ``torch.load(weights_only=True)``; weights are read with safetensors.
+read with ``torch.load(weights_only=True)``; weights are read with safetensors. A save killed mid-write leaves
+a ``.step_N.partial-PID`` folder: :func:`remove_stale_partials` deletes those when the next run starts.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    partial = root / f".{final.name}.partial-{os.getpid()}"
+    partial = partial_dir(final)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     safetensors.torch.save_model(model, str(partial / MODEL_FILE))
@@ -91,6 +92,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
         _fsync_file(partial / name)
         files[name] = {"bytes": (partial / name).stat().st_size, "sha256": _sha256(partial / name)}
     _write_text_atomic(partial / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
+    return commit_checkpoint(partial, final, keep)
+
+
+def partial_dir(final: Path) -> Path:
+    """The temporary name a checkpoint is written under before :func:`commit_checkpoint` renames it."""
+    return final.parent / f".{final.name}.partial-{os.getpid()}"
+
+
+def commit_checkpoint(partial: Path, final: Path, keep: int) -> Path:
+    """Rename a complete ``partial`` folder (manifest written last) to ``final``, then point ``latest`` at it and
+    keep the newest ``keep`` checkpoints."""
+    root = final.parent
     if final.exists():  # the same step saved again after a resume: swap, never leave neither
         old = root / f".{final.name}.old-{os.getpid()}"
         final.rename(old)
@@ -102,6 +115,60 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     _write_text_atomic(root / LATEST, final.name + "\n")
     _prune(root, keep, final)
     return final
+
+
+def remove_stale_partials(run_dir: str | Path) -> list[tuple[Path, int]]:
+    """Delete what killed saves left in ``run_dir/checkpoints``; return ``[(path, bytes freed)]`` and log them.
+
+    Call it on rank 0 when a run starts or resumes, before its first save: no save of this run is in progress
+    then, so every ``.step_*.partial-*`` folder is a save that died before it was renamed into place, whatever
+    process id its name carries. (Process ids are not checked for liveness: a preempted job's rank 0 may have run
+    on another node, and container process ids repeat across restarts.) A ``.step_N.old-*`` folder (a same-step
+    save killed between its two renames) is removed only when ``step_N`` exists; else it is the only complete
+    copy of that step and is kept, with a warning. Symlinks are never followed or removed.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.glob(".step_*.partial-*")) + sorted(root.glob(".step_*.old-*")):
+        if path.is_symlink() or not path.is_dir():
+            continue
+        if ".old-" in path.name and not (root / path.name[1:].split(".old-")[0]).is_dir():
+            logger.warning("kept %s: it may be the only complete copy of its step", path)
+            continue
+        size = _tree_bytes(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            logger.warning("could not remove the stale partial checkpoint %s: %s", path, err)
+            continue
+        removed.append((path, size))
+    if removed:
+        logger.info("removed %d stale partial checkpoint(s) left by interrupted saves from %s, %s freed: %s",
+                    len(removed), root, _human_bytes(sum(size for _, size in removed)),
+                    ", ".join(path.name for path, _ in removed))
+    return removed
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Total size of the regular files under ``directory`` (symlinks not followed)."""
+    total = 0
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                total += os.path.getsize(path)
+    return total
+
+
+def _human_bytes(count: int) -> str:
+    value, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{count} B" if unit == "B" else f"{value:.1f} {unit} ({count} bytes)"
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:

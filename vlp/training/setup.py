@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 from torch import nn
@@ -13,7 +14,10 @@ from vlp.data.pipeline import ShardLoader
 from vlp.data.preprocess import Preprocess
 from vlp.distributed import DistInfo
 from vlp.training.albef_task import AlbefTask
+from vlp.training.parallelize import build_sharded_task
+from vlp.training.rng import capture_rng, restore_rng
 from vlp.training.task import ContrastiveTask
+from vlp.types import Batch
 
 logger = logging.getLogger("vlp.train")
 
@@ -54,12 +58,49 @@ def _objective_on(albef: AlbefConfig, name: str) -> bool:
     return bool(getattr(albef, name)) and getattr(albef, f"{name}_weight") > 0
 
 
+def enable_lock_cache(config: Config, model: nn.Module) -> list[str]:
+    """Give the locked towers of ``model`` their output caches as the config says (``model.lock_text_cache_size``,
+    ``model.lock_image_cache_size``); returns the towers cached. Says in the log why a locked tower gets none."""
+    cfg = config.model
+    if not (cfg.lock_text or cfg.lock_image):
+        return []
+    if config.albef.enabled or not getattr(model, "supports_lock_cache", False):
+        logger.info("locked-tower cache off under ALBEF (albef.enabled or an ALBEF model): the fusion encoder reads "
+                    "the towers' token states (B, L, H), which the cache of pooled outputs does not hold (keeping "
+                    "them would cost L x H values per caption); each step runs the locked towers")
+        return []
+    if config.train.parallel == "fsdp":
+        logger.info("locked-tower cache off under train.parallel=fsdp: a sharded tower all-gathers its blocks in "
+                    "every forward, and a rank served from its cache would skip a collective the others run")
+        return []
+    image_entries = cfg.lock_image_cache_size if cfg.lock_image else 0
+    if image_entries and config.data.augment != "none":
+        logger.warning("model.lock_image_cache_size=%d ignored: data.augment=%s gives the locked image tower new "
+                       "pixels every step (random crops); set data.augment=none to cache it", image_entries,
+                       config.data.augment)
+        image_entries = 0
+    elif cfg.lock_image and not image_entries and config.data.augment == "none":
+        logger.info("the locked image tower sees deterministic pixels (data.augment=none): set "
+                    "model.lock_image_cache_size=N to cache its outputs (each entry keys on the image's bytes)")
+    text_entries = cfg.lock_text_cache_size if cfg.lock_text else 0
+    cached = model.enable_lock_cache(text_entries, image_entries)
+    for name in cached:
+        logger.info("locked %s tower: outputs cached (LRU, up to %d entries, keyed by the exact input bytes)", name,
+                    text_entries if name == "text" else image_entries)
+    return cached
+
+
 def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistInfo) -> ContrastiveTask | AlbefTask:
-    """The step computation: DDP around the trainable model (momentum copies stay outside), optional compile."""
+    """The step computation: locked-tower caches, DDP around the trainable model (momentum copies stay outside),
+    optional compile; ``train.parallel=fsdp``: the model (and momentum copy) sharded in place
+    (``vlp.training.parallelize``)."""
+    enable_lock_cache(config, model)
     if getattr(model, "has_fusion", False):
         frozen = model.freeze_idle_heads(_objective_on(config.albef, "itm"), _objective_on(config.albef, "mlm"))
         if frozen:
             logger.info("frozen (their objective is off): %s", ", ".join(frozen))
+    if config.train.parallel == "fsdp":
+        return build_sharded_task(config, model, loss_fn, dist)
     train_model = model
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -70,6 +111,30 @@ def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistI
     if config.albef.enabled:
         return AlbefTask(model, train_model, config, dist.device, train.precision, train.attention)
     return ContrastiveTask(model, train_model, loss_fn, dist.device, train.precision, train.attention)
+
+
+def settle_ddp_buckets(task: ContrastiveTask | AlbefTask, batch: Batch, step: int) -> None:
+    """Under DDP, one throw-away forward and backward on ``batch`` (every rank takes part) that leaves the weights,
+    the task's state and every random generator as they were, and drops the gradients; a no-op without DDP.
+
+    DDP all-reduces its first backward with all gradients in one bucket, then rebuilds its buckets in the order the
+    gradients became ready. With 3 or more ranks the ring all-reduce adds each element in an order that depends on
+    its place in the bucket, so a run resumed from a checkpoint, whose first step would use the first layout, would
+    drift in the last bits from the uninterrupted run. Settling the buckets before the first step of every run,
+    fresh or resumed, makes every optimizer step reduce with the rebuilt layout: resumed == uninterrupted, bit for
+    bit on CPU.
+    """
+    if not isinstance(getattr(task.train_model, "_orig_mod", task.train_model), DistributedDataParallel):
+        return
+    torch_rng, python_rng = capture_rng(task.device), random.getstate()
+    try:
+        task.forward_backward([batch], step=step)
+    finally:
+        task.discard_step()
+        for parameter in task.parameters():
+            parameter.grad = None
+        restore_rng(torch_rng)
+        random.setstate(python_rng)
 
 
 def build_batches(config: Config, dist: DistInfo) -> ShardLoader:

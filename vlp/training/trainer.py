@@ -26,12 +26,20 @@ from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
 from vlp.training import elastic
-from vlp.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
+from vlp.training.dcp_checkpoint import (
+    export_model,
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    sharded_parts,
+)
 from vlp.training.optim import build_optimizer, set_lr
+from vlp.training.parallelize import clip_gradients
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
-from vlp.training.setup import build_batches, build_task, build_training_objects
+from vlp.training.setup import build_batches, build_task, build_training_objects, settle_ddp_buckets
 from vlp.types import LossOutput
 
 logger = logging.getLogger("vlp.train")
@@ -86,11 +94,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
         self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
+        self._buckets_settled = False
         if resume:
             self._restore(resume)
         if self.dist.is_main:  # only now: a config that fails to build or to resume leaves the run's copy alone
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.run_dir / EXPORT_CONFIG)
+            remove_stale_partials(self.run_dir)  # no save of this run is in progress yet: every partial is stale
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=config.train.tensorboard)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -105,11 +115,46 @@ class Trainer:
                 "global_batch": self.config.data.batch_size * self.config.train.grad_accum * self.dist.world_size}
 
     def save(self) -> None:
+        if self.config.train.parallel == "fsdp":
+            return self._save_sharded()
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
             self.log.sync()
             path = save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.train.keep_checkpoints)
             logger.info("checkpoint %s", path)
+
+    def _save_sharded(self) -> None:
+        """FSDP: every rank writes its shards of model, optimizer and momentum copy; rank 0 the rest of the state."""
+        state = self._state()  # collective
+        momentum = getattr(self.task, "momentum", None)
+        parts = sharded_parts(self.model, self.optimizer, momentum)
+        state.pop("optimizer")
+        state["task"] = {k: v for k, v in state["task"].items() if k != "momentum"}
+        if self.dist.is_main:
+            self.log.sync()
+        path = save_sharded_checkpoint(self.run_dir, self.step, parts, state if self.dist.is_main else None,
+                                       keep=self.config.train.keep_checkpoints)
+        logger.info("checkpoint %s (sharded)", path)
+
+    def _load_checkpoint(self, directory: Path) -> dict:
+        """The training state of a checkpoint, with the weights (and, sharded, the optimizer and momentum copy)
+        loaded in place; a sharded checkpoint resumes only under ``train.parallel=fsdp`` and a full one only under
+        ``ddp``."""
+        if self.config.train.parallel != "fsdp":
+            if is_sharded_checkpoint(directory):
+                raise ConfigError(f"{directory} is a sharded checkpoint written with train.parallel=fsdp: resume it "
+                                  "with train.parallel=fsdp (at any number of processes)")
+            return load_checkpoint(directory, self.model)
+        return load_sharded_checkpoint(directory, self.model, self.optimizer, getattr(self.task, "momentum", None))
+
+    def _export(self) -> None:
+        """The final ``model.safetensors`` (consolidated from the shards under FSDP) and the loss curves."""
+        if self.config.train.parallel == "fsdp":
+            export_model(self.model, self.run_dir / EXPORT_MODEL)  # collective
+        elif self.dist.is_main:
+            safetensors.torch.save_model(self.model, str(self.run_dir / EXPORT_MODEL))
+        if self.dist.is_main:
+            plot_curves(self.run_dir)
 
     def _restore(self, spec: str) -> None:
         """Resume from checkpoint ``spec``, on this run's topology (see :mod:`vlp.training.elastic`).
@@ -123,7 +168,7 @@ class Trainer:
         stays a function of the step.
         """
         directory = find_checkpoint(self.run_dir, spec)
-        state = load_checkpoint(directory, self.model)
+        state = self._load_checkpoint(directory)
         self._check_task_state(directory, state.get("task") or {})
         self.task.load_state_dict(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -186,6 +231,9 @@ class Trainer:
             started = time.perf_counter()
             micro = [next(iterator).to(self.dist.device, non_blocking=True) for _ in range(accum)]
             data_seconds = time.perf_counter() - started
+            if not self._buckets_settled:  # DDP: every step of a fresh or resumed run reduces with one layout
+                settle_ddp_buckets(self.task, micro[0], self.step)
+                self._buckets_settled = True
             lr = lr_at(self.step, cfg.optim.lr, total, cfg.schedule)
             set_lr(self.optimizer, lr)
             result, skipped, stopped = self._optimizer_step(micro)
@@ -203,9 +251,8 @@ class Trainer:
                 logger.warning("SIGTERM: checkpoint written at step %d, stopping", self.step)
                 break
         bar.close()
-        if self.dist.is_main and self.step == total:
-            safetensors.torch.save_model(self.model, str(self.run_dir / EXPORT_MODEL))
-            plot_curves(self.run_dir)
+        if self.step == total:
+            self._export()
         final_loss = float(distributed.all_reduce_mean(result.loss.detach().float())) if result else math.nan
         return TrainSummary(self.run_dir, self.step, final_loss, self.skipped_steps, overall.rate(), stopped)
 
@@ -226,7 +273,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
         params = list(self.task.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        grad_norm = clip_gradients(params, clip)  # the global norm, also of sharded gradients
         loss_finite = bool(torch.isfinite(result.loss.detach()))
         bad = distributed.all_reduce_max(0.0 if loss_finite and bool(torch.isfinite(grad_norm)) else 1.0) > 0
         stopped = distributed.all_reduce_max(1.0 if self._sigterm else 0.0) > 0
@@ -263,6 +310,11 @@ class Trainer:
                   "logit_scale": float(self.model.logit_scale.detach().exp()), "samples_per_s": window.rate(),
                   "data_wait_fraction": window.data_fraction(), "skipped_samples": skipped_samples,
                   "skipped_steps": self.skipped_steps, **result.metrics}
+        caches = getattr(self.model, "lock_cache_stats", dict)()
+        if caches:  # this rank's locked-tower caches, counts since the run (or resume) began
+            record["lock_cache"] = {name: {"hit_rate": stats.hit_rate, "hits": stats.hits, "misses": stats.misses,
+                                           "entries": stats.entries, "evictions": stats.evictions}
+                                    for name, stats in caches.items()}
         self.log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{window.rate():.0f}", refresh=False)
         window.reset()
