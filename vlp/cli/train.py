@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="YAML config (e.g. configs/pretrain/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=100")
     parser.add_argument("--resume", default=None, metavar="latest|PATH",
-                        help="continue from the newest complete checkpoint of the run directory, or from PATH")
+                        help="continue from the newest complete checkpoint of the run directory, or from PATH; it "
+                             "may come from another number of processes or data.workers (an elastic resume)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(func=run_train)
 

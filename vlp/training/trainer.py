@@ -25,6 +25,7 @@ from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
+from vlp.training import elastic
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
 from vlp.training.dcp_checkpoint import (
@@ -67,9 +68,11 @@ class Trainer:
 
     Args:
         config: the resolved configuration (saved as ``config.yaml`` in the run directory).
-        resume: ``None``, ``"latest"`` or a checkpoint directory.
+        resume: ``None``, ``"latest"`` or a checkpoint directory; it may have been written by another number of
+            processes or loader workers (an elastic resume, see :meth:`_restore`).
         batches: an iterable of :class:`~vlp.types.Batch` to use instead of the shard loader (tests, custom data);
-            resumable when it has ``state_dict``/``load_state_dict``.
+            resumable when it has ``state_dict``/``load_state_dict`` (on the checkpoint's world size), elastically
+            when it also has ``load_state_dicts`` (every old rank's state; True when it re-split them).
         progress: show a tqdm bar on rank 0.
     """
 
@@ -108,7 +111,8 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "skipped_steps": self.skipped_steps, "rng": distributed.all_gather_objects(rng),
                 "task": self.task.state_dict(),
-                "loader": distributed.all_gather_objects(loader), "world_size": self.dist.world_size}
+                "loader": distributed.all_gather_objects(loader), "world_size": self.dist.world_size,
+                "global_batch": self.config.data.batch_size * self.config.train.grad_accum * self.dist.world_size}
 
     def save(self) -> None:
         if self.config.train.parallel == "fsdp":
@@ -153,29 +157,52 @@ class Trainer:
             plot_curves(self.run_dir)
 
     def _restore(self, spec: str) -> None:
+        """Resume from checkpoint ``spec``, on this run's topology (see :mod:`vlp.training.elastic`).
+
+        Weights, optimizer, scaler, momentum encoder, queues and the step restore unchanged. With the checkpoint's
+        world size every rank takes back its own generator states; on another world size (or another
+        ``data.workers``) the resume is elastic: the loader re-splits the interrupted epoch's remaining samples,
+        new per-rank generators are derived from ``train.seed``, the rank and the step (world size changed), and
+        rank 0 logs ``resumed elastically from N ranks x W workers to M ranks x V workers at step S``. The global
+        batch (``world size x data.batch_size x train.grad_accum``) changes with the world size while every schedule
+        stays a function of the step.
+        """
         directory = find_checkpoint(self.run_dir, spec)
         state = self._load_checkpoint(directory)
-        if state["world_size"] != self.dist.world_size:
-            raise ConfigError(f"{directory} was written by {state['world_size']} processes, this run has "
-                              f"{self.dist.world_size}: the data stream cannot resume exactly")
-        if self.config.albef.enabled and not state.get("task"):
-            raise ConfigError(f"{directory} holds no momentum encoder or feature queues (written by a run without "
-                              "albef.enabled?): an ALBEF run cannot resume from it")
+        self._check_task_state(directory, state.get("task") or {})
         self.task.load_state_dict(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
-        rng = state["rng"][self.dist.rank]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        loader_state = state["loader"][self.dist.rank]
-        if loader_state is not None and hasattr(self.batches, "load_state_dict"):
-            self.batches.load_state_dict(loader_state)
+        before = elastic.saved_topology(state)
+        same_world = before.ranks == self.dist.world_size
+        if same_world:
+            elastic.restore_rank_generators(state["rng"][self.dist.rank])
+        else:
+            elastic.seed_rank_generators(self.config.train.seed, self.dist.rank, self.step)
+        loader_resplit = elastic.restore_loader(self.batches, state["loader"], self.dist.rank, same_world, directory)
         if self.dist.is_main:
             truncate_metrics(self.run_dir, self.step)
+        if self.dist.is_main and (loader_resplit or not same_world):
+            after = elastic.current_topology(self.dist.world_size, self.batches)
+            batch = self.config.data.batch_size * self.config.train.grad_accum
+            logger.info("resumed elastically from %s to %s at step %d (%s; global batch %s -> %d samples per step; "
+                        "per-rank RNG %s)", before, after, self.step, directory, state.get("global_batch", "?"),
+                        batch * self.dist.world_size,
+                        "restored" if same_world else "derived from train.seed, the rank and the step")
         logger.info("resumed from %s at step %d", directory, self.step)
+
+    def _check_task_state(self, directory: Path, task_state: dict) -> None:
+        """What the task cannot take from the checkpoint, named before anything is loaded into it."""
+        albef = self.config.albef
+        if albef.enabled and not task_state:
+            raise ConfigError(f"{directory} holds no momentum encoder or feature queues (written by a run without "
+                              "albef.enabled?): an ALBEF run cannot resume from it")
+        if albef.enabled and "queue" in task_state:
+            saved = int(task_state["queue"]["sample_ids"].shape[0])
+            if saved != albef.queue_size:
+                raise ConfigError(f"{directory} holds feature queues of {saved} entries but albef.queue_size is "
+                                  f"{albef.queue_size}: set albef.queue_size={saved} to resume from it")
 
     # ------------------------------------------------------------------------------------------------ loop
     def _on_sigterm(self, signum: int, frame: object) -> None:
@@ -323,9 +350,3 @@ def _set_threads(config: Config, device: torch.device) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
 
-
-def _as_tuple(value: object) -> object:
-    """``random.setstate`` needs tuples where a round trip may have produced lists."""
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
