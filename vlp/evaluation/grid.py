@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data.counters import SkipCounters
-from vlp.data.decode import DecodeLimits
+from vlp.data.decode import DecodeLimits, decode_caption
 from vlp.data.preprocess import Preprocess
 from vlp.data.tar_stream import iter_shard
 from vlp.data.urls import expand_urls
@@ -36,22 +37,74 @@ def read_images_by_key(urls: str, keys: set[str], preprocess: Preprocess | None 
     return found
 
 
+def read_captions_by_key(urls: str, keys: set[str]) -> dict[str, str]:
+    """The captions of ``keys`` from the shards (``.txt``, else the json's ``caption``, as training reads them)."""
+    limits, found = DecodeLimits(), {}
+    for url in expand_urls(urls):
+        for sample in iter_shard(url, SkipCounters()):
+            if sample.key in keys:
+                metadata = json.loads(sample.json) if sample.json else {}
+                found[sample.key] = decode_caption(sample.txt, metadata, limits)
+    return found
+
+
+MARK_CORRECT = (0, 160, 0)  # frame of the query's own image among the retrieved ones
+MARK_MISSED = (200, 0, 0)  # frame of the query's own image when it is not in the top k (shown in an extra column)
+FRAME = 4
+
+
 def query_grid(queries: Sequence[str], top_keys: Sequence[Sequence[str]], scores: torch.Tensor,
-               images: dict[str, Image.Image], path: str | Path) -> Path:
-    """One row per query: the query text, then its top-k images with their scores underneath."""
+               images: dict[str, Image.Image], path: str | Path, targets: Sequence[str] | None = None,
+               target_ranks: Sequence[int] | None = None) -> Path:
+    """One row per query: the query text, then its top-k images with their scores underneath.
+
+    ``targets`` (one image key per query, e.g. the held-out image a test caption belongs to) marks the correct
+    image: a green frame when it is among the top k; otherwise it is drawn in an extra column with a red frame and
+    its rank (``target_ranks``, 1-based), so a reader sees at a glance whether retrieval works."""
+    if targets is not None and len(targets) != len(queries):
+        raise ValueError(f"query_grid: {len(targets)} targets for {len(queries)} queries")
     k = max(len(row) for row in top_keys)
-    cell_h = THUMB + 18
-    canvas = Image.new("RGB", (CAPTION_WIDTH + k * (THUMB + 8), len(queries) * (cell_h + 8) + 8), "white")
+    extra = 1 if targets is not None else 0
+    cell_h, cell_w = THUMB + 18, THUMB + 8
+    width = CAPTION_WIDTH + (k + extra) * cell_w + (16 if extra else 0)
+    canvas = Image.new("RGB", (width, len(queries) * (cell_h + 8) + 8), "white")
     draw = ImageDraw.Draw(canvas)
     for row, (query, keys) in enumerate(zip(queries, top_keys, strict=True)):
         top = 8 + row * (cell_h + 8)
-        draw.text((8, top + THUMB // 2 - 6), query[:40], fill="black")
+        for line, text in enumerate(_wrap(query, 38, 3)):
+            draw.text((8, top + THUMB // 2 - 18 + 12 * line), text, fill="black")
         for column, key in enumerate(keys):
-            left = CAPTION_WIDTH + column * (THUMB + 8)
-            if key in images:
-                thumb = images[key]
-                canvas.paste(thumb, (left + (THUMB - thumb.width) // 2, top + (THUMB - thumb.height) // 2))
+            left = CAPTION_WIDTH + column * cell_w
+            _paste(canvas, images.get(key), left, top)
             draw.text((left, top + THUMB + 2), f"{float(scores[row, column]):.3f}", fill="gray")
+            if targets is not None and key == targets[row]:
+                _frame(draw, left, top, MARK_CORRECT)
+        if targets is not None and targets[row] not in keys:
+            left = CAPTION_WIDTH + k * cell_w + 16
+            _paste(canvas, images.get(targets[row]), left, top)
+            _frame(draw, left, top, MARK_MISSED)
+            rank = f"rank {target_ranks[row]}" if target_ranks is not None else "not in top k"
+            draw.text((left, top + THUMB + 2), f"correct: {rank}", fill=MARK_MISSED)
     path = Path(path)
     canvas.save(path)
     return path
+
+
+def _paste(canvas: Image.Image, thumb: Image.Image | None, left: int, top: int) -> None:
+    if thumb is not None:
+        canvas.paste(thumb, (left + (THUMB - thumb.width) // 2, top + (THUMB - thumb.height) // 2))
+
+
+def _frame(draw: ImageDraw.ImageDraw, left: int, top: int, color: tuple[int, int, int]) -> None:
+    draw.rectangle((left - 3, top - 3, left + THUMB + 2, top + THUMB + 2), outline=color, width=FRAME)
+
+
+def _wrap(text: str, width: int, lines: int) -> list[str]:
+    """``text`` cut into at most ``lines`` lines of at most ``width`` characters, at spaces where possible."""
+    out: list[str] = []
+    for word in text.split():
+        if out and len(out[-1]) + 1 + len(word) <= width:
+            out[-1] += " " + word
+        else:
+            out.append(word[:width])
+    return out[:lines]

@@ -187,21 +187,35 @@ def run_retrieval(
                            rerank_k=rerank_k, device=device, precision=precision, ties=ties)
 
 
-DEMO_QUERIES = ("a cat", "a red fruit", "a flower", "a car", "a bird", "a musical instrument")
+DEMO_GRID_QUERIES = 8  # held-out test captions drawn as queries in the demo's retrieval grid
 
 
-def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, queries: Sequence[str] = DEMO_QUERIES,
+def spread_indices(count: int, n: int) -> list[int]:
+    """``n`` positions spread evenly over ``range(count)`` (all of them when ``count <= n``)."""
+    if count <= n:
+        return list(range(count))
+    return [round(i * (count - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
+
+
+def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, n_queries: int = DEMO_GRID_QUERIES,
                     k: int = 5, workers: int = 2, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
-    """Top-``k`` test images for each text query, drawn as a PNG grid (rank 0 only); images over
-    ``max_image_pixels`` are left out."""
-    from vlp.evaluation.grid import query_grid, read_images_by_key
+    """A PNG grid: held-out captions of the shards at ``urls`` (``n_queries`` of them, spread evenly) as text
+    queries, each with its top-``k`` images; the caption's own image is framed green when retrieved, otherwise shown
+    in a red frame with its rank (rank 0 only); images over ``max_image_pixels`` are left out."""
+    from vlp.evaluation.grid import query_grid, read_captions_by_key, read_images_by_key
 
     loader = eval_loader(loaded, urls, batch_size=256, workers=workers, require_caption=True,
                          max_image_pixels=max_image_pixels)
-    image_features, _, keys = encode_pairs(loaded, loader, "cpu", "fp32")
-    query_features = text_encoder_fn(loaded)(list(queries))
-    scores, indices = (query_features @ image_features.T).topk(min(k, len(keys)), dim=1)  # (Q, k)
+    image_features, text_features, keys = encode_pairs(loaded, loader, "cpu", "fp32")
+    chosen = spread_indices(len(keys), n_queries)
+    similarity = text_features[chosen] @ image_features.T  # (Q, N)
+    own = similarity[torch.arange(len(chosen)), torch.tensor(chosen, dtype=torch.long)]  # (Q,)
+    ranks = [int(r) for r in (similarity > own[:, None]).sum(dim=1) + 1]
+    scores, indices = similarity.topk(min(k, len(keys)), dim=1)  # (Q, k)
     top_keys = [[keys[int(i)] for i in row] for row in indices]
-    images = read_images_by_key(urls, {key for row in top_keys for key in row}, loaded.preprocess,
-                                max_image_pixels=max_image_pixels)
-    return query_grid(list(queries), top_keys, scores, images, path)
+    targets = [keys[i] for i in chosen]
+    wanted = {key for row in top_keys for key in row} | set(targets)
+    images = read_images_by_key(urls, wanted, loaded.preprocess, max_image_pixels=max_image_pixels)
+    captions = read_captions_by_key(urls, set(targets))
+    return query_grid([captions.get(key, key) for key in targets], top_keys, scores, images, path,
+                      targets=targets, target_ranks=ranks)
