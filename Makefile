@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 # vlp + its dependencies; the extras go on top: .installed-dev (test tools) and .installed-bench (benchmark peers)
 DEV_STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
-# the demo data (demo, tests, benchmarks); chromium runs the browser test of the search page (tests only, ~500 MB)
-DATA_DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
+# the demo data (demo, tests, benchmarks: Fashion-MNIST, Tux Paint stamps, Open Clip Art, colour emoji + their Unicode
+# names); chromium runs the browser test of the search page (tests only, ~500 MB)
+DATA_DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png fonts-noto-color-emoji unicode-data
 TEST_DEBIAN_PACKAGES := $(DATA_DEBIAN_PACKAGES) chromium
 DEMO_DATA := data/demo
 # make demo: the CLIP demo; make demo DEMO=albef: the ALBEF demo (momentum distillation, fusion encoder, ITM, MLM)
@@ -79,6 +80,8 @@ demo-data: install debian-data
 	$(BIN)/vlp data demo --out $(DEMO_DATA)
 	$(BIN)/vlp shards check $(DEMO_DATA)/fashion_mnist/train --world-size 1 --workers 2 --no-decode
 	$(BIN)/vlp shards check $(DEMO_DATA)/tuxpaint/train --world-size 1 --workers 2
+	$(BIN)/vlp shards check $(DEMO_DATA)/openclipart/train --world-size 1 --workers 2
+	$(BIN)/vlp shards check $(DEMO_DATA)/emoji/train --world-size 1 --workers 2
 
 demo:
 	@test -n "$(DEMO_CONFIG_$(DEMO))" || { echo "error: DEMO=$(DEMO): use DEMO=clip (the default) or DEMO=albef" >&2; exit 2; }

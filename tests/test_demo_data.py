@@ -30,7 +30,8 @@ from vlp.data.demo_fashion import (
 from vlp.data.demo_tuxpaint import TUXPAINT_DEFAULT_ROOT, read_caption, scan_stamps, split_stamps, stamp_split
 
 LIMIT = 40
-SPLIT_DIRS = ("fashion_mnist/train", "fashion_mnist/test", "tuxpaint/train", "tuxpaint/test")
+SPLIT_DIRS = ("fashion_mnist/train", "fashion_mnist/test", "tuxpaint/train", "tuxpaint/test", "openclipart/train",
+              "emoji/train")
 
 
 def write_idx_gz(path: Path, array: np.ndarray, magic: int | None = None, extra: bytes = b"") -> Path:
@@ -110,7 +111,7 @@ def test_templates_are_disjoint_and_fill_one_class_name() -> None:
     assert len(set(caption_template_ids(1000).tolist())) == len(FASHION_TRAIN_TEMPLATES)
 
 
-def test_build_writes_four_splits_with_manifests(demo_dir: Path) -> None:
+def test_build_writes_six_splits_with_manifests(demo_dir: Path) -> None:
     demo = json.loads((demo_dir / "demo.json").read_text())
     for directory in SPLIT_DIRS:
         manifest = json.loads((demo_dir / directory / "manifest.json").read_text())
@@ -185,7 +186,7 @@ def test_changed_request_needs_overwrite(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
     summary = build_demo_data(tmp_path, progress=False, limit=4, overwrite=True)
     assert not any(split.reused for split in summary.splits)
-    assert [split.samples for split in summary.splits] == [4, 4, 4, 4]
+    assert [split.samples for split in summary.splits] == [4] * len(SPLIT_DIRS)
     assert json.loads((tmp_path / "demo.json").read_text())["limit"] == 4
 
 
@@ -211,6 +212,7 @@ def test_cli_prints_summary_and_reports_missing_data(tmp_path: Path, capsys: pyt
     assert cli_main(["data", "demo", "--out", str(tmp_path / "cli"), "--limit", "3", "--no-progress"]) == 0
     table = capsys.readouterr().out
     assert "fashion_mnist  train" in table and "tuxpaint       test" in table and "no_png=" in table
+    assert "openclipart    train" in table and "emoji          train" in table and "skin_tone_variant=" in table
     code = cli_main(["data", "demo", "--out", str(tmp_path / "x"), "--fashion-root", str(tmp_path / "no")])
     assert code == 1
     assert "dataset-fashion-mnist" in capsys.readouterr().err

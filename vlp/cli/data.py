@@ -32,9 +32,10 @@ def _positive_int(text: str) -> int:
 def _register_demo(data_commands: argparse._SubParsersAction) -> None:
     parser = data_commands.add_parser(
         "demo",
-        help="write Fashion-MNIST and Tux Paint stamp shards (from Debian packages) under --out",
-        description="Build webdataset shards of Fashion-MNIST (train/test) and Tux Paint stamps (train/test) "
-                    "from the Debian packages dataset-fashion-mnist and tuxpaint-stamps-default. Splits whose "
+        help="write Fashion-MNIST, Tux Paint, Open Clip Art and emoji shards (from Debian packages) under --out",
+        description="Build webdataset shards of Fashion-MNIST (train/test), Tux Paint stamps (train/test), Open Clip "
+                    "Art (train) and rendered emoji (train) from the Debian packages dataset-fashion-mnist, "
+                    "tuxpaint-stamps-default, openclipart-png, fonts-noto-color-emoji and unicode-data. Splits whose "
                     "output already matches are reused unless --overwrite is given.",
     )
     parser.add_argument("--out", required=True, help="output directory (DIR/fashion_mnist/train, ..., DIR/demo.json)")
@@ -47,6 +48,12 @@ def _register_demo(data_commands: argparse._SubParsersAction) -> None:
                         help="Fashion-MNIST idx files (default: where dataset-fashion-mnist installs them)")
     parser.add_argument("--tuxpaint-root", default=None,
                         help="Tux Paint stamps tree (default: where tuxpaint-stamps-default installs it)")
+    parser.add_argument("--openclipart-root", default=None,
+                        help="Open Clip Art PNG tree (default: where openclipart-png installs it)")
+    parser.add_argument("--emoji-font", default=None,
+                        help="colour emoji font (default: where fonts-noto-color-emoji installs NotoColorEmoji.ttf)")
+    parser.add_argument("--emoji-names", default=None,
+                        help="emoji-test.txt, the emoji names (default: where unicode-data installs it)")
     parser.set_defaults(func=run_demo)
 
 
@@ -55,8 +62,9 @@ def run_demo(args: argparse.Namespace) -> int:
     from vlp.data.demo import DemoDataMissingError, build_demo_data
     from vlp.data.demo_fashion import IdxFormatError
 
-    roots = {name: value for name, value in (("fashion_root", args.fashion_root),
-                                              ("tuxpaint_root", args.tuxpaint_root)) if value is not None}
+    given = {"fashion_root": args.fashion_root, "tuxpaint_root": args.tuxpaint_root,
+             "openclipart_root": args.openclipart_root, "emoji_font": args.emoji_font, "emoji_names": args.emoji_names}
+    roots = {name: value for name, value in given.items() if value is not None}
     try:
         summary = build_demo_data(
             args.out, workers=args.workers, overwrite=args.overwrite, progress=args.progress, limit=args.limit, **roots

@@ -1,4 +1,4 @@
-"""The embedded real demo data: webdataset shards built from two Debian-packaged data sets, offline.
+"""The embedded real demo data: webdataset shards built from Debian-packaged data sets, offline.
 
 Sources (see :data:`DEMO_LICENCES` for the exact terms):
 
@@ -9,6 +9,13 @@ Sources (see :data:`DEMO_LICENCES` for the exact terms):
 - Tux Paint stamps (package ``tuxpaint-stamps-default``): about 800 clip-art and photo stamps with English
   captions, split 85/15 by a hash of the path, resized to at most 224 pixels and stored as JPEG on white;
   every sample's json has ``category`` (e.g. ``animals/birds``) and ``stamp`` (the relative PNG path).
+- Open Clip Art (package ``openclipart-png``, train only): about 4,300 clip-art PNGs captioned from their file
+  and folder names (:mod:`vlp.data.demo_openclipart`), stored like the stamps.
+- Emoji (packages ``fonts-noto-color-emoji`` + ``unicode-data``, train only): about 1,900 colour emoji rendered
+  with Pillow and captioned with their Unicode CLDR names (:mod:`vlp.data.demo_emoji`), stored like the stamps.
+
+The extra training sources never hold a held-out Tux Paint test image: an image that is a near-duplicate of a test
+stamp (:mod:`vlp.data.demo_dedup`), or whose caption equals a test caption, is left out and counted by reason.
 
 Output layout of ``build_demo_data(DIR)`` / ``vlp data demo --out DIR``::
 
@@ -16,6 +23,8 @@ Output layout of ``build_demo_data(DIR)`` / ``vlp data demo --out DIR``::
     DIR/fashion_mnist/test/    00000.tar 00001.tar manifest.json sizes.json
     DIR/tuxpaint/train/        00000.tar ... manifest.json sizes.json             (128 samples a shard)
     DIR/tuxpaint/test/
+    DIR/openclipart/train/     (512 samples a shard)
+    DIR/emoji/train/
     DIR/demo.json              {"sources": {"fashion_mnist/train": {"source", "split", "dir", "samples", "shards",
                                "inputs", "skipped"}, ...}, "classnames", "train_templates", "eval_templates",
                                "test_template", "scan_skipped", "limit", "licences"}
@@ -29,12 +38,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from vlp.data import demo_fashion, demo_tuxpaint
+from vlp.data import demo_emoji, demo_fashion, demo_openclipart, demo_tuxpaint
+from vlp.data.demo_dedup import NearDuplicateIndex, drop_test_copies, fingerprint_file
 from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, FASHION_TRAIN_TEMPLATES
+from vlp.data.demo_licences import DEMO_LICENCES
 from vlp.data.layout import read_manifest, write_json_atomic
 from vlp.data.writer import SourceSample, write_shards
 from vlp.errors import VlpError
@@ -52,50 +65,7 @@ FASHION_SAMPLES_PER_SHARD = 5000  # train: 12 shards, enough for 2 ranks x 2 loa
 TUXPAINT_SAMPLES_PER_SHARD = 128  # train: about 6 shards
 TUXPAINT_MAX_SIDE = 224
 TUXPAINT_JPEG_QUALITY = 90
-
-_MIT_NOTICE = (
-    "Permission is hereby granted, free of charge, to any person obtaining a copy of this software and "
-    'associated documentation files (the "Software"), to deal in the Software without restriction, including '
-    "without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell "
-    "copies of the Software, and to permit persons to whom the Software is furnished to do so, subject to the "
-    "following conditions: The above copyright notice and this permission notice shall be included in all copies "
-    'or substantial portions of the Software. THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, '
-    "EXPRESS OR IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A "
-    "PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR "
-    "ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, "
-    "OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE."
-)
-_GPL2_PLUS_NOTICE = (
-    "This package is free software; you can redistribute it and/or modify it under the terms of the GNU General "
-    "Public License as published by the Free Software Foundation; either version 2 of the License, or (at your "
-    "option) any later version. This package is distributed in the hope that it will be useful, but WITHOUT ANY "
-    "WARRANTY; without even the implied warranty of MERCHANTABILITY or FITNESS FOR A PARTICULAR PURPOSE. See the "
-    "GNU General Public License for more details."
-)
-# Quoted from /usr/share/doc/<package>/copyright (Debian machine-readable copyright files).
-DEMO_LICENCES = {
-    "fashion_mnist": {
-        "name": "Fashion-MNIST",
-        "author": "Zalando Research",
-        "copyright": "2017, Zalando SE, https:tech.zalando.com",
-        "licence": "MIT (Expat)",
-        "notice": _MIT_NOTICE,
-        "upstream": "https://github.com/zalandoresearch/fashion-mnist",
-        "debian_package": "dataset-fashion-mnist",
-        "copyright_file": "/usr/share/doc/dataset-fashion-mnist/copyright",
-    },
-    "tuxpaint": {
-        "name": "Tux Paint stamps (tuxpaint-stamps)",
-        "author": "the Tux Paint project",
-        "copyright": "2002-2022 by Bill Kendrick <bill@newbreedsoftware.com>",
-        "licence": "GPL-2+ (GNU General Public License, version 2 or any later version)",
-        "notice": _GPL2_PLUS_NOTICE,
-        "upstream": "http://sourceforge.net/projects/tuxpaint",
-        "debian_package": "tuxpaint-stamps-default",
-        "copyright_file": "/usr/share/doc/tuxpaint-stamps-default/copyright",
-    },
-}
-
+EXTRA_SAMPLES_PER_SHARD = 512  # openclipart/train, emoji/train
 
 class DemoDataMissingError(VlpError, FileNotFoundError):
     """A source data set is not installed; the message names the Debian package that provides it."""
@@ -157,7 +127,7 @@ class _SplitJob:
     source: str
     split: str
     inputs: int
-    samples: Callable[[], Iterable[SourceSample]]
+    samples: Callable[[Counter], Iterable[SourceSample]]  # called with a Counter of what the stream leaves out
     writer_options: dict
 
     @property
@@ -175,11 +145,19 @@ def _check_fashion_root(root: Path) -> None:
         )
 
 
-def _check_tuxpaint_root(root: Path) -> None:
+def _check_png_tree(root: Path, what: str, package: str) -> None:
     if not root.is_dir() or next(root.rglob("*.png"), None) is None:
         raise DemoDataMissingError(
-            f"Tux Paint stamps not found at {root}: install the Debian package tuxpaint-stamps-default "
-            "(`apt-get install tuxpaint-stamps-default`) or run `make demo`"
+            f"{what} not found at {root}: install the Debian package {package} (`apt-get install {package}`) or run "
+            "`make demo`"
+        )
+
+
+def _check_file(path: Path, what: str, package: str) -> None:
+    if not path.is_file():
+        raise DemoDataMissingError(
+            f"{what} not found at {path}: install the Debian package {package} (`apt-get install {package}`) or run "
+            "`make demo`"
         )
 
 
@@ -191,20 +169,57 @@ def _fashion_jobs(root: Path, limit: int | None) -> list[_SplitJob]:
     options = {"samples_per_shard": FASHION_SAMPLES_PER_SHARD, "image_format": "keep"}
     return [
         _SplitJob("fashion_mnist", split, _capped(demo_fashion.fashion_split_size(root, split), limit),
-                  lambda split=split: demo_fashion.fashion_samples(root, split, limit=limit), options)
+                  lambda _, split=split: demo_fashion.fashion_samples(root, split, limit=limit), options)
         for split in ("train", "test")
     ]
 
 
+def _stamp_options(samples_per_shard: int) -> dict:
+    return {"samples_per_shard": samples_per_shard, "image_format": "jpg", "max_side": TUXPAINT_MAX_SIDE,
+            "quality": TUXPAINT_JPEG_QUALITY}
+
+
 def _tuxpaint_jobs(scan: demo_tuxpaint.StampScan, limit: int | None) -> list[_SplitJob]:
-    options = {"samples_per_shard": TUXPAINT_SAMPLES_PER_SHARD, "image_format": "jpg",
-               "max_side": TUXPAINT_MAX_SIDE, "quality": TUXPAINT_JPEG_QUALITY}
+    options = _stamp_options(TUXPAINT_SAMPLES_PER_SHARD)
     jobs = []
     for split in demo_tuxpaint.SPLITS:
         stamps = demo_tuxpaint.split_stamps(scan.stamps, split, limit=limit)
         jobs.append(_SplitJob("tuxpaint", split, len(stamps),
-                              lambda stamps=stamps: demo_tuxpaint.tuxpaint_samples(stamps), options))
+                              lambda _, stamps=stamps: demo_tuxpaint.tuxpaint_samples(stamps), options))
     return jobs
+
+
+class _TestGuard:
+    """What an extra training source must not contain: every Tux Paint test stamp (whatever the limit), as a
+    near-duplicate index of its image (built on first use: a build that reuses every split never reads them) and
+    its caption.
+    """
+
+    def __init__(self, scan: demo_tuxpaint.StampScan) -> None:
+        self.test_stamps = demo_tuxpaint.split_stamps(scan.stamps, "test")
+
+    @cached_property
+    def index(self) -> NearDuplicateIndex:
+        return NearDuplicateIndex(fingerprint_file(stamp.png_path) for stamp in self.test_stamps)
+
+    def filter(self, samples: Iterable[SourceSample], skipped: Counter) -> Iterable[SourceSample]:
+        return drop_test_copies(samples, self.index, [stamp.caption for stamp in self.test_stamps], skipped)
+
+
+def _openclipart_job(root: Path, guard: _TestGuard, limit: int | None) -> tuple[_SplitJob, Counter]:
+    scan = demo_openclipart.scan_clipart(root)
+    images = scan.stamps if limit is None else scan.stamps[:limit]
+    return _SplitJob("openclipart", "train", len(images),
+                     lambda skipped: guard.filter(demo_tuxpaint.tuxpaint_samples(images, "file"), skipped),
+                     _stamp_options(EXTRA_SAMPLES_PER_SHARD)), scan.skipped
+
+
+def _emoji_job(font: Path, names: Path, guard: _TestGuard, limit: int | None) -> tuple[_SplitJob, Counter]:
+    scan = demo_emoji.parse_emoji_test(names.read_text(encoding="utf-8"))
+    emoji = scan.emoji if limit is None else scan.emoji[:limit]
+    return _SplitJob("emoji", "train", len(emoji),
+                     lambda skipped: guard.filter(demo_emoji.emoji_samples(emoji, font, skipped), skipped),
+                     _stamp_options(EXTRA_SAMPLES_PER_SHARD)), scan.skipped
 
 
 def _read_demo_json(out_dir: Path) -> dict:
@@ -251,10 +266,12 @@ def _write_split(out_dir: Path, job: _SplitJob, *, workers: int, overwrite: bool
     directory = out_dir / job.directory
     logger.info("writing %s (%d samples)", job.directory, job.inputs)
     start = time.perf_counter()
-    report = write_shards(job.samples(), directory, workers=workers, progress=progress, total=job.inputs,
+    stream_skipped: Counter = Counter()
+    report = write_shards(job.samples(stream_skipped), directory, workers=workers, progress=progress, total=job.inputs,
                           overwrite=overwrite, **job.writer_options)
+    skipped = Counter(report.skipped_by_reason) + stream_skipped
     return SplitSummary(job.source, job.split, job.directory, report.samples, report.shards, job.inputs,
-                        dict(sorted(report.skipped_by_reason.items())), seconds=time.perf_counter() - start)
+                        dict(sorted(skipped.items())), seconds=time.perf_counter() - start)
 
 
 def _demo_json(summary: DemoSummary, jobs: list[_SplitJob], limit: int | None) -> dict:
@@ -286,9 +303,12 @@ def build_demo_data(
     progress: bool = True,
     fashion_root: str | Path = demo_fashion.FASHION_DEFAULT_ROOT,
     tuxpaint_root: str | Path = demo_tuxpaint.TUXPAINT_DEFAULT_ROOT,
+    openclipart_root: str | Path = demo_openclipart.OPENCLIPART_DEFAULT_ROOT,
+    emoji_font: str | Path = demo_emoji.EMOJI_FONT_DEFAULT,
+    emoji_names: str | Path = demo_emoji.EMOJI_TEST_DEFAULT,
     limit: int | None = None,
 ) -> DemoSummary:
-    """Build (or reuse) the four demo splits under ``out_dir`` and write ``demo.json``.
+    """Build (or reuse) the six demo splits under ``out_dir`` and write ``demo.json``.
 
     Args:
         out_dir: output directory (layout in the module docstring).
@@ -296,7 +316,8 @@ def build_demo_data(
         overwrite: rebuild every split. Without it a split whose existing output matches this build is
             reused, and one whose output differs raises :class:`FileExistsError`.
         progress: show progress bars.
-        fashion_root, tuxpaint_root: where the Debian packages put the data.
+        fashion_root, tuxpaint_root, openclipart_root: where the Debian packages put the data.
+        emoji_font, emoji_names: the colour emoji font and ``emoji-test.txt`` (the emoji names).
         limit: at most this many samples per split (fast tests); ``None`` for everything.
 
     Raises:
@@ -306,10 +327,17 @@ def build_demo_data(
         raise ValueError(f"limit must be positive, got {limit}")
     start = time.perf_counter()
     out_dir, fashion_root, tuxpaint_root = Path(out_dir), Path(fashion_root), Path(tuxpaint_root)
+    openclipart_root, emoji_font, emoji_names = Path(openclipart_root), Path(emoji_font), Path(emoji_names)
     _check_fashion_root(fashion_root)
-    _check_tuxpaint_root(tuxpaint_root)
+    _check_png_tree(tuxpaint_root, "Tux Paint stamps", "tuxpaint-stamps-default")
+    _check_png_tree(openclipart_root, "Open Clip Art PNGs", "openclipart-png")
+    _check_file(emoji_font, "The colour emoji font", "fonts-noto-color-emoji")
+    _check_file(emoji_names, "The Unicode emoji list (emoji-test.txt)", "unicode-data")
     scan = demo_tuxpaint.scan_stamps(tuxpaint_root)
-    jobs = _fashion_jobs(fashion_root, limit) + _tuxpaint_jobs(scan, limit)
+    guard = _TestGuard(scan)
+    clipart_job, clipart_skipped = _openclipart_job(openclipart_root, guard, limit)
+    emoji_job, emoji_skipped = _emoji_job(emoji_font, emoji_names, guard, limit)
+    jobs = _fashion_jobs(fashion_root, limit) + _tuxpaint_jobs(scan, limit) + [clipart_job, emoji_job]
     previous = {} if overwrite else _read_demo_json(out_dir)
     reusable = [_reusable_split(out_dir, job, previous) for job in jobs]
     if not overwrite:
@@ -320,7 +348,8 @@ def build_demo_data(
         if reused is not None:
             logger.info("reusing %s: %d samples in %d shards", job.directory, reused.samples, reused.shards)
         splits.append(reused or _write_split(out_dir, job, workers=workers, overwrite=overwrite, progress=progress))
-    summary = DemoSummary(out_dir, tuple(splits), {"tuxpaint": dict(sorted(scan.skipped.items()))},
+    scan_skipped = {"tuxpaint": scan.skipped, "openclipart": clipart_skipped, "emoji": emoji_skipped}
+    summary = DemoSummary(out_dir, tuple(splits), {k: dict(sorted(v.items())) for k, v in scan_skipped.items()},
                           time.perf_counter() - start)
     write_json_atomic(out_dir / DEMO_JSON_NAME, _demo_json(summary, jobs, limit))
     return summary

@@ -99,12 +99,13 @@ def split_stamps(stamps: list[Stamp], split: str, *, limit: int | None = None) -
     return chosen if limit is None else chosen[:limit]
 
 
-def tuxpaint_samples(stamps: list[Stamp]) -> Iterator[SourceSample]:
-    """One :class:`SourceSample` per stamp, reading the PNG from disk (the writer resizes and re-encodes it)."""
+def tuxpaint_samples(stamps: list[Stamp], path_key: str = "stamp") -> Iterator[SourceSample]:
+    """One :class:`SourceSample` per stamp, reading the PNG from disk (the writer resizes and re-encodes it); the
+    json holds ``category`` and, under ``path_key``, the relative path."""
     for stamp in stamps:
         yield SourceSample(
             caption=stamp.caption,
             image_path=str(stamp.png_path),
-            extra={"category": stamp.category, "stamp": stamp.relative_path},
+            extra={"category": stamp.category, path_key: stamp.relative_path},
             source=str(stamp.png_path),
         )
