@@ -12,7 +12,8 @@ BENCH_STAMP := $(VENV)/.installed-bench
 DATA_DEBIAN_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default openclipart-png fonts-noto-color-emoji unicode-data
 TEST_DEBIAN_PACKAGES := $(DATA_DEBIAN_PACKAGES) chromium
 DEMO_DATA := data/demo
-# make demo: the CLIP demo; make demo DEMO=albef: the ALBEF demo (momentum distillation, fusion encoder, ITM, MLM)
+# make demo: the CLIP demo (contrastive LiT: locked pretrained MiniLM text tower, RegNetX image tower);
+# make demo DEMO=albef: the ALBEF demo (momentum distillation, fusion encoder, ITM, MLM)
 DEMO ?= clip
 DEMO_CONFIG_clip := configs/pretrain/demo.yaml
 DEMO_RUN_clip := runs/demo
@@ -25,7 +26,8 @@ DEMO_EVAL_albef := --rerank 16
 
 help:
 	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
-	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a small CLIP"
+	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a contrastive"
+	@echo "            LiT model (pretrained MiniLM text tower, locked; small CNN image tower) and evaluate it"
 	@echo "            (make demo DEMO=albef: a small ALBEF: momentum distillation, fusion encoder, ITM, MLM)"
 	@echo "make lint   ruff"
 	@echo "make bench  set up (with the benchmark peers' extra packages), then run the benchmarks (python -m bench.<name>)"
