@@ -1,0 +1,261 @@
+"""vlp model -> a Hugging Face ``transformers`` folder that ``from_pretrained(DIR)`` loads offline.
+
+- ``CLIPModel`` when both towers are plain CLIP transformers (``open_clip:`` ViT archs): config.json,
+  model.safetensors, a ``CLIPProcessor`` (``CLIPImageProcessor`` + ``CLIPTokenizer``).
+- ``VisionTextDualEncoderModel`` otherwise, when each tower has a transformers counterpart: a timm image tower
+  (vlp's ``tiny`` / ``small`` ViTs) as ``TimmWrapperModel`` (timm builds it from the architecture and model
+  arguments in the config), an open_clip vision transformer as ``CLIPVisionModel``; an open_clip text transformer
+  as ``CLIPTextModel`` (its pooled output is the end-of-text token after the final LayerNorm, as open_clip's), a
+  BERT-family text tower with ``text_pooling=cls`` (``minilm-lit``) as its own model class.
+
+``VisionTextDualEncoderModel`` pools a BERT-family text model with the model's pooler, ``tanh(dense(h_cls))``.
+vlp's ``cls`` pooling takes ``h_cls`` itself, so the exported pooler is ``dense = 2**-16 * I`` (no bias) and the
+text projection is scaled by ``2**16``: ``tanh(u) / u = 1 - u**2 / 3 + ...`` with ``|u| <= 2**-16 * |h|``, an error
+far below float32 rounding for LayerNorm outputs, and powers of two keep the scaling itself exact. Mean or eos
+pooling has no such counterpart and is refused, as is anything else transformers cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlp.export.common import (ExportError, ExportSource, max_abs_difference, parity_pixels, parity_tokens,
+                               require_parity)
+from vlp.export.hf_clip import clip_text_config, clip_vision_config, text_to_hf, vision_to_hf
+from vlp.export.tokenizers import hf_tokenizer, tokenizer_notes
+from vlp.export.towers import require_dual_encoder, text_settings, vision_settings
+from vlp.models.image_encoder import OpenClipImageTower, TimmImageTower
+from vlp.models.text_encoder import HFTextTower, OpenClipTextTower, _quiet_transformers
+
+POOLER_SCALE = 2.0**-16  # the BERT pooler's dense layer in a VisionTextDualEncoderModel export (see above)
+CLIP_SNIPPET = """
+import torch
+from PIL import Image
+from transformers import {model_class}, {processor_class}
+
+model = {model_class}.from_pretrained("{out}").eval()
+processor = {processor_class}.from_pretrained("{out}")
+inputs = processor(text=["a photo of a cat"], images=Image.open("image.jpg"), return_tensors="pt",
+                   padding="max_length", truncation=True)
+with torch.no_grad():
+    outputs = model(**inputs)
+image_features, text_features = outputs.image_embeds, outputs.text_embeds  # L2-normalised, as vlp's
+print(image_features @ text_features.T)
+"""
+
+
+@dataclass
+class HFTower:
+    """One tower as transformers builds it: its config, its state (names relative to the tower model), the weight
+    of the dual encoder's projection after it, and whether ``CLIPModel`` can hold it."""
+
+    config: object
+    state: dict[str, torch.Tensor]
+    projection: torch.Tensor
+    clip: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HFPlan:
+    """The transformers model (weights loaded), its processor, and what the card says."""
+
+    model: nn.Module
+    processor: object
+    model_class: str
+    processor_class: str
+    notes: list[str]
+
+    def snippet(self, out: Path) -> str:
+        return CLIP_SNIPPET.format(model_class=self.model_class, processor_class=self.processor_class, out=out)
+
+
+# ------------------------------------------------------------------------------------------------------ towers
+
+def _vision_tower(model: nn.Module) -> HFTower:
+    tower = model.image_encoder
+    if isinstance(tower, OpenClipImageTower):
+        from transformers import CLIPVisionConfig
+
+        if not isinstance(model.image_projection, nn.Identity):
+            raise ExportError("image_projection: a projection after open_clip's own has no transformers counterpart")
+        settings = vision_settings(tower.visual)
+        state, projection = vision_to_hf(tower.visual.state_dict(), settings.blocks.layers)
+        return HFTower(CLIPVisionConfig(**clip_vision_config(settings)), state, projection, clip=True)
+    if isinstance(tower, TimmImageTower):
+        from timm.models import get_model_args
+        from transformers import TimmWrapperConfig
+
+        args = {key: value for key, value in get_model_args(tower.model).items() if key != "num_classes"}
+        config = TimmWrapperConfig(architecture=tower.model.pretrained_cfg["architecture"], model_args=args,
+                                   do_pooling=True)
+        config.hidden_size = tower.output_dim  # what VisionTextDualEncoderModel sizes its projection by
+        state = {f"timm_model.{key}": value for key, value in tower.model.state_dict().items()}
+        return HFTower(config, state, model.image_projection.weight.detach(), clip=False)
+    raise ExportError(f"image tower: {type(tower).__name__} has no transformers counterpart")
+
+
+def _clip_text_tower(model: nn.Module, tokenizer_spec: str, context_length: int) -> HFTower:
+    from transformers import CLIPTextConfig
+
+    tower = model.text_encoder
+    if not isinstance(model.text_projection, nn.Identity):
+        raise ExportError("text_projection: a projection after open_clip's own has no transformers counterpart")
+    if tokenizer_spec != "open_clip":
+        raise ExportError(f"text tower: an open_clip text transformer reading {tokenizer_spec!r} ids; transformers' "
+                          "CLIP text model is exported with the CLIP BPE tokenizer only")
+    settings = text_settings(tower.text)
+    tokenizer = hf_tokenizer(tokenizer_spec, context_length)
+    eos = tokenizer.eos_token_id
+    if (settings.pool_type == "argmax" and eos != settings.vocab_size - 1) or (
+            settings.pool_type == "eos" and eos != settings.eos_id):
+        raise ExportError(f"text tower: pools at {settings.pool_type!r}, which transformers' CLIP text model (first "
+                          f"end-of-text token, id {eos}) does not reproduce")
+    config = CLIPTextConfig(**clip_text_config(settings, tokenizer.bos_token_id, eos, tokenizer.pad_token_id))
+    state, projection = text_to_hf(tower.text.state_dict(), settings.blocks.layers)
+    return HFTower(config, state, projection, clip=True, notes=tokenizer_notes(tokenizer_spec))
+
+
+def _bert_text_tower(model: nn.Module) -> HFTower:
+    from transformers import AutoModel
+
+    tower = model.text_encoder
+    if tower.pooling != "cls":
+        raise ExportError(f"text tower: pooling {tower.pooling!r} (model.text_pooling); VisionTextDualEncoderModel "
+                          "pools a BERT-family text model on its [CLS] token (text_pooling=cls only)")
+    projection = model.text_projection
+    if not isinstance(projection, nn.Linear):
+        raise ExportError(f"text_projection: {type(projection).__name__} where transformers expects a linear layer")
+    pooled_model = AutoModel.from_config(tower.model.config)
+    pooler = getattr(pooled_model, "pooler", None)
+    dense = getattr(pooler, "dense", None)
+    if not isinstance(dense, nn.Linear) or not isinstance(getattr(pooler, "activation", None), nn.Tanh):
+        raise ExportError(f"text tower: {type(pooled_model).__name__} has no BERT pooler (dense + tanh), which "
+                          "VisionTextDualEncoderModel takes its text features from")
+    state = dict(tower.model.state_dict())
+    width = dense.in_features
+    state["pooler.dense.weight"] = torch.eye(width) * POOLER_SCALE
+    state["pooler.dense.bias"] = torch.zeros(width)
+    note = ("the text model's pooler is dense = 2**-16 * identity with tanh, the text projection is scaled by 2**16: "
+            "together vlp's [CLS] pooling within float32 rounding (the pooler does not suit fp16; fine-tuning "
+            "should re-initialise it)")
+    return HFTower(tower.model.config, state, projection.weight.detach() / POOLER_SCALE, clip=False, notes=[note])
+
+
+def _text_tower(model: nn.Module, tokenizer_spec: str, context_length: int) -> HFTower:
+    tower = model.text_encoder
+    if isinstance(tower, OpenClipTextTower):
+        return _clip_text_tower(model, tokenizer_spec, context_length)
+    if isinstance(tower, HFTextTower):
+        return _bert_text_tower(model)
+    raise ExportError(f"text tower: {type(tower).__name__} has no transformers counterpart")
+
+
+# -------------------------------------------------------------------------------------------------------- plan
+
+def image_processor(source: ExportSource):  # noqa: ANN201 - a transformers CLIPImageProcessor
+    """vlp's preprocessing record as a ``CLIPImageProcessor`` (resize, crop, rescale, normalise, white alpha)."""
+    from transformers import CLIPImageProcessor
+
+    config = source.config.model
+    record, size = config.preprocess, config.image_size
+    geometry = ({"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
+                 "do_center_crop": True} if record.resize == "shortest"
+                else {"size": {"height": size, "width": size}, "do_center_crop": False})
+    return CLIPImageProcessor(**geometry, resample=3 if record.interpolation == "bicubic" else 2,
+                              image_mean=list(record.mean), image_std=list(record.std), do_convert_rgb=True)
+
+
+def preprocess_notes(source: ExportSource) -> list[str]:
+    """Where transformers' image processor gives other pixels than vlp's for the same file."""
+    notes = []
+    if source.config.model.preprocess.resize == "shortest":
+        notes.append("transformers' CLIPImageProcessor centre-crops with the offset rounded down, vlp (and "
+                     "torchvision) rounds it to nearest: when the resized image exceeds the crop by an odd number "
+                     "of pixels the crop sits one pixel apart; otherwise the pixels are identical")
+    if source.config.model.preprocess.alpha == "convert":
+        notes.append("transformers' image processor composites transparency onto white; this model was trained "
+                     "with PIL's convert('RGB') (model.preprocess.alpha=convert)")
+    return notes
+
+
+def _load(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    result = hf_model.load_state_dict(state, strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"the transformers model does not take vlp's weights: missing {missing[:6]}, unexpected "
+                          f"{list(result.unexpected_keys)[:6]}; this is a bug in vlp, please report it")
+
+
+def plan_hf(source: ExportSource) -> HFPlan:
+    """The transformers model with vlp's weights and its processor, or an :class:`ExportError` naming the part
+    transformers cannot express."""
+    from transformers import (CLIPConfig, CLIPModel, CLIPProcessor, VisionTextDualEncoderConfig,
+                              VisionTextDualEncoderModel, VisionTextDualEncoderProcessor)
+
+    model, config = source.model, source.config.model
+    require_dual_encoder(model)
+    vision, text = _vision_tower(model), _text_tower(model, source.tokenizer, config.context_length)
+    scale = float(model.logit_scale.detach())
+    if vision.clip and text.clip:
+        hf_config = CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+                               projection_dim=model.embed_dim, logit_scale_init_value=scale)
+        hf_model, processor_type = CLIPModel(hf_config), CLIPProcessor
+    else:
+        hf_config = VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision.config, text.config, projection_dim=model.embed_dim, logit_scale_init_value=scale)
+        hf_model, processor_type = VisionTextDualEncoderModel(hf_config), VisionTextDualEncoderProcessor
+    state = {**{f"vision_model.{k}": v for k, v in vision.state.items()},
+             **{f"text_model.{k}": v for k, v in text.state.items()},
+             "visual_projection.weight": vision.projection, "text_projection.weight": text.projection,
+             "logit_scale": model.logit_scale.detach()}
+    _load(hf_model, state)
+    processor = processor_type(image_processor=image_processor(source),
+                               tokenizer=hf_tokenizer(source.tokenizer, config.context_length))
+    notes = vision.notes + text.notes + preprocess_notes(source)
+    if model.logit_bias is not None:
+        notes.append("logit_bias (SigLIP) is not stored: transformers' dual encoders have none; the embeddings "
+                     "are unaffected")
+    return HFPlan(hf_model.eval(), processor, type(hf_model).__name__, processor_type.__name__, notes)
+
+
+# ------------------------------------------------------------------------------------------------ write, verify
+
+def write_hf(plan: HFPlan, out: Path) -> None:
+    """config.json + model.safetensors, then the processor (image processor and tokenizer files)."""
+    with _quiet_transformers():
+        plan.model.save_pretrained(str(out), safe_serialization=True)
+        plan.processor.save_pretrained(str(out))
+
+
+def verify_hf(source: ExportSource, plan: HFPlan, out: Path) -> dict[str, float]:
+    """Load ``out`` with transformers' own ``from_pretrained`` (offline) and compare normalised embeddings with vlp's
+    on seeded pixels and on the parity captions through each side's own tokenizer."""
+    import transformers
+
+    from vlp.export.common import PARITY_CAPTIONS
+
+    with _quiet_transformers():
+        peer = getattr(transformers, plan.model_class).from_pretrained(str(out), local_files_only=True).eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    config = source.config.model
+    pixels = parity_pixels(config.image_size)
+    ids, mask = parity_tokens(source.tokenizer, config.context_length)
+    encoded = tokenizer(list(PARITY_CAPTIONS), padding="max_length", truncation=True, max_length=config.context_length,
+                        return_tensors="pt")
+    with torch.no_grad():
+        image = peer.get_image_features(pixel_values=pixels).pooler_output
+        text = peer.get_text_features(input_ids=encoded["input_ids"],
+                                      attention_mask=encoded["attention_mask"]).pooler_output
+        differences = {
+            "image": max_abs_difference(source.model.encode_image(pixels), nn.functional.normalize(image, dim=-1),
+                                        "image embeddings"),
+            "text": max_abs_difference(source.model.encode_text(ids, mask), nn.functional.normalize(text, dim=-1),
+                                       "text embeddings"),
+        }
+    require_parity(differences, out)
+    return differences
