@@ -52,7 +52,8 @@ def find_run_files(checkpoint: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def _open_clip_sizes(arch: str) -> tuple[int, int]:
+def open_clip_sizes(arch: str) -> tuple[int, int]:
+    """(image size, context length) an open_clip architecture defines (its vision_cfg and text_cfg)."""
     from vlp.models.open_clip_model import open_clip_arch_config
 
     arch_config = open_clip_arch_config(arch)
@@ -93,7 +94,7 @@ def load_model_for_eval(
     ``model`` (e.g. ``open_clip:ViT-B-32``, ``open_clip:local-dir:DIR``) with an optional local ``pretrained``
     weights file and, for an open_clip architecture with a Hugging Face tokenizer / text model, its local
     ``tokenizer_dir``."""
-    from vlp.models import create_model, load_model_weights, tokenizer_for
+    from vlp.models import create_model, tokenizer_for
 
     if checkpoint is not None and model is None and checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
         checkpoint, model = None, checkpoint  # ``open_clip:local-dir:DIR``: the folder holds config and weights
@@ -105,13 +106,12 @@ def load_model_for_eval(
         if tokenizer_dir:  # the run's tokenizer directory moved
             config = replace(config, tokenizer_dir=tokenizer_dir)
         tokenizer = tokenizer_for(config)  # refuses a missing tokenizer before building the model
-        network = create_model(replace(config, pretrained=""))
-        load_model_weights(network, weights)
+        network = create_model(replace(config, pretrained=str(weights)))  # the run's weights, whatever it started from
         name, source = config.name, str(weights)
     else:
         config = ModelConfig(name=model, pretrained=pretrained or "", tokenizer_dir=tokenizer_dir or "")
         if model.startswith("open_clip:"):
-            image_size, context_length = _open_clip_sizes(model.partition(":")[2])
+            image_size, context_length = open_clip_sizes(model.partition(":")[2])
             config = replace(config, image_size=image_size, context_length=context_length)
         tokenizer = tokenizer_for(config)
         network = create_model(config)

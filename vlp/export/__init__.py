@@ -9,5 +9,6 @@ that ``vlp eval``, ``vlp index build`` and ``vlp train --init`` use.
 from vlp.export.api import FORMATS, export_model
 from vlp.export.card import ExportResult
 from vlp.export.common import ExportError
+from vlp.export.importing import IMPORT_FORMATS, ImportResult, import_model
 
-__all__ = ["FORMATS", "ExportError", "ExportResult", "export_model"]
+__all__ = ["FORMATS", "IMPORT_FORMATS", "ExportError", "ExportResult", "ImportResult", "export_model", "import_model"]
