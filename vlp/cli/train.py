@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", default=None, metavar="latest|PATH",
                         help="continue from the newest complete checkpoint of the run directory, or from PATH; it "
                              "may come from another number of processes or data.workers (an elastic resume)")
+    parser.add_argument("--init", default=None, metavar="RUN",
+                        help="start from the model of RUN (a run or checkpoint directory, or one written by vlp import): "
+                             "its model section and weights replace the config's, except model.lock_image, "
+                             "model.lock_text, the lock cache sizes and model.grad_checkpointing; data.tokenizer "
+                             "becomes the model's (LiT, fine-tuning)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(func=run_train)
 
@@ -41,6 +46,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
+        if args.init:
+            from vlp.training.setup import init_from_run
+
+            config = init_from_run(config, args.init)
         trainer = Trainer(config, resume=args.resume, progress=args.progress)
         summary = trainer.fit()
     except TrainingAborted as err:

@@ -57,8 +57,10 @@ for name, session in sessions.items():
 def _export_onnx(source: ExportSource, out: Path) -> ExportResult:
     """``vlp.export.onnx.export_onnx(run, out) -> files`` writes and checks the graphs; its module may also offer
     ``loading_snippet(out, files) -> str`` for the card."""
+    import importlib
+
     try:
-        from vlp.export import onnx as onnx_format
+        onnx_format = importlib.import_module("vlp.export.onnx")
     except ModuleNotFoundError as err:
         if err.name != "vlp.export.onnx":
             raise
