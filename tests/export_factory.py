@@ -16,8 +16,9 @@ from vlp.models import create_model, tokenizer_for
 RESULTS = {"zeroshot.acc1": 0.25, "retrieval.image_retrieval_recall@1": 0.5}
 
 
-def make_run(root: Path, model: ModelConfig, *, seed: int = 0, results: bool = True) -> Path:
-    """A run directory of ``model`` with seeded weights (logit scale moved off its init, so it is checked too)."""
+def make_run(root: Path, model: ModelConfig, *, seed: int = 0, results: bool = True) -> tuple[Path, torch.nn.Module]:
+    """(run directory, the model in eval mode) of ``model`` with seeded weights (the logit scale moved off its init,
+    so it is checked too)."""
     torch.manual_seed(seed)
     network = create_model(model)
     with torch.no_grad():
@@ -30,7 +31,7 @@ def make_run(root: Path, model: ModelConfig, *, seed: int = 0, results: bool = T
     (root / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
     if results:
         (root / "results.json").write_text(json.dumps(RESULTS))
-    return root
+    return root, network.eval()
 
 
 TINY = ModelConfig(name="tiny", image_size=32, context_length=16, embed_dim=32)

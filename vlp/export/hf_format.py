@@ -174,9 +174,9 @@ def preprocess_notes(source: ExportSource) -> list[str]:
     """Where transformers' image processor gives other pixels than vlp's for the same file."""
     notes = []
     if source.config.model.preprocess.resize == "shortest":
-        notes.append("transformers' CLIPImageProcessor centre-crops with the offset rounded down, vlp (and "
-                     "torchvision) rounds it to nearest: when the resized image exceeds the crop by an odd number "
-                     "of pixels the crop sits one pixel apart; otherwise the pixels are identical")
+        notes.append("transformers' CLIPImageProcessor centre-crops with the offset rounded down, vlp (as "
+                     "torchvision) rounds half to even: when the resized image exceeds the crop by 4k + 3 pixels "
+                     "the crop sits one pixel apart; otherwise the pixels are identical")
     if source.config.model.preprocess.alpha == "convert":
         notes.append("transformers' image processor composites transparency onto white; this model was trained "
                      "with PIL's convert('RGB') (model.preprocess.alpha=convert)")
