@@ -30,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="continue from the newest complete checkpoint of the run directory, or from PATH; it "
                              "may come from another number of processes or data.workers (an elastic resume)")
     parser.add_argument("--init", default=None, metavar="RUN",
-                        help="start from the model of RUN (a run or checkpoint directory, or one written by vlp import): "
-                             "its model section and weights replace the config's, except model.lock_image, "
+                        help="start from the model of RUN (a run or checkpoint directory, or one written by vlp "
+                             "import): its model section and weights replace the config's, except model.lock_image, "
                              "model.lock_text, the lock cache sizes and model.grad_checkpointing; data.tokenizer "
                              "becomes the model's (LiT, fine-tuning)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

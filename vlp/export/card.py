@@ -76,7 +76,8 @@ def _architecture(source: ExportSource) -> list[str]:
         f"{config.image_size} x {config.image_size} px",
         f"- text tower: {type(model.text_encoder).__name__} ({_inner(model.text_encoder)}), tokenizer "
         f"`{source.tokenizer}`, context length {config.context_length}",
-        f"- embedding width: {model.embed_dim}; temperature exp(logit_scale) = {float(model.logit_scale.detach().exp()):.4g}"
+        f"- embedding width: {model.embed_dim}; temperature exp(logit_scale) = "
+        f"{float(model.logit_scale.detach().exp()):.4g}"
         + (f", logit_bias = {float(model.logit_bias.detach()):.4g}" if model.logit_bias is not None else ""),
     ]
     return towers
@@ -120,8 +121,9 @@ def model_card(source: ExportSource, result: ExportResult) -> str:
     parts += ["", "## Loading", "", "```python", result.snippet.strip(), "```", ""]
     if result.differences:
         measured = ", ".join(f"{name} {value:.2e}" for name, value in result.differences.items())
-        parts += [f"Max abs difference of normalised embeddings, this folder loaded by the peer library vs vlp, "
-                  f"measured when it was written (seeded random pixels; the same captions through each side's own tokenizer): {measured}.", ""]
+        parts += ["Max abs difference of normalised embeddings, this folder loaded by the peer library vs vlp, "
+                  "measured when it was written (seeded random pixels; the same captions through each side's own "
+                  f"tokenizer): {measured}.", ""]
     if result.notes:
         parts += ["## Notes", "", *[f"- {note}" for note in result.notes], ""]
     parts += ["## Preprocessing (vlp's record)", "", "```json",

@@ -137,6 +137,24 @@ def require_parity(differences: dict[str, float], folder: Path, tolerance: float
     logger.info("parity with vlp: %s", ", ".join(f"{name} {value:.2e}" for name, value in differences.items()))
 
 
+def check_parity(model: nn.Module, tokenizer: str, image_size: int, context_length: int,
+                 peer_image: Callable[[torch.Tensor], torch.Tensor], peer_text: Callable[[list[str]], torch.Tensor],
+                 folder: Path) -> dict[str, float]:
+    """Max abs differences between vlp's ``model`` and the peer's normalised embeddings of seeded pixels
+    (``peer_image``) and of :data:`PARITY_CAPTIONS` through the peer's own tokenizer (``peer_text``); raises when
+    they exceed :data:`PARITY_TOLERANCE`."""
+    pixels = parity_pixels(image_size)
+    ids, mask = parity_tokens(tokenizer, context_length)
+    with torch.no_grad():
+        differences = {
+            "image": max_abs_difference(model.encode_image(pixels), peer_image(pixels), "image embeddings"),
+            "text": max_abs_difference(model.encode_text(ids, mask), peer_text(list(PARITY_CAPTIONS)),
+                                       "text embeddings"),
+        }
+    require_parity(differences, folder)
+    return differences
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Parameters of the image tower, the text tower, the projections + temperature, and in all."""
     def count(module: nn.Module | None) -> int:

@@ -10,7 +10,10 @@ inside ``CLIPModel`` and ``VisionTextDualEncoderModel``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from vlp.export.towers import BlockSettings, TextSettings, VisionSettings
 
@@ -102,3 +105,18 @@ def clip_text_config(settings: TextSettings, bos_id: int, eos_id: int, pad_id: i
     return {**_common(settings.blocks), "vocab_size": settings.vocab_size,
             "max_position_embeddings": settings.context_length, "bos_token_id": bos_id, "eos_token_id": eos_id,
             "pad_token_id": pad_id, "projection_dim": settings.output_dim}
+
+
+def hf_encoders(peer: nn.Module, tokenizer: object, context_length: int) -> tuple[Callable, Callable]:
+    """(pixels -> normalised image features, captions -> normalised text features) of a transformers dual encoder
+    (``CLIPModel``, ``VisionTextDualEncoderModel``) and its tokenizer, padding to ``context_length``."""
+    def encode_image(pixels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(peer.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+    def encode_text(captions: list[str]) -> torch.Tensor:
+        encoded = tokenizer(captions, padding="max_length", truncation=True, max_length=context_length,
+                            return_tensors="pt")
+        features = peer.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        return nn.functional.normalize(features.pooler_output, dim=-1)
+
+    return encode_image, encode_text

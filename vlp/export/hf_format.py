@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlp.export.common import (ExportError, ExportSource, max_abs_difference, parity_pixels, parity_tokens,
-                               require_parity)
-from vlp.export.hf_clip import clip_text_config, clip_vision_config, text_to_hf, vision_to_hf
+from vlp.export.common import ExportError, ExportSource, check_parity
+from vlp.export.hf_clip import clip_text_config, clip_vision_config, hf_encoders, text_to_hf, vision_to_hf
 from vlp.export.tokenizers import hf_tokenizer, tokenizer_notes
 from vlp.export.towers import require_dual_encoder, text_settings, vision_settings
 from vlp.models.image_encoder import OpenClipImageTower, TimmImageTower
@@ -194,8 +193,14 @@ def _load(hf_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def plan_hf(source: ExportSource) -> HFPlan:
     """The transformers model with vlp's weights and its processor, or an :class:`ExportError` naming the part
     transformers cannot express."""
-    from transformers import (CLIPConfig, CLIPModel, CLIPProcessor, VisionTextDualEncoderConfig,
-                              VisionTextDualEncoderModel, VisionTextDualEncoderProcessor)
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPProcessor,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        VisionTextDualEncoderProcessor,
+    )
 
     model, config = source.model, source.config.model
     require_dual_encoder(model)
@@ -233,29 +238,14 @@ def write_hf(plan: HFPlan, out: Path) -> None:
 
 
 def verify_hf(source: ExportSource, plan: HFPlan, out: Path) -> dict[str, float]:
-    """Load ``out`` with transformers' own ``from_pretrained`` (offline) and compare normalised embeddings with vlp's
-    on seeded pixels and on the parity captions through each side's own tokenizer."""
+    """Load ``out`` with transformers' own ``from_pretrained`` (offline) and its saved tokenizer, and compare
+    normalised embeddings with vlp's (:func:`~vlp.export.common.check_parity`)."""
     import transformers
-
-    from vlp.export.common import PARITY_CAPTIONS
 
     with _quiet_transformers():
         peer = getattr(transformers, plan.model_class).from_pretrained(str(out), local_files_only=True).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     config = source.config.model
-    pixels = parity_pixels(config.image_size)
-    ids, mask = parity_tokens(source.tokenizer, config.context_length)
-    encoded = tokenizer(list(PARITY_CAPTIONS), padding="max_length", truncation=True, max_length=config.context_length,
-                        return_tensors="pt")
-    with torch.no_grad():
-        image = peer.get_image_features(pixel_values=pixels).pooler_output
-        text = peer.get_text_features(input_ids=encoded["input_ids"],
-                                      attention_mask=encoded["attention_mask"]).pooler_output
-        differences = {
-            "image": max_abs_difference(source.model.encode_image(pixels), nn.functional.normalize(image, dim=-1),
-                                        "image embeddings"),
-            "text": max_abs_difference(source.model.encode_text(ids, mask), nn.functional.normalize(text, dim=-1),
-                                       "text embeddings"),
-        }
-    require_parity(differences, out)
-    return differences
+    encode_image, encode_text = hf_encoders(peer, tokenizer, config.context_length)
+    return check_parity(source.model, source.tokenizer, config.image_size, config.context_length, encode_image,
+                        encode_text, out)

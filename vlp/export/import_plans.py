@@ -108,7 +108,8 @@ def _activations(config: object) -> tuple[bool, dict[str, dict]]:
 
 def _tower_cfg(tower_config: object) -> tuple[dict, int]:
     width, heads = tower_config.hidden_size, tower_config.num_attention_heads
-    cfg = {"width": width, "layers": tower_config.num_hidden_layers, "mlp_ratio": tower_config.intermediate_size / width}
+    cfg = {"width": width, "layers": tower_config.num_hidden_layers,
+           "mlp_ratio": tower_config.intermediate_size / width}
     if tower_config.layer_norm_eps != 1e-5:
         cfg["norm_kwargs"] = {"eps": tower_config.layer_norm_eps}
     return cfg, heads
@@ -170,6 +171,7 @@ def plan_hf_import(folder: Path, out: Path) -> ImportPlan:
     describe it as an open_clip architecture."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
 
+    from vlp.export.hf_clip import hf_encoders
     from vlp.models.text_encoder import _check_hf_weights, _quiet_transformers
 
     if not (folder / "config.json").is_file():
@@ -190,17 +192,7 @@ def plan_hf_import(folder: Path, out: Path) -> ImportPlan:
     copies = _copies_of(folder, TOKENIZER_FILES, "")
     if not copies:
         raise ExportError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
-    context_length = config.text_config.max_position_embeddings
-
-    def encode_text(captions: object) -> torch.Tensor:
-        encoded = tokenizer(captions, padding="max_length", truncation=True, max_length=context_length,
-                            return_tensors="pt")
-        features = peer.get_text_features(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-        return nn.functional.normalize(features.pooler_output, dim=-1)
-
+    encode_image, encode_text = hf_encoders(peer, tokenizer, config.text_config.max_position_embeddings)
     return ImportPlan(clip_model_cfg(config, (out / ARCH_DIR).resolve()),
                       clip_preprocess_cfg(processor, config.vision_config.image_size), "white", copies,
-                      clip_state_to_open_clip(peer),
-                      lambda pixels: nn.functional.normalize(peer.get_image_features(pixel_values=pixels).pooler_output,
-                                                             dim=-1),
-                      encode_text)
+                      clip_state_to_open_clip(peer), encode_image, encode_text)

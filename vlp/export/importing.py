@@ -18,11 +18,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from vlp.config import Config, ModelConfig, PreprocessConfig, load_config, save_config
-from vlp.export.common import (PARITY_CAPTIONS, ExportError, check_out_dir, max_abs_difference, parity_pixels,
-                               require_parity, write_checked)
+from vlp.export.common import ExportError, check_out_dir, check_parity, write_checked
 from vlp.export.import_plans import ARCH_DIR, ImportPlan, plan_hf_import, plan_open_clip_import
 from vlp.export.open_clip_format import CONFIG_FILE
 
@@ -98,20 +95,11 @@ def _write(out: Path, plan: ImportPlan, config: Config) -> None:
 
 def _verify(out: Path, plan: ImportPlan) -> dict[str, float]:
     """The directory as ``vlp eval`` loads it vs the peer's model of the source folder."""
-    from vlp.data.tokenizer import TextTokenizer
     from vlp.evaluation.loading import load_model_for_eval
 
     loaded = load_model_for_eval(str(out))
-    pixels = parity_pixels(loaded.config.image_size)
-    ids, mask = TextTokenizer(loaded.tokenizer, loaded.config.context_length)(list(PARITY_CAPTIONS))
-    with torch.no_grad():
-        differences = {
-            "image": max_abs_difference(plan.encode_image(pixels), loaded.model.encode_image(pixels), "image"),
-            "text": max_abs_difference(plan.encode_text(list(PARITY_CAPTIONS)), loaded.model.encode_text(ids, mask),
-                                       "text"),
-        }
-    require_parity(differences, out)
-    return differences
+    return check_parity(loaded.model, loaded.tokenizer, loaded.config.image_size, loaded.config.context_length,
+                        plan.encode_image, plan.encode_text, out)
 
 
 def import_model(fmt: str, folder: str | Path, out: str | Path, *, overwrite: bool = False) -> ImportResult:

@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from vlp.config import ModelConfig
-from vlp.export.common import (PARITY_CAPTIONS, ExportError, ExportSource, max_abs_difference, parity_pixels,
-                               parity_tokens, require_parity)
+from vlp.export.common import ExportError, ExportSource, check_parity
 from vlp.export.tokenizers import hf_tokenizer
 from vlp.export.towers import require_dual_encoder, text_settings
 from vlp.models.image_encoder import OpenClipImageTower, TimmImageTower
@@ -267,23 +266,13 @@ def write_open_clip(plan: OpenClipPlan, out: Path) -> None:
 
 def verify_open_clip(source: ExportSource, out: Path) -> dict[str, float]:
     """Load ``out`` with open_clip's own ``create_model_and_transforms`` and ``get_tokenizer`` (strict weights) and
-    compare normalised embeddings with vlp's on seeded pixels and the parity captions."""
+    compare normalised embeddings with vlp's (:func:`~vlp.export.common.check_parity`)."""
     import open_clip
 
     peer, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     peer.eval()
     config = source.config.model
-    pixels = parity_pixels(config.image_size)
-    ids, mask = parity_tokens(source.tokenizer, config.context_length)
-    with torch.no_grad():
-        differences = {
-            "image": max_abs_difference(source.model.encode_image(pixels), peer.encode_image(pixels, normalize=True),
-                                        "image embeddings"),
-            "text": max_abs_difference(source.model.encode_text(ids, mask),
-                                       peer.encode_text(tokenizer(list(PARITY_CAPTIONS)), normalize=True),
-                                       "text embeddings"),
-        }
-    require_parity(differences, out)
-    return differences
-
+    return check_parity(source.model, source.tokenizer, config.image_size, config.context_length,
+                        lambda pixels: peer.encode_image(pixels, normalize=True),
+                        lambda captions: peer.encode_text(tokenizer(captions), normalize=True), out)
