@@ -6,6 +6,7 @@ serves ``vlp eval``, ``vlp index build`` and ``vlp train --init``; refusals by n
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,12 +111,14 @@ ROUND_TRIPS = {"tiny open_clip": (lambda _: TINY, "open_clip"), "small open_clip
 
 @pytest.mark.parametrize("case", list(ROUND_TRIPS))
 def test_round_trip_gives_identical_embeddings(case: str, tmp_path: Path) -> None:
-    """vlp -> format -> vlp: the imported directory embeds exactly as the run it came from."""
+    """vlp -> format -> vlp: the imported directory embeds exactly as the run it came from, on its own (the exported
+    folder is deleted first: every file the model reads was copied)."""
     build, fmt = ROUND_TRIPS[case]
     config = build(tmp_path)
     run, model = make_run(tmp_path / "run", config)
     export_model(run, fmt, tmp_path / "exported")
     import_model(fmt, tmp_path / "exported", tmp_path / "imported")
+    shutil.rmtree(tmp_path / "exported")
     loaded = load_model_for_eval(str(tmp_path / "imported"))
     pixels = seeded_pixels(config.image_size)
     ours = embeddings(loaded.model, loaded.tokenizer, config.context_length, pixels)
