@@ -26,6 +26,8 @@ def make_run(root: Path, model: ModelConfig, *, seed: int = 0, results: bool = T
     root.mkdir(parents=True)
     config = Config(model=model)
     config = replace(config, data=replace(config.data, tokenizer=tokenizer_for(model)))
+    if network.logit_bias is not None:  # a SigLIP model: the config rules want the loss that uses the bias
+        config = replace(config, loss=replace(config.loss, kind="siglip"))
     save_config(config, root / "config.yaml")
     save_model(network, str(root / "model.safetensors"))
     (root / "metrics.jsonl").write_text(json.dumps({"step": 7, "loss": 1.5}) + "\n")
