@@ -20,7 +20,7 @@ from shard_factory import write_dataset
 from test_export_open_clip import open_clip_preset, vlp_pixels
 
 from vlp.cli.main import main
-from vlp.config import PreprocessConfig, load_config
+from vlp.config import ModelConfig, PreprocessConfig, load_config
 from vlp.data.tokenizer import TextTokenizer
 from vlp.evaluation.loading import load_model_for_eval
 from vlp.export import ExportError, export_model, import_model
@@ -176,3 +176,47 @@ def test_import_refusals(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="which this command reads"):
         import_model("hf", folder, folder.parent, overwrite=True)
     assert not (tmp_path / "out").exists()
+
+
+def custom_model(tmp_path: Path) -> ModelConfig:
+    """A ``custom`` preset: timm's tiny test ConvNeXt and a tiny random BERT saved by transformers' own code."""
+    from open_clip_factory import copy_tokenizer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(3)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=64), add_pooling_layer=False)
+    bert.save_pretrained(str(tmp_path / "bert"))
+    copy_tokenizer(tmp_path / "bert")
+    return ModelConfig(name="custom", image_tower="timm:test_convnext", text_tower=f"hf:{tmp_path / 'bert'}",
+                       image_size=32, context_length=16, embed_dim=16)
+
+
+def test_an_imported_model_exports_again_on_its_own(tmp_path: Path) -> None:
+    """custom (timm ConvNeXt + BERT) -> open_clip -> vlp -> open_clip and hf: the new folders carry every file they
+    read (the earlier folders are deleted) and still give the original run's embeddings in open_clip and
+    transformers."""
+    import open_clip
+    from transformers import AutoModel, AutoTokenizer
+
+    config = custom_model(tmp_path)
+    run, model = make_run(tmp_path / "run", config)
+    export_model(run, "open_clip", tmp_path / "first")
+    import_model("open_clip", tmp_path / "first", tmp_path / "imported")
+    shutil.rmtree(tmp_path / "first")
+    export_model(tmp_path / "imported", "open_clip", tmp_path / "again")
+    export_model(tmp_path / "imported", "hf", tmp_path / "hf")
+    shutil.rmtree(tmp_path / "imported")
+    pixels = seeded_pixels()
+    image, text = embeddings(model, config.text_tower, 16, pixels)
+    peer, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'again'}")
+    hf_peer = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    encoded = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(CAPTIONS, padding="max_length", max_length=16,
+                                                                   truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'again'}")(CAPTIONS)
+        assert (peer.eval().encode_image(pixels, normalize=True) - image).abs().max() <= 1e-5
+        assert (peer.encode_text(ids, normalize=True) - text).abs().max() <= 1e-5
+        hf_image = F.normalize(hf_peer.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        hf_text = F.normalize(hf_peer.get_text_features(**encoded).pooler_output, dim=-1)
+        assert (hf_image - image).abs().max() <= 1e-5 and (hf_text - text).abs().max() <= 1e-5

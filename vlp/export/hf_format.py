@@ -75,6 +75,31 @@ class HFPlan:
 
 # ------------------------------------------------------------------------------------------------------ towers
 
+def _timm_tower(trunk: nn.Module, projection: torch.Tensor) -> HFTower:
+    """A timm model without classifier (pooled features) as ``TimmWrapperModel``, built by timm from the
+    architecture and the model arguments timm recorded when it created the model."""
+    from timm.models import get_model_args
+    from transformers import TimmWrapperConfig
+
+    if getattr(trunk, "num_classes", 0):
+        raise ExportError(f"image tower: a timm model with a {trunk.num_classes}-way head as its projection; "
+                          "TimmWrapperModel pools without the head")
+    args = {key: value for key, value in get_model_args(trunk).items() if key != "num_classes"}
+    config = TimmWrapperConfig(architecture=trunk.pretrained_cfg["architecture"], model_args=args, do_pooling=True)
+    config.hidden_size = projection.shape[1]  # what VisionTextDualEncoderModel sizes its projection by
+    state = {f"timm_model.{key}": value for key, value in trunk.state_dict().items()}
+    return HFTower(config, state, projection, clip=False)
+
+
+def _open_clip_timm_projection(visual: nn.Module) -> torch.Tensor:
+    """The weight of an open_clip ``TimmModel``'s head when it is a bias-free linear projection (dropout aside)."""
+    layers = [layer for layer in visual.head.children() if not isinstance(layer, nn.Dropout)]
+    if len(layers) != 1 or not isinstance(layers[0], nn.Linear) or layers[0].bias is not None:
+        raise ExportError(f"image tower: open_clip's timm head {[type(layer).__name__ for layer in layers]} (attention "
+                          "pooling, MLP or biased projection) has no transformers counterpart")
+    return layers[0].weight.detach()
+
+
 def _vision_tower(model: nn.Module) -> HFTower:
     tower = model.image_encoder
     if isinstance(tower, OpenClipImageTower):
@@ -82,32 +107,23 @@ def _vision_tower(model: nn.Module) -> HFTower:
 
         if not isinstance(model.image_projection, nn.Identity):
             raise ExportError("image_projection: a projection after open_clip's own has no transformers counterpart")
+        if type(tower.visual).__name__ == "TimmModel":
+            return _timm_tower(tower.visual.trunk, _open_clip_timm_projection(tower.visual))
         settings = vision_settings(tower.visual)
         state, projection = vision_to_hf(tower.visual.state_dict(), settings.blocks.layers)
         return HFTower(CLIPVisionConfig(**clip_vision_config(settings)), state, projection, clip=True)
     if isinstance(tower, TimmImageTower):
-        from timm.models import get_model_args
-        from transformers import TimmWrapperConfig
-
-        args = {key: value for key, value in get_model_args(tower.model).items() if key != "num_classes"}
-        config = TimmWrapperConfig(architecture=tower.model.pretrained_cfg["architecture"], model_args=args,
-                                   do_pooling=True)
-        config.hidden_size = tower.output_dim  # what VisionTextDualEncoderModel sizes its projection by
-        state = {f"timm_model.{key}": value for key, value in tower.model.state_dict().items()}
-        return HFTower(config, state, model.image_projection.weight.detach(), clip=False)
+        return _timm_tower(tower.model, model.image_projection.weight.detach())
     raise ExportError(f"image tower: {type(tower).__name__} has no transformers counterpart")
 
 
-def _clip_text_tower(model: nn.Module, tokenizer_spec: str, context_length: int) -> HFTower:
+def _clip_text_tower(text: nn.Module, tokenizer_spec: str, context_length: int) -> HFTower:
     from transformers import CLIPTextConfig
 
-    tower = model.text_encoder
-    if not isinstance(model.text_projection, nn.Identity):
-        raise ExportError("text_projection: a projection after open_clip's own has no transformers counterpart")
     if tokenizer_spec != "open_clip":
         raise ExportError(f"text tower: an open_clip text transformer reading {tokenizer_spec!r} ids; transformers' "
                           "CLIP text model is exported with the CLIP BPE tokenizer only")
-    settings = text_settings(tower.text)
+    settings = text_settings(text)
     tokenizer = hf_tokenizer(tokenizer_spec, context_length)
     eos = tokenizer.eos_token_id
     if (settings.pool_type == "argmax" and eos != settings.vocab_size - 1) or (
@@ -115,42 +131,67 @@ def _clip_text_tower(model: nn.Module, tokenizer_spec: str, context_length: int)
         raise ExportError(f"text tower: pools at {settings.pool_type!r}, which transformers' CLIP text model (first "
                           f"end-of-text token, id {eos}) does not reproduce")
     config = CLIPTextConfig(**clip_text_config(settings, tokenizer.bos_token_id, eos, tokenizer.pad_token_id))
-    state, projection = text_to_hf(tower.text.state_dict(), settings.blocks.layers)
+    state, projection = text_to_hf(text.state_dict(), settings.blocks.layers)
     return HFTower(config, state, projection, clip=True, notes=tokenizer_notes(tokenizer_spec))
 
 
-def _bert_text_tower(model: nn.Module) -> HFTower:
+def _bert_text_tower(encoder: nn.Module, own_pooler: bool, projection: torch.Tensor) -> HFTower:
+    """A BERT-family encoder pooled on [CLS]: by its own pooler (``own_pooler``, open_clip's ``cls_pooler``), or on
+    the hidden state itself through the scaled pooler (see the module docstring)."""
     from transformers import AutoModel
 
-    tower = model.text_encoder
-    if tower.pooling != "cls":
-        raise ExportError(f"text tower: pooling {tower.pooling!r} (model.text_pooling); VisionTextDualEncoderModel "
-                          "pools a BERT-family text model on its [CLS] token (text_pooling=cls only)")
-    projection = model.text_projection
-    if not isinstance(projection, nn.Linear):
-        raise ExportError(f"text_projection: {type(projection).__name__} where transformers expects a linear layer")
-    pooled_model = AutoModel.from_config(tower.model.config)
+    pooled_model = AutoModel.from_config(encoder.config)
     pooler = getattr(pooled_model, "pooler", None)
     dense = getattr(pooler, "dense", None)
     if not isinstance(dense, nn.Linear) or not isinstance(getattr(pooler, "activation", None), nn.Tanh):
         raise ExportError(f"text tower: {type(pooled_model).__name__} has no BERT pooler (dense + tanh), which "
                           "VisionTextDualEncoderModel takes its text features from")
-    state = dict(tower.model.state_dict())
+    state = dict(encoder.state_dict())
+    if own_pooler:
+        return HFTower(encoder.config, state, projection, clip=False)
     width = dense.in_features
     state["pooler.dense.weight"] = torch.eye(width) * POOLER_SCALE
     state["pooler.dense.bias"] = torch.zeros(width)
     note = ("the text model's pooler is dense = 2**-16 * identity with tanh, the text projection is scaled by 2**16: "
             "together vlp's [CLS] pooling within float32 rounding (the pooler does not suit fp16; fine-tuning "
             "should re-initialise it)")
-    return HFTower(tower.model.config, state, projection.weight.detach() / POOLER_SCALE, clip=False, notes=[note])
+    return HFTower(encoder.config, state, projection / POOLER_SCALE, clip=False, notes=[note])
+
+
+def _open_clip_hf_text(text: nn.Module) -> HFTower:
+    """open_clip's ``HFTextEncoder``: [CLS] pooling (its own pooler or the hidden state) and a bias-free linear
+    projection (or none)."""
+    pooler = type(text.pooler).__name__
+    own_pooler = pooler == "ClsPooler" and getattr(text.transformer, "pooler", None) is not None
+    if pooler not in ("ClsPooler", "ClsLastHiddenStatePooler"):
+        raise ExportError(f"text tower: open_clip's {pooler}; VisionTextDualEncoderModel pools a BERT-family text "
+                          "model on its [CLS] token")
+    if isinstance(text.proj, nn.Identity):
+        projection = torch.eye(text.output_dim)
+    elif isinstance(text.proj, nn.Linear) and text.proj.bias is None:
+        projection = text.proj.weight.detach()
+    else:
+        raise ExportError(f"text tower: open_clip's {type(text.proj).__name__} projection (hf_proj_type='mlp') has no "
+                          "transformers counterpart")
+    return _bert_text_tower(text.transformer, own_pooler, projection)
 
 
 def _text_tower(model: nn.Module, tokenizer_spec: str, context_length: int) -> HFTower:
     tower = model.text_encoder
     if isinstance(tower, OpenClipTextTower):
-        return _clip_text_tower(model, tokenizer_spec, context_length)
+        if not isinstance(model.text_projection, nn.Identity):
+            raise ExportError("text_projection: a projection after open_clip's own has no transformers counterpart")
+        if type(tower.text).__name__ == "HFTextEncoder":
+            return _open_clip_hf_text(tower.text)
+        return _clip_text_tower(tower.text, tokenizer_spec, context_length)
     if isinstance(tower, HFTextTower):
-        return _bert_text_tower(model)
+        if tower.pooling != "cls":
+            raise ExportError(f"text tower: pooling {tower.pooling!r} (model.text_pooling); VisionTextDualEncoderModel"
+                              " pools a BERT-family text model on its [CLS] token (text_pooling=cls only)")
+        projection = model.text_projection
+        if not isinstance(projection, nn.Linear):
+            raise ExportError(f"text_projection: {type(projection).__name__} where transformers expects a linear layer")
+        return _bert_text_tower(tower.model, False, projection.weight.detach())
     raise ExportError(f"text tower: {type(tower).__name__} has no transformers counterpart")
 
 

@@ -188,6 +188,10 @@ def _whole_arch_plan(source: ExportSource, out: Path) -> OpenClipPlan:
     if "hf_tokenizer_name" in dirs:
         text_cfg["hf_tokenizer_name"] = str(out.resolve())
         writers.append(_copier(dirs["hf_tokenizer_name"], ".", TOKENIZER_FILES))
+    timm_name = str(model_cfg["vision_cfg"].get("timm_model_name") or "")
+    if timm_name.startswith("local-dir:"):  # e.g. an imported vlp export: its timm config travels with the folder
+        model_cfg["vision_cfg"]["timm_model_name"] = f"local-dir:{(out / TIMM_DIR).resolve()}"
+        writers.append(_copier(Path(timm_name[len("local-dir:"):]), TIMM_DIR, ("config.json",)))
     temperature_cfg, state = _temperature(source.model)
     model_cfg.update(temperature_cfg, custom_text=True)
     prefixes = (("image_encoder.visual.", "visual."), ("text_encoder.text.", "text."))
