@@ -66,7 +66,8 @@ def _export_onnx(source: ExportSource, out: Path) -> ExportResult:
             raise
         raise ExportError("--format onnx is not available in this installation of vlp (no vlp.export.onnx)") from None
     written: list[Path] = []
-    write_checked(out, lambda: written.extend(onnx_format.export_onnx(source.checkpoint, out)), dict)
+    differences = write_checked(out, lambda: written.extend(onnx_format.export_onnx(source.checkpoint, out)),
+                                lambda: _onnx_differences(out))
     if hasattr(onnx_format, "loading_snippet"):
         snippet = onnx_format.loading_snippet(out.resolve(), written)
     else:
@@ -74,7 +75,18 @@ def _export_onnx(source: ExportSource, out: Path) -> ExportResult:
         described = ", ".join(name for name in names if not name.endswith(".onnx")) or "the folder"
         snippet = ONNX_SNIPPET.format(out=out.resolve(), described=described,
                                       onnx_files=[name for name in names if name.endswith(".onnx")])
-    return ExportResult("onnx", out, "ONNX graphs, one per tower (onnxruntime)", snippet)
+    return ExportResult("onnx", out, "ONNX graphs, one per tower (onnxruntime)", snippet, differences)
+
+
+def _onnx_differences(out: Path) -> dict[str, float]:
+    """The onnxruntime vs PyTorch differences the ONNX writer records in preprocessing.json, when it does."""
+    import json
+
+    try:
+        description = json.loads((out / "preprocessing.json").read_text(encoding="utf-8"))
+        return {side: float(description[side]["max_abs_diff_at_export"]) for side in ("image", "text")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 EXPORTERS: dict[str, Callable[[ExportSource, Path], ExportResult]] = {
