@@ -26,6 +26,7 @@ class ExportResult:
         format: ``open_clip``, ``hf`` or ``onnx``; out: the folder; model_class: what the peer library builds.
         differences: max abs difference of normalised embeddings, vlp vs the peer, per modality.
         snippet: Python code that loads the folder; notes: where the peer's inputs can differ from vlp's.
+        measured: how ``differences`` were measured (for the card).
     """
 
     format: str
@@ -34,6 +35,8 @@ class ExportResult:
     snippet: str
     differences: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    measured: str = ("this folder loaded by the peer library vs vlp, measured when it was written (seeded random "
+                     "pixels; the same captions through each side's own tokenizer)")
 
 
 def _last_metrics(run_dir: Path) -> dict:
@@ -121,9 +124,7 @@ def model_card(source: ExportSource, result: ExportResult) -> str:
     parts += ["", "## Loading", "", "```python", result.snippet.strip(), "```", ""]
     if result.differences:
         measured = ", ".join(f"{name} {value:.2e}" for name, value in result.differences.items())
-        parts += ["Max abs difference of normalised embeddings, this folder loaded by the peer library vs vlp, "
-                  "measured when it was written (seeded random pixels; the same captions through each side's own "
-                  f"tokenizer): {measured}.", ""]
+        parts += [f"Max abs difference of normalised embeddings, {result.measured}: {measured}.", ""]
     if result.notes:
         parts += ["## Notes", "", *[f"- {note}" for note in result.notes], ""]
     parts += ["## Preprocessing (vlp's record)", "", "```json",
