@@ -16,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export = subparsers.add_parser(
         "export", help="a trained model -> an open_clip, transformers or ONNX folder with a model card",
         description="Write a folder the peer library loads with its own code, check it against vlp's embeddings "
-                    "(max abs difference <= 1e-5) and add a model card (README.md: architecture, parameters, "
-                    "training, the run's evaluation results, the loading snippet). Formats: "
+                    "(max abs difference <= 1e-5; ONNX: <= 1e-4 vs PyTorch) and add a model card (README.md: "
+                    "architecture, parameters, training, the run's evaluation results, the loading snippet). Formats: "
                     + "; ".join(f"{name}: {text}" for name, text in FORMAT_HELP.items())
                     + ". A part the format cannot express (e.g. ALBEF's fusion encoder) is refused by name.")
     export.add_argument("--checkpoint", required=True,

@@ -96,13 +96,17 @@ def empty_out_dir(out: Path) -> None:
 def write_checked(out: Path, write: Callable[[], None], verify: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Empty ``out``, ``write()`` into it, then ``verify()`` (the peer loads it back; returns the differences).
 
-    A failure of either leaves ``out`` empty again and is re-raised: a half-written or wrong folder is never left."""
+    A failure of either leaves ``out`` empty again (absent, if this call created it) and is re-raised: a half-written
+    or wrong folder is never left."""
+    created = not out.exists()
     empty_out_dir(out)
     try:
         write()
         return verify()
     except BaseException:
         empty_out_dir(out)
+        if created:
+            out.rmdir()
         raise
 
 
