@@ -29,8 +29,8 @@ _ALPHA_RULES = {
 }
 _PASSES = {
     "vlp": ("width_then_height", "two separable passes, width first, then height, each rounded to uint8 (Pillow: "
-                                 "img.resize((new_w, h), filter).resize((new_w, new_h), filter)); skipped when the "
-                                 "size is unchanged"),
+                                 "img.resize((new_w, h), filter).resize((new_w, new_h), filter)); a pass whose side "
+                                 "does not change is skipped"),
     "open_clip": ("pillow", "one Pillow call, img.resize((new_w, new_h), filter); skipped when the size is unchanged"),
 }
 _ROUND = "round_half_even"
