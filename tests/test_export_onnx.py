@@ -337,3 +337,6 @@ def test_a_tower_no_exporter_can_export_is_named_and_nothing_is_left(tmp_path: P
     with pytest.raises(OnnxExportError, match="the image tower cannot be exported to ONNX: dynamo .*no capture"):
         export_onnx(run, out)
     assert sorted(path.name for path in out.iterdir()) == ["README.md"]
+    with pytest.raises(OnnxExportError, match="the image tower"):
+        export_onnx(run, tmp_path / "new")
+    assert not (tmp_path / "new").exists()

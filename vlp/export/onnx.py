@@ -230,34 +230,41 @@ def _check_out_dir(out_dir: Path) -> None:
         raise OnnxExportError(f"--out {out_dir} already holds {', '.join(taken)}: remove them or choose another folder")
 
 
-def export_onnx(run_dir: str | Path, out_dir: Path) -> list[Path]:
-    """Export the model at ``run_dir`` (anything ``vlp eval --checkpoint`` reads) to ONNX files in ``out_dir``
-    (created if missing; the files must not exist yet); returns the paths written (see the module docstring)."""
+def _export_into(loaded: object, staging: Path) -> None:
+    """Write every file of the export into ``staging``."""
     from vlp.export.onnx_image import image_preprocessing
     from vlp.export.onnx_text import write_tokenizer
 
+    sections = {}
+    for tower in _towers(loaded, ["a photo of a red kangaroo.", "two apples on a table"]):
+        exporter, opset = export_tower(tower, staging / tower.file, staging / "artifacts")
+        difference = check_with_onnxruntime(tower, staging / tower.file)
+        sections[tower.file] = _tower_section(tower, exporter, opset, difference)
+    shutil.rmtree(staging / "artifacts", ignore_errors=True)
+    text = {**sections[TEXT_FILE], **write_tokenizer(loaded.tokenizer, loaded.config.context_length, staging)}
+    image = {**sections[IMAGE_FILE], **image_preprocessing(loaded.preprocess)}
+    description = {"format": "vlp-onnx", "version": 1, "model": _model_section(loaded), "image": image, "text": text}
+    (staging / PREPROCESSING_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+
+def export_onnx(run_dir: str | Path, out_dir: Path) -> list[Path]:
+    """Export the model at ``run_dir`` (anything ``vlp eval --checkpoint`` reads) to ONNX files in ``out_dir``
+    (created if missing; the files must not exist yet); returns the paths of the files written (see the module
+    docstring)."""
     _require_onnx()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     loaded = _load(run_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".onnx-export-", dir=out_dir))
+    moved: list[Path] = []
     try:
-        sections = {}
-        for tower in _towers(loaded, ["a photo of a red kangaroo.", "two apples on a table"]):
-            exporter, opset = export_tower(tower, staging / tower.file, staging / "artifacts")
-            sections[tower.file] = _tower_section(tower, exporter, opset, check_with_onnxruntime(tower, staging /
-                                                                                                   tower.file))
-        text = {**sections[TEXT_FILE], **write_tokenizer(loaded.tokenizer, loaded.config.context_length, staging)}
-        image = {**sections[IMAGE_FILE], **image_preprocessing(loaded.preprocess)}
-        description = {"format": "vlp-onnx", "version": 1, "model": _model_section(loaded), "image": image,
-                       "text": text}
-        (staging / PREPROCESSING_FILE).write_text(json.dumps(description, indent=2) + "\n")
-        shutil.rmtree(staging / "artifacts", ignore_errors=True)
-        written = []
+        _export_into(loaded, staging)
         for path in sorted(staging.iterdir()):
-            path.rename(out_dir / path.name)
-            written.append(out_dir / path.name)
+            moved.append(path.rename(out_dir / path.name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return sorted(file for path in written for file in ([path] if path.is_file() else sorted(path.rglob("*"))))
+        if created and not moved:
+            shutil.rmtree(out_dir, ignore_errors=True)  # a failed export into a new folder leaves no folder
+    return sorted(file for path in moved for file in ([path] if path.is_file() else sorted(path.rglob("*"))))
