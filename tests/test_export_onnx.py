@@ -61,7 +61,9 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         source = f"open_clip:local-dir:{write_local_dir(root / 'folder', CLIP_TINY, preprocess=PREPROCESS)}"
     else:
         source = str(_run_dir(root / "run", request.param))
+    inputs = sorted(path for path in root.rglob("*") if path.is_file())
     written = export_onnx(source, root / "onnx")
+    assert sorted(path for path in root.rglob("*") if path.is_file()) == sorted(inputs + written)  # nothing else
     return load_model_for_eval(source), root / "onnx", written
 
 

@@ -206,10 +206,9 @@ def _load(run_dir: str | Path) -> object:
 
 
 def _model_section(loaded: object) -> dict:
-    with torch.no_grad():
-        scale, bias = loaded.model.temperature()
-    return {"name": loaded.config.name, "embed_dim": int(loaded.model.embed_dim), "logit_scale": float(scale),
-            "logit_bias": None if bias is None else float(bias),
+    scale, bias = loaded.model.temperature()
+    return {"name": loaded.config.name, "embed_dim": int(loaded.model.embed_dim), "logit_scale": scale.item(),
+            "logit_bias": None if bias is None else bias.item(),
             "similarity": "dot product of the normalised embeddings (zero-shot logits: logit_scale * similarity "
                           "+ logit_bias)"}
 
