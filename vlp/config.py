@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from vlp.errors import VlpError
+from vlp.io import write_yaml_atomic
 
 # The one cap on image size (width x height, from the header, before decoding) that the loader, `vlp shards check`,
 # `vlp shards write`, evaluation and index builds all apply unless given another value (data.max_image_pixels).
@@ -412,8 +413,5 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically: temporary name, fsync, rename)."""
+    write_yaml_atomic(path, to_dict(config))

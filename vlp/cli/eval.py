@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
+from vlp.io import write_json_atomic
 
 DATASET_HELP = ("dataset name stored in the results and their file name (default: derived from --data, e.g. "
                 "data/tuxpaint/test -> tuxpaint_test)")
@@ -233,9 +233,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         results.update({f"retrieval_rerank.{k}": v for k, v in reranked["metrics"].items()})
     # the flat summary is also a CLIP_benchmark record (dataset "demo"), so `clip_benchmark build RUN` reads it too
     summary = {**results, **benchmark_record(loaded.name, loaded.pretrained, "demo", "demo_summary", results)}
-    tmp = run / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run / "results.json")
+    write_json_atomic(run / "results.json", summary, sort_keys=False)
     print(f"{'metric':44s} value")
     for name, value in results.items():
         print(f"{name:44s} {value:.4f}")

@@ -25,6 +25,7 @@ from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
+from vlp.io import atomic_path
 from vlp.training import elastic
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
@@ -152,7 +153,8 @@ class Trainer:
         if self.config.train.parallel == "fsdp":
             export_model(self.model, self.run_dir / EXPORT_MODEL)  # collective
         elif self.dist.is_main:
-            safetensors.torch.save_model(self.model, str(self.run_dir / EXPORT_MODEL))
+            with atomic_path(self.run_dir / EXPORT_MODEL) as tmp:
+                safetensors.torch.save_model(self.model, str(tmp))
         if self.dist.is_main:
             plot_curves(self.run_dir)
 
