@@ -111,7 +111,7 @@ class LossConfig:
     normalised captions) or ``label`` (equal class labels); see :mod:`vlp.losses.positives`.
     """
 
-    kind: Literal["clip", "siglip"] = "clip"
+    kind: str = "clip"  # a name in the loss registry (vlp.losses.registry): clip, siglip, or one registered
     gather: Literal["global", "local", "none"] = "local"
     chunk_size: int = 0
     label_smoothing: float = 0.0

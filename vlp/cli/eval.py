@@ -165,7 +165,7 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.itm_rerank import require_itm
     from vlp.evaluation.records import dataset_name
     from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_shards
-    from vlp.registry import ModelError
+    from vlp.models.registry import ModelError
 
     if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
         print("error: give either --data SHARDS or --karpathy-json FILE with --images DIR", file=sys.stderr)
@@ -206,7 +206,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.loading import load_model_for_eval
     from vlp.evaluation.records import benchmark_record
     from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
-    from vlp.registry import ModelError
+    from vlp.models.registry import ModelError
 
     run, data = Path(args.run), Path(args.data)
     try:
