@@ -37,11 +37,12 @@ def run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0 when done, 1 on bad input (config, model, data, checkpoint), 3 when aborted, 143 on
     SIGTERM."""
     from vlp import distributed
+    from vlp.evaluation.in_training import run_configured_evals
     from vlp.training.trainer import Trainer, TrainingAborted
 
     try:
         config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, resume=args.resume, progress=args.progress)
+        trainer = Trainer(config, resume=args.resume, progress=args.progress, evaluate=run_configured_evals)
         summary = trainer.fit()
     except TrainingAborted as err:
         print(f"error: training aborted: {err}", file=sys.stderr)
