@@ -128,8 +128,8 @@ def test_round_trip_gives_identical_embeddings(case: str, tmp_path: Path) -> Non
 
 
 def test_imported_model_serves_eval_index_and_train_init(tmp_path: Path) -> None:
+    from vlp.evaluation.loading import init_from_run
     from vlp.retrieval.index import Index
-    from vlp.training.setup import init_from_run
 
     folder = write_local_dir(tmp_path / "oc", CLIP_TINY, seed=5)
     assert main(["import", "--format", "open_clip", str(folder), "--out", str(tmp_path / "run")]) == 0

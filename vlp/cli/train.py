@@ -42,15 +42,15 @@ def run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0 when done, 1 on bad input (config, model, data, checkpoint), 3 when aborted, 143 on
     SIGTERM."""
     from vlp import distributed
+    from vlp.evaluation.in_training import run_configured_evals
+    from vlp.evaluation.loading import init_from_run
     from vlp.training.trainer import Trainer, TrainingAborted
 
     try:
         config = load_config(args.config, args.overrides)
         if args.init:
-            from vlp.training.setup import init_from_run
-
             config = init_from_run(config, args.init)
-        trainer = Trainer(config, resume=args.resume, progress=args.progress)
+        trainer = Trainer(config, resume=args.resume, progress=args.progress, evaluate=run_configured_evals)
         summary = trainer.fit()
     except TrainingAborted as err:
         print(f"error: training aborted: {err}", file=sys.stderr)

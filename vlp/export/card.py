@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vlp.config import to_dict
 from vlp.export.common import ExportSource, parameter_counts
+from vlp.io import write_text_atomic
 
 CARD_FILE = "README.md"
 
@@ -136,5 +137,5 @@ def model_card(source: ExportSource, result: ExportResult) -> str:
 def write_model_card(source: ExportSource, result: ExportResult) -> Path:
     """Write ``README.md`` into the export folder; returns its path."""
     path = result.out / CARD_FILE
-    path.write_text(model_card(source, result), encoding="utf-8")
+    write_text_atomic(path, model_card(source, result))
     return path

@@ -14,7 +14,7 @@ not reproduce the peer's embeddings is removed and reported.
 
 from __future__ import annotations
 
-import json
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from vlp.config import Config, ModelConfig, PreprocessConfig, load_config, save_
 from vlp.export.common import ExportError, check_out_dir, check_parity, write_checked
 from vlp.export.import_plans import ARCH_DIR, ImportPlan, plan_hf_import, plan_open_clip_import
 from vlp.export.open_clip_format import CONFIG_FILE
+from vlp.io import atomic_path, write_json_atomic
 
 IMPORT_FORMATS = ("open_clip", "hf")
 MODEL_FILE, RUN_CONFIG = "model.safetensors", "config.yaml"
@@ -78,19 +79,20 @@ def _write(out: Path, plan: ImportPlan, config: Config) -> None:
     arch_dir.mkdir()
     for source, relative in plan.copies:
         (arch_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-        (arch_dir / relative).write_bytes(source.read_bytes())
-    arch = {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg}
-    (arch_dir / CONFIG_FILE).write_text(json.dumps(arch, indent=2) + "\n")
+        with atomic_path(arch_dir / relative) as tmp:
+            shutil.copyfile(source, tmp)
+    write_json_atomic(arch_dir / CONFIG_FILE, {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg},
+                      sort_keys=False)
     config = replace(config, data=replace(config.data, tokenizer=tokenizer_for(config.model)))
     save_config(config, out / RUN_CONFIG)
     weights = plan.weights
     if isinstance(weights, dict):  # converted tensors: a file under open_clip's names first, for vlp's loader
-        save_file(weights, str(out / MODEL_FILE))
+        with atomic_path(out / MODEL_FILE) as tmp:
+            save_file(weights, str(tmp))
         weights = out / MODEL_FILE
     model = create_model(replace(config.model, pretrained=str(weights)))
-    tmp = out / f".{MODEL_FILE}.tmp"
-    save_model(model, str(tmp))
-    tmp.replace(out / MODEL_FILE)
+    with atomic_path(out / MODEL_FILE) as tmp:  # now under DualEncoder names, as a run's
+        save_model(model, str(tmp))
 
 
 def _verify(out: Path, plan: ImportPlan) -> dict[str, float]:

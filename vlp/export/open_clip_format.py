@@ -16,7 +16,7 @@ vlp's own presets are described tower by tower. A tower open_clip cannot express
 
 from __future__ import annotations
 
-import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from vlp.config import ModelConfig
 from vlp.export.common import ExportError, ExportSource, check_parity
 from vlp.export.tokenizers import hf_tokenizer
 from vlp.export.towers import require_dual_encoder, text_settings
+from vlp.io import atomic_path, write_json_atomic
 from vlp.models.image_encoder import OpenClipImageTower, TimmImageTower
 from vlp.models.text_encoder import HFTextTower, OpenClipTextTower
 
@@ -209,7 +210,8 @@ def _copier(directory: Path, subdir: str, names: tuple[str, ...]) -> Writer:
         target.mkdir(exist_ok=True)
         for name in names:
             if (directory / name).is_file():
-                (target / name).write_bytes((directory / name).read_bytes())
+                with atomic_path(target / name) as tmp:
+                    shutil.copyfile(directory / name, tmp)
 
     return write
 
@@ -263,9 +265,10 @@ def write_open_clip(plan: OpenClipPlan, out: Path) -> None:
 
     for write in plan.writers:
         write(out)
-    config = {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file({key: value.detach().contiguous() for key, value in plan.state.items()}, str(out / WEIGHTS_FILE))
+    write_json_atomic(out / CONFIG_FILE, {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg},
+                      sort_keys=False)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file({key: value.detach().contiguous() for key, value in plan.state.items()}, str(tmp))
 
 
 def verify_open_clip(source: ExportSource, out: Path) -> dict[str, float]:

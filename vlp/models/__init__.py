@@ -7,8 +7,8 @@ from vlp.models.dual_encoder import DualEncoder
 from vlp.models.factory import create_model, no_weight_decay_names, param_groups
 from vlp.models.fusion import FusionEncoder
 from vlp.models.momentum import MomentumEncoder
+from vlp.models.registry import ModelError, list_models, register_model, tokenizer_for
 from vlp.models.weights import LoadReport, UnsafeCheckpointError, load_model_weights, read_state_dict
-from vlp.registry import ModelError, list_models, register_model, tokenizer_for
 
 __all__ = [
     "AlbefImport",

@@ -32,8 +32,8 @@ from torch import nn
 
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.fusion import FusionEncoder, init_bert_module
+from vlp.models.registry import ModelError
 from vlp.models.text_encoder import pool_hidden_states
-from vlp.registry import ModelError
 from vlp.types import ModelOutput
 
 Task = Literal["features", "itm", "mlm"]

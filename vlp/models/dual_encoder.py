@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.models.registry import ModelError
 from vlp.models.tower_cache import CacheStats, TowerCache
-from vlp.registry import ModelError
 from vlp.types import ModelOutput
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 
 
 class TimmImageTower(nn.Module):

@@ -1,4 +1,4 @@
-"""Built-in model presets, registered in ``vlp.registry``.
+"""Built-in model presets, registered in ``vlp.models.registry``.
 
 | name             | image tower                           | text tower                                   | tokenizer |
 |------------------|---------------------------------------|----------------------------------------------|-----------|
@@ -27,8 +27,8 @@ from vlp.models.dual_encoder import DualEncoder
 from vlp.models.image_encoder import create_image_tower, create_timm_tower
 from vlp.models.open_clip_arch import open_clip_tokenizer_spec
 from vlp.models.open_clip_model import build_open_clip_dual_encoder
+from vlp.models.registry import ModelError, register_model
 from vlp.models.text_encoder import create_clip_text_transformer, create_text_tower
-from vlp.registry import ModelError, register_model
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Every tower maps (text_ids (B, L) int64, text_mask (B, L) bool) to pooled features (B, output_dim) and exposes
 ``output_dim``, ``has_projection``, ``set_grad_checkpointing`` and ``no_weight_decay``.
-The ids must come from the matching tokenizer (``vlp.registry.tokenizer_for``): ``open_clip`` for open_clip
+The ids must come from the matching tokenizer (``vlp.models.registry.tokenizer_for``): ``open_clip`` for open_clip
 towers, ``minilm`` / ``hf:<dir>`` for Hugging Face towers.
 """
 
@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 
 Pooling = Literal["cls", "mean", "eos"]
 CLIP_VOCAB_SIZE = 49408  # the open_clip BPE tokenizer
@@ -182,7 +182,7 @@ def create_text_tower(spec: str, context_length: int, pooling: Pooling, tokenize
         clip, _ = create_open_clip(name, context_length=context_length, tokenizer_dir=tokenizer_dir)
         return OpenClipTextTower(clip.text)
     if spec in ("minilm", "minilm-random") or (kind == "hf" and name):
-        from vlp.data.tokenizer import minilm_model_dir
+        from vlp.assets import minilm_model_dir
 
         directory = Path(name) if kind == "hf" else minilm_model_dir()
         tower = HFTextTower(load_hf_encoder(directory, pretrained=spec != "minilm-random"), pooling)

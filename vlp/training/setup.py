@@ -22,46 +22,12 @@ from vlp.types import Batch
 logger = logging.getLogger("vlp.train")
 
 
-# model fields that say how a run trains, not what the model is: ``vlp train --init`` keeps them from the config
-TRAINING_MODEL_FIELDS = ("lock_image", "lock_text", "lock_text_cache_size", "lock_image_cache_size",
-                         "grad_checkpointing")
-
-
-def init_from_run(config: Config, run: str) -> Config:
-    """``config`` starting from the model of ``run`` (a run directory, checkpoints/step_N directory, weights file, or
-    a directory written by ``vlp import``): the run's model section (architecture, sizes, preprocessing record,
-    tokenizer) with its weights as ``model.pretrained``; :data:`TRAINING_MODEL_FIELDS` (locking, caches, gradient
-    checkpointing) stay the config's, and ``data.tokenizer`` becomes the model's."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    from vlp.config import load_config
-    from vlp.evaluation.loading import find_run_files
-    from vlp.models import tokenizer_for
-
-    if config.model.pretrained:
-        raise ConfigError(f"--init {run} and model.pretrained={config.model.pretrained!r} both give the starting "
-                          "weights: drop one")
-    weights, config_path = find_run_files(Path(run))
-    kept = {name: getattr(config.model, name) for name in TRAINING_MODEL_FIELDS}
-    model = replace(load_config(config_path).model, pretrained=str(weights), **kept)
-    ignored = [f"model.{name}" for name in ("name", "image_size", "context_length", "embed_dim")
-               if getattr(config.model, name) != getattr(model, name)]
-    if ignored:
-        logger.info("--init %s: the model is the run's (%s from %s)", run, ", ".join(ignored), config_path)
-    from vlp.config_rules import check_config
-
-    try:
-        return check_config(replace(config, model=model, data=replace(config.data, tokenizer=tokenizer_for(model))))
-    except ConfigError as err:
-        raise ConfigError(f"--init {run}: {err}") from None
-
-
 def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The dual encoder on ``device`` and the loss module; the data tokenizer must be the model's."""
-    from vlp.losses import build_loss
+    from vlp.losses import build_loss, check_loss_config
     from vlp.models import create_model, tokenizer_for
 
+    check_loss_config(config.loss, config.model, config.albef)  # before anything is built
     expected = tokenizer_for(config.model)
     if config.data.tokenizer != expected:
         raise ConfigError(f"data.tokenizer is {config.data.tokenizer!r} but model {config.model.name!r} reads "
