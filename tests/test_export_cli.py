@@ -3,6 +3,7 @@ directory that is never overwritten by accident, never the run itself, and ``--f
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -62,3 +63,19 @@ def test_onnx_without_its_module_is_refused(run: Path, tmp_path: Path, capsys: p
     assert error_line(capsys) == ("error: --format onnx is not available in this installation of vlp (no "
                                   "vlp.export.onnx)")
     assert not (tmp_path / "o").exists()
+
+
+def test_onnx_export_gets_a_model_card(run: Path, tmp_path: Path) -> None:
+    """``vlp export --format onnx`` runs the ONNX writer into --out and adds the card with the differences it
+    measured (onnxruntime vs PyTorch)."""
+    out = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(out)]) == 0
+    assert {"image_encoder.onnx", "text_encoder.onnx", "preprocessing.json", "README.md"} <= {p.name for p in
+                                                                                              out.iterdir()}
+    card = (out / "README.md").read_text()
+    description = json.loads((out / "preprocessing.json").read_text())
+    measured = {side: description[side]["max_abs_diff_at_export"] for side in ("image", "text")}
+    assert max(measured.values()) <= 1e-4
+    assert f"onnxruntime vs PyTorch on the ONNX writer's example batch (preprocessing.json): image " \
+           f"{measured['image']:.2e}, text {measured['text']:.2e}" in card
+    assert "['image_encoder.onnx', 'text_encoder.onnx']" in card
