@@ -12,10 +12,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from open_clip_factory import TINY_TEXT, TINY_VISION, register_arch
+import transformers
+from open_clip_factory import TINY_TEXT, TINY_VISION, copy_tokenizer, register_arch
 from shard_factory import write_dataset
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlp.cli.main import main
 from vlp.config import ModelConfig, load_config
@@ -63,9 +63,12 @@ def arch_specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     coca["vision_cfg"].update(TINY_VISION)
     for key in ("text_cfg", "multimodal_cfg"):
         coca[key].update(TINY_TEXT)
+    bert_dir = copy_tokenizer(root / "tiny-bert")  # the bert-base-uncased vocabulary and a 1-layer, 32-wide BERT
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=64).save_pretrained(str(bert_dir))
     bert = {"embed_dim": 16, "vision_cfg": TINY_VISION,
-            "text_cfg": {"hf_model_name": str(minilm_model_dir()), "hf_tokenizer_name": str(minilm_model_dir()),
-                         "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler"}}
+            "text_cfg": {"hf_model_name": str(bert_dir), "hf_tokenizer_name": str(bert_dir), "hf_proj_type": "linear",
+                         "hf_pooler_type": "cls_pooler"}}
     specs = {}
     for name, config in (("clip", clip), ("coca", coca), ("bert-cls", bert)):
         path = root / f"towers-{name}.json"
@@ -154,7 +157,7 @@ def test_a_tower_that_misses_the_contract_is_refused_with_what_it_lacks(clean_to
 
 
 class PatchConvTower(nn.Module):
-    """An image tower defined outside vlp: a patchify convolution, a residual 3x3 convolution, LayerNorm; the grid
+    """An image tower defined outside vlp (the README's example): a patchify convolution and a LayerNorm; the grid
     cells are the tokens (B, h * w, width) and their mean is the pooled feature (B, width)."""
 
     has_projection = False
@@ -163,24 +166,17 @@ class PatchConvTower(nn.Module):
         super().__init__()
         self.output_dim = self.token_dim = width
         self.patchify = nn.Conv2d(3, width, patch, stride=patch)
-        self.mix = nn.Sequential(nn.GELU(), nn.Conv2d(width, width, 3, padding=1))
         self.norm = nn.LayerNorm(width)
-        self.grad_checkpointing = False
 
     def forward_tokens(self, images: torch.Tensor) -> ImageTokens:
-        grid = self.patchify(images)  # (B, width, h, w)
-        if self.grad_checkpointing and self.training:
-            grid = grid + checkpoint(self.mix, grid, use_reentrant=False)
-        else:
-            grid = grid + self.mix(grid)
-        tokens = self.norm(grid.flatten(2).transpose(1, 2))  # (B, h * w, width)
-        return ImageTokens(tokens.mean(dim=1), tokens)
+        tokens = self.norm(self.patchify(images).flatten(2).transpose(1, 2))  # (B, h * w, width)
+        return ImageTokens(tokens.mean(dim=1), tokens)  # pooled (B, width), tokens
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_tokens(images).pooled
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        pass
 
     def no_weight_decay(self) -> set[str]:
         return set()
@@ -193,12 +189,14 @@ def mine_family(clean_towers: None) -> None:
         return PatchConvTower(width=int(argument))
 
 
-def test_a_tower_family_registered_from_a_test_file_trains(tmp_path: Path, mine_family: None) -> None:
+def test_a_tower_family_registered_from_a_test_file_trains(tmp_path: Path, mine_family: None,
+                                                          arch_specs: dict[str, str]) -> None:
     assert "mine:<width>" in list_image_towers()
     write_dataset(tmp_path / "shards", [8, 8])
     run = tmp_path / "run"
-    config = load_config(None, [
-        "model.name=custom", "model.image_tower=mine:24", "model.text_tower=minilm-random", "data.tokenizer=minilm",
+    config = load_config(None, [  # a tiny open_clip text tower keeps the test fast; any text family works
+        "model.name=custom", "model.image_tower=mine:24", f"model.text_tower={arch_specs['clip']}",
+        "data.tokenizer=open_clip",
         "model.image_size=32", "model.context_length=16", "model.embed_dim=32", f"data.sources={tmp_path / 'shards'}",
         "data.batch_size=4", "data.workers=0", "train.steps=2", "train.checkpoint_every=100",
         "train.tensorboard=false", f"train.output_dir={run}"])
