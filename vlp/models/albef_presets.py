@@ -101,7 +101,7 @@ def build_albef(config: ModelConfig, image_encoder: nn.Module, bert: nn.Module) 
     text_encoder = HFTextTower(bert, config.text_pooling)
     fusion = None
     if removed:
-        fusion = FusionEncoder.from_bert_layers(bert.config, removed, int(image_encoder.output_dim))
+        fusion = FusionEncoder.from_bert_layers(bert.config, removed, int(image_encoder.token_dim))
     vocab_size, mask_token_id, special = bert_vocabulary()
     return AlbefModel(
         image_encoder,
