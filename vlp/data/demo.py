@@ -48,9 +48,10 @@ from vlp.data import demo_emoji, demo_fashion, demo_openclipart, demo_tuxpaint
 from vlp.data.demo_dedup import NearDuplicateIndex, drop_test_copies, fingerprint_file
 from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, FASHION_TRAIN_TEMPLATES
 from vlp.data.demo_licences import DEMO_LICENCES
-from vlp.data.layout import read_manifest, write_json_atomic
+from vlp.data.layout import read_manifest
 from vlp.data.writer import SourceSample, write_shards
 from vlp.errors import VlpError
+from vlp.io import write_json_atomic
 
 __all__ = [
     "DEMO_LICENCES", "FASHION_CLASSNAMES", "FASHION_EVAL_TEMPLATES", "FASHION_TRAIN_TEMPLATES",
