@@ -194,3 +194,19 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
         # rows: B positive pairs, B (image, negative text), B (text, negative image)
         assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
         assert fused["text_hidden"][:, 0, 0].tolist() == [*range(b), *i2t_hardest, *range(b)]
+
+
+def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:
+    """``albef.queue=false``: the queue is never filled, so step 2's keys are its own batch only; with the queue on
+    the same step sees step 1's keys too and its loss differs."""
+    losses = {}
+    for switch in ("true", "false"):
+        config = _config(tmp_path / switch, MOD_ONLY, f"albef.queue={switch}", "train.steps=2",
+                         "train.checkpoint_every=100")
+        trainer = Trainer(config, batches=_batches(config), progress=False)
+        stream = iter(_batches(config))
+        trainer._optimizer_step([next(stream)])
+        assert int(trainer.task.queue.count) == (8 if switch == "true" else 0)
+        losses[switch] = float(trainer._optimizer_step([next(stream)])[0].loss)
+        assert int(trainer.task.queue.count) == (16 if switch == "true" else 0)
+    assert losses["true"] != losses["false"]

@@ -218,6 +218,7 @@ class AlbefConfig:
     momentum: float = 0.995
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     queue_size: int = 65536
+    queue: bool = True  # False: ITC keys are the step's momentum features only (the queue is never filled)
     distill: bool = True
     alpha: float = 0.4
     alpha_warmup_steps: int = 1000

@@ -106,7 +106,7 @@ class AlbefTask:
                 result = self._micro_step(batch, teachers[index], image_m[rows], text_m[rows], keys, alpha)
                 scale_loss(result.loss / len(micro_batches)).backward()
             outputs.append(result)
-        self._pending = gathered
+        self._pending = gathered if self.settings.queue else None  # albef.queue=false: the queue stays empty
         return _mean_outputs(outputs, {"alpha": alpha})
 
     def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor, ids: torch.Tensor,
