@@ -12,7 +12,10 @@ import torch
 from synthetic import SyntheticBatches
 
 from vlp.config import Config, ConfigError, load_config
+from vlp.losses import build_loss
+from vlp.training.albef_task import AlbefTask
 from vlp.training.schedules import alpha_at, momentum_at
+from vlp.training.task import ContrastiveTask
 from vlp.training.trainer import Trainer
 from vlp.types import Batch, ModelOutput
 
@@ -210,3 +213,65 @@ def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:
         losses[switch] = float(trainer._optimizer_step([next(stream)])[0].loss)
         assert int(trainer.task.queue.count) == (16 if switch == "true" else 0)
     assert losses["true"] != losses["false"]
+
+
+ITC_ONLY = [*MOD_ONLY, "albef.batch_keys=online", "albef.queue=false", "albef.distill=false", "albef.momentum=0"]
+
+
+def test_online_key_itc_only_equals_the_clip_task(tmp_path: Path) -> None:
+    """``albef.batch_keys=online`` with the queue and distillation off: ALBEF's ITC is the CLIP task's loss, with the
+    same gradients, on the same model and batch (with momentum keys it differs: each tower then learns only from its
+    own queries)."""
+    config = _config(tmp_path, ITC_ONLY)
+    trainer = Trainer(config, batches=[], progress=False)
+    batch = next(iter(_batches(config)))
+    clip = ContrastiveTask(trainer.model, trainer.model, build_loss(config.loss), torch.device("cpu"), "fp32")
+    results = {}
+    for name, task in (("clip", clip), ("albef", trainer.task), ("albef_momentum_keys", None)):
+        if task is None:
+            task = AlbefTask(trainer.model, trainer.model, _config(tmp_path, ITC_ONLY, "albef.batch_keys=momentum"),
+                             torch.device("cpu"), "fp32")
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = float(task.forward_backward([batch], step=3).loss.detach())
+        results[name] = (loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    (clip_loss, clip_grads), (albef_loss, albef_grads) = results["clip"], results["albef"]
+    assert albef_loss == pytest.approx(clip_loss, rel=1e-6)
+    assert clip_grads.keys() == albef_grads.keys() and len(clip_grads) > 10
+    _assert_grads_close(albef_grads, clip_grads)
+    momentum_loss, momentum_grads = results["albef_momentum_keys"]
+    assert momentum_loss == pytest.approx(clip_loss, rel=1e-6)  # equal values (the teacher is the online model) ...
+    text_tower = [name for name in clip_grads if name.startswith("text_encoder.")]  # ... different gradients
+    assert text_tower and all(not torch.allclose(momentum_grads[n], clip_grads[n], rtol=1e-3) for n in text_tower[-3:])
+
+
+@pytest.mark.parametrize("extra", [(), ("loss.chunk_size=5",)], ids=["naive", "chunked"])
+def test_online_key_accumulation_equals_one_big_batch(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Online batch keys with the queue and distillation on: 3 micro-batches of 4 give the loss and gradients of one
+    batch of 12 (the other micro-batches' keys are cached, each micro-step back-propagates through its own rows and
+    keys, and the temperature's gradient is spread over the micro-steps)."""
+    online = [*MOD_ONLY, "albef.batch_keys=online", "albef.momentum=0.9", *extra]
+    big = _config(tmp_path / "a", online, "data.batch_size=12", "train.grad_accum=1")
+    small = _config(tmp_path / "b", online, "data.batch_size=4", "train.grad_accum=3")
+    full = next(iter(_batches(big)))
+    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
+    results = []
+    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
+        trainer = Trainer(config, batches=_batches(big), progress=False)
+        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
+        trainer.optimizer.zero_grad()
+        result = trainer.task.forward_backward(micro, step=5)  # alpha fully ramped
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(result.loss), grads))
+    (loss_big, grads_big), (loss_small, grads_small) = results
+    assert loss_small == pytest.approx(loss_big, rel=1e-6)
+    _assert_grads_close(grads_small, grads_big)
+
+
+def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Equal gradients up to float32 rounding, judged against each tensor's own scale."""
+    assert got.keys() == want.keys() and len(want) > 10
+    for name, grad in want.items():
+        scale = float(grad.abs().max()) + 1e-12
+        difference = float((got[name] - grad).abs().max())
+        assert difference <= 1e-5 * scale, f"{name}: max difference {difference:.3g} at scale {scale:.3g}"
