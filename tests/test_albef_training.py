@@ -14,7 +14,7 @@ from synthetic import SyntheticBatches
 from vlp.config import Config, ConfigError, load_config
 from vlp.losses import build_loss
 from vlp.training.albef_task import AlbefTask
-from vlp.training.schedules import alpha_at, momentum_at
+from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
 from vlp.training.task import ContrastiveTask
 from vlp.training.trainer import Trainer
 from vlp.types import Batch, ModelOutput
@@ -53,6 +53,27 @@ def test_momentum_and_alpha_schedules_are_pure_functions_of_the_step() -> None:
     assert momentum_at(100, 0.99, 100, "cosine") == pytest.approx(1.0)
     assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
     assert alpha_at(0, 0.4, 0) == 0.4
+    assert [linear_warmup(s, 2.0, 4) for s in (-1, 0, 1, 2, 3, 4, 9)] == pytest.approx([0, 0, 0.5, 1, 1.5, 2, 2])
+    assert linear_warmup(0, 2.0, 0) == 2.0
+
+
+def test_fusion_objectives_ramp_in_and_itm_hardness_follows_its_schedule(tmp_path: Path) -> None:
+    """``albef.fusion_warmup_steps``: the step's loss is ITC + fusion_scale * (ITM + MLM) with fusion_scale
+    linear from 0; ``albef.itm_hard_warmup_steps`` gives the sampler's hardness at each step."""
+    config = _config(tmp_path, FUSION, "albef.fusion_warmup_steps=4", "albef.itm_hard_warmup_steps=8")
+    trainer = Trainer(config, batches=[], progress=False)
+    assert [trainer.task.values_at(s).fusion_scale for s in (0, 1, 4, 7)] == [0.0, 0.25, 1.0, 1.0]
+    assert [trainer.task.values_at(s).itm_hardness for s in (0, 2, 8, 9)] == [0.0, 0.25, 1.0, 1.0]
+    batch = next(iter(_batches(config)))
+    for step, scale in ((0, 0.0), (1, 0.25), (6, 1.0)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        result = trainer.task.forward_backward([batch], step=step)
+        parts = {name: float(value) for name, value in result.parts.items()}
+        itc = (parts["itc_i2t"] + parts["itc_t2i"]) / 2
+        assert float(result.loss) == pytest.approx(itc + scale * (parts["itm"] + parts["mlm"]), rel=1e-5)
+        assert result.metrics["fusion_scale"] == scale
+        fusion_grad = trainer.model.itm_head.weight.grad
+        assert (fusion_grad is not None and bool(fusion_grad.abs().sum() > 0)) == (scale > 0)
 
 
 def test_mod_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
@@ -197,6 +218,14 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
         # rows: B positive pairs, B (image, negative text), B (text, negative image)
         assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
         assert fused["text_hidden"][:, 0, 0].tolist() == [*range(b), *i2t_hardest, *range(b)]
+    drawn = []  # hardness 0 (albef.itm_hard_warmup_steps, at its start): uniform over the non-positives
+    for _ in range(60):
+        task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t), hardness=0.0)
+        drawn.append(fused["text_hidden"][b:2 * b, 0, 0].long())
+    counts = torch.stack(drawn).T  # (B images, 60 draws): the text each image got as its negative
+    for image in range(b):
+        seen = torch.bincount(counts[image], minlength=b)
+        assert seen[image] == 0 and bool((seen[torch.arange(b) != image] >= 10).all()), (image, seen.tolist())
 
 
 def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:

@@ -238,6 +238,11 @@ class AlbefConfig:
     # decoder, the word embeddings); 1 = ALBEF, 0 = the fusion objectives train only the fusion encoder, the heads
     # and (through the image tokens) the image tower
     fusion_text_grad: float = 1.0
+    # itm_weight and mlm_weight ramp linearly from 0 over these steps (0 = ALBEF: full weight from the start)
+    fusion_warmup_steps: int = 0
+    # ITM negatives are drawn with probability softmax(h * similarity) among the non-positives, the hardness h
+    # ramping linearly from 0 (uniformly random negatives) to 1 (ALBEF's hard negatives) over these steps
+    itm_hard_warmup_steps: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, 
 from vlp.models.momentum import MomentumEncoder
 from vlp.queue import FeatureQueue
 from vlp.training.rng import capture_rng, restore_rng
-from vlp.training.schedules import alpha_at, momentum_at
+from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
 from vlp.training.task import (
     attention_context,
     autocast_context,
@@ -46,6 +47,19 @@ from vlp.training.task import (
 from vlp.types import Batch, LossOutput, ModelOutput
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The ALBEF schedules' values at one optimizer step (pure functions of the step).
+
+    alpha: the distillation weight; fusion_scale: the multiplier of ``itm_weight`` and ``mlm_weight`` (their
+    warm-up); itm_hardness: h of the ITM negative sampler, softmax(h * similarity) (0: uniformly random).
+    """
+
+    alpha: float
+    fusion_scale: float = 1.0
+    itm_hardness: float = 1.0
 
 
 class AlbefTask:
@@ -89,10 +103,17 @@ class AlbefTask:
             return 0.0
         return alpha_at(step, self.settings.alpha, self.settings.alpha_warmup_steps)
 
+    def values_at(self, step: int) -> StepValues:
+        """The schedules' values at optimizer step ``step``."""
+        settings = self.settings
+        return StepValues(alpha=self.alpha(step),
+                          fusion_scale=linear_warmup(step, 1.0, settings.fusion_warmup_steps),
+                          itm_hardness=linear_warmup(step, 1.0, settings.itm_hard_warmup_steps))
+
     # ------------------------------------------------------------------------------------------------- step
     def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
         """All objectives over the step's micro-batches, back-propagated; returns their mean over micro-batches."""
-        alpha = self.alpha(step)
+        now = self.values_at(step)
         teachers = [self._features(self.momentum, batch) for batch in micro_batches]
         image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
         text_m = torch.cat([t.text_features for t in teachers]).float()
@@ -109,14 +130,17 @@ class AlbefTask:
                 None if groups is None else torch.cat([batch_keys[3], self.queue.valid_groups()]))
         step_rows = (image_m, text_m, ids, groups)
         if self.settings.batch_keys == "online":
-            outputs = self._online_key_steps(micro_batches, teachers, step_rows, keys, order, alpha, scale_loss)
+            outputs = self._online_key_steps(micro_batches, teachers, step_rows, keys, order, now, scale_loss)
         else:
-            outputs = self._momentum_key_steps(micro_batches, teachers, step_rows, keys, alpha, scale_loss)
+            outputs = self._momentum_key_steps(micro_batches, teachers, step_rows, keys, now, scale_loss)
         self._pending = gathered if self.settings.queue else None  # albef.queue=false: the queue stays empty
-        return _mean_outputs(outputs, {"alpha": alpha})
+        extra = {"alpha": now.alpha}
+        if self.use_itm or self.use_mlm:
+            extra.update(fusion_scale=now.fusion_scale, itm_hardness=now.itm_hardness)
+        return _mean_outputs(outputs, extra)
 
     def _momentum_key_steps(self, micro_batches: list[Batch], teachers: list[ModelOutput], step_rows: tuple,
-                            keys: tuple, alpha: float, scale_loss) -> list[LossOutput]:  # noqa: ANN001
+                            keys: tuple, now: StepValues, scale_loss) -> list[LossOutput]:  # noqa: ANN001
         """``albef.batch_keys=momentum`` (ALBEF): every key is a constant, so each micro-batch's rows are scored
         against the same keys as one big batch's would be, and the micro-batch losses / k simply add up.
         ``step_rows``: (image_m, text_m, ids, groups) of this rank's step."""
@@ -129,16 +153,16 @@ class AlbefTask:
                 student = self._features(self.train_model, batch)
                 itc = self._itc(student.image_features, student.text_features, student.logit_scale,
                                 (image_m[rows], text_m[rows], ids[rows], None if groups is None else groups[rows]),
-                                keys, alpha)
+                                keys, now.alpha)
                 result = _weighted_sum([(self.settings.itc_weight, itc),
                                         *self._fusion_objectives(batch, student, teachers[index], image_m[rows],
-                                                                 text_m[rows], alpha)])
+                                                                 text_m[rows], now)])
                 scale_loss(result.loss / len(micro_batches)).backward()
             outputs.append(result)
         return outputs
 
     def _online_key_steps(self, micro_batches: list[Batch], teachers: list[ModelOutput], step_rows: tuple,
-                          keys_m: tuple, order: torch.Tensor | None, alpha: float, scale_loss) -> list[LossOutput]:  # noqa: ANN001
+                          keys_m: tuple, order: torch.Tensor | None, now: StepValues, scale_loss) -> list[LossOutput]:  # noqa: ANN001
         """``albef.batch_keys=online``: at every micro-step, ITC of the whole step's rows against the online features
         of the step's batch (with gradient) and the queue, as the CLIP task does with accumulation (GradCache: the
         other micro-batches' features come from a no-grad pass replayed with the same random state, so the summed
@@ -171,8 +195,8 @@ class AlbefTask:
                 online_keys = (torch.cat([batch_image.to(keys_m[0].dtype), keys_m[0][batch_image.shape[0]:]]),
                                torch.cat([batch_text.to(keys_m[1].dtype), keys_m[1][batch_text.shape[0]:]]),
                                *keys_m[2:])
-                itc = self._itc(image, text, scale, step_rows, online_keys, alpha, teacher_keys=keys_m[:2])
-                fusion = self._fusion_objectives(batch, student, teachers[index], image_m[rows], text_m[rows], alpha)
+                itc = self._itc(image, text, scale, step_rows, online_keys, now.alpha, teacher_keys=keys_m[:2])
+                fusion = self._fusion_objectives(batch, student, teachers[index], image_m[rows], text_m[rows], now)
                 others = _weighted_sum(fusion) if fusion else None
                 loss = self.settings.itc_weight * itc.loss + (others.loss / count if others is not None else 0.0)
                 scale_loss(loss).backward()
@@ -220,19 +244,22 @@ class AlbefTask:
                                           key_groups=keys[3], teacher_keys=teacher_keys)
 
     def _fusion_objectives(self, batch: Batch, student: ModelOutput, teacher: ModelOutput, image_m: torch.Tensor,
-                           text_m: torch.Tensor, alpha: float) -> list[tuple[float, LossOutput]]:
-        """(weight, loss) of ITM and MLM on this micro-batch, for those switched on."""
+                           text_m: torch.Tensor, now: StepValues) -> list[tuple[float, LossOutput]]:
+        """(weight, loss) of ITM and MLM on this micro-batch, for those switched on (weights ramped by
+        ``albef.fusion_warmup_steps``)."""
         results = []
         if self.use_itm:
-            results.append((self.settings.itm_weight, self._itm(batch, student, image_m, text_m)))
+            itm = self._itm(batch, student, image_m, text_m, now.itm_hardness)
+            results.append((self.settings.itm_weight * now.fusion_scale, itm))
         if self.use_mlm:
-            results.append((self.settings.mlm_weight, self._mlm(batch, student, teacher, alpha)))
+            results.append((self.settings.mlm_weight * now.fusion_scale, self._mlm(batch, student, teacher, now.alpha)))
         return results
 
-    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor) -> LossOutput:
+    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
+             hardness: float = 1.0) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
-        image, drawn with probability softmax(similarity) among the candidates that are not positives (equal sample
-        ids, and with ``loss.positives=caption|label`` equal groups too)."""
+        image, drawn with probability softmax(hardness * similarity) among the candidates that are not positives
+        (equal sample ids, and with ``loss.positives=caption|label`` equal groups too); hardness 0: uniformly."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
         groups = candidate_groups = batch_groups(batch, self.positives)
@@ -246,7 +273,7 @@ class AlbefTask:
             if groups is not None:
                 candidate_groups = distributed.all_gather_tensor(groups)
         with torch.no_grad():
-            scale = student.logit_scale.detach().float()
+            scale = student.logit_scale.detach().float() * hardness
             sim_i2t = scale * student.image_features.detach().float() @ candidate_text_m.T  # (B, C)
             sim_t2i = scale * student.text_features.detach().float() @ candidate_image_m.T  # (B, C)
             positives = batch.sample_ids[:, None] == candidate_ids[None, :]
