@@ -26,7 +26,7 @@ help:
 	@echo "make test   set up .venv and the Debian data packages, then run the test suite"
 	@echo "make demo   set up, build the demo shards from the Debian data sets, check them, train a small CLIP"
 	@echo "            (make demo DEMO=albef: a small ALBEF: momentum distillation, fusion encoder, ITM, MLM)"
-	@echo "make lint   ruff"
+	@echo "make lint   ruff, and the import layers (lint-imports, contracts in pyproject.toml)"
 	@echo "make bench  set up (with the benchmark peers' extra packages), then run the benchmarks (python -m bench.<name>)"
 
 install: $(STAMP)
@@ -74,6 +74,7 @@ test: $(DEV_STAMP) debian-test
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check vlp tests bench eval
+	$(BIN)/lint-imports
 
 demo-data: install debian-data
 	$(BIN)/vlp data demo --out $(DEMO_DATA)

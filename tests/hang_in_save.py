@@ -16,7 +16,7 @@ from vlp.training import checkpoint
 
 
 def _hang_at_save(marker: Path, save_number: int) -> None:
-    original = checkpoint._write_text_atomic
+    original = checkpoint.write_text_atomic
     manifests = 0
 
     def write(path: Path, text: str) -> None:
@@ -28,7 +28,7 @@ def _hang_at_save(marker: Path, save_number: int) -> None:
                 time.sleep(600)
         original(path, text)
 
-    checkpoint._write_text_atomic = write
+    checkpoint.write_text_atomic = write
 
 
 if __name__ == "__main__":

@@ -105,14 +105,14 @@ def test_ema_and_enqueue_happen_once_per_optimizer_step_with_accumulation(tmp_pa
     trainer = Trainer(config, batches=_batches(config), progress=False)
     teacher_before = {n: p.detach().clone() for n, p in trainer.task.momentum.model.named_parameters()}
     stream = iter(_batches(config))
-    trainer._optimizer_step([next(stream) for _ in range(3)])
+    trainer.step([next(stream) for _ in range(3)])
     queue = trainer.task.queue
     assert int(queue.count) == 12 and int(queue.ptr) == 12  # one enqueue of the whole accumulated batch
     online = dict(trainer.model.named_parameters())
     for name, before in teacher_before.items():  # one EMA update: m * old + (1 - m) * online after the step
         expected = 0.9 * before + 0.1 * online[name].detach()
         torch.testing.assert_close(trainer.task.momentum.model.get_parameter(name), expected, rtol=0, atol=1e-6)
-    trainer._optimizer_step([next(stream) for _ in range(3)])
+    trainer.step([next(stream) for _ in range(3)])
     assert int(queue.count) == 20 and int(queue.ptr) == 24 % 20  # wrapped around a queue of 20
 
 

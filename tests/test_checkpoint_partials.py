@@ -82,7 +82,7 @@ def test_resume_removes_stale_partials_and_leaves_complete_checkpoints(tmp_path:
     caplog.set_level(logging.INFO, logger="vlp.checkpoint")
     resumed = _trainer(_config(run, "train.steps=6", "train.checkpoint_every=2"), resume="latest")
 
-    assert resumed.step == 4
+    assert resumed.global_step == 4
     left = sorted(p.name for p in root.iterdir())
     assert left == [".step_00000003.old-78", ".step_00000008.partial-79", "latest", "notes.txt", "step_00000002",
                     "step_00000004"]

@@ -21,7 +21,7 @@ from vlp.training.trainer import Trainer
 
 TINY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
         "data.batch_size=4", "train.tensorboard=false", "loss.gather=none"]
-CASES = 19  # len(_cases(...)): one test per case
+CASES = 21  # len(_cases(...)): one test per case
 TINY_BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
 
@@ -105,6 +105,9 @@ def _cases(w: dict[str, Path]) -> list[tuple[list[str], str]]:
         (["index", "build", "--no-progress", "--checkpoint", str(w["hostile"] / "model.pt"), "--data", shards,
           "--out", str(root / "i"), "--workers", "0"], "refusing to load"),
         (["search", "--index", str(w["index"]), "--text", "a query"], "refusing to load"),
+        (["export", "--checkpoint", str(w["hostile"] / "model.pt"), "--format", "open_clip", "--out", str(root / "x")],
+         "refusing to load"),
+        (["import", "--format", "hf", str(w["hf"]), "--out", str(root / "im")], "a transformers 'bert' model"),
         (["serve", "--index", str(w["index"]), "--port", "0"], "refusing to load"),
     ]
 

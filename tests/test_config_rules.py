@@ -101,10 +101,7 @@ def test_the_bounds_themselves_are_accepted_when_closed(key: str) -> None:
     (["train.device=gpu"], "train.device='gpu'"),
     (["train.output_dir= "], "train.output_dir is empty"),
     (["data.sources=[{urls: ''}]"], r"data.sources\[0\].urls is empty"),
-    (["loss.kind=siglip"], "loss.kind=siglip needs a learnable bias"),
-    (["model.init_logit_bias=-10"], "only used by loss.kind=siglip"),
     (["model.max_logit_scale=10"], "model.init_logit_scale=2.65.* starts above model.max_logit_scale=10.0"),
-    (["albef.enabled=true", "loss.kind=siglip", "model.init_logit_bias=-10"], "albef.enabled needs loss.kind=clip"),
 ])
 def test_rules_fail_when_the_config_loads(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

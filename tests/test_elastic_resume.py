@@ -105,7 +105,7 @@ def test_a_new_world_size_restores_the_shared_state_and_derives_every_rank_rng(
             and "global batch 8 -> 4 samples per step" in caplog.text
             and "per-rank RNG derived from train.seed, the rank and the step" in caplog.text), caplog.text
     # every old rank's loader position went to the batch source, in rank order
-    assert trainer.batches.received == saved["loader"] and trainer.step == 3
+    assert trainer.batches.received == saved["loader"] and trainer.global_step == 3
     # weights, optimizer and scaler are those rank 0 saved (the same on every rank)
     weights = safetensors.torch.load_file(str(directory / "model.safetensors"))
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in weights.items()) and len(weights) > 10

@@ -9,7 +9,8 @@ import pytest
 from shard_factory import write_dataset
 
 from vlp.cli.main import main
-from vlp.config import load_config
+from vlp.config import ConfigError, load_config
+from vlp.evaluation.in_training import run_configured_evals
 from vlp.training.trainer import Trainer
 
 
@@ -76,7 +77,9 @@ def test_evaluation_during_training_is_logged(tmp_path: Path) -> None:
         f"train.output_dir={tmp_path / 'run'}", "eval.every_steps=2", f"eval.zeroshot_urls={tmp_path / 'shards'}",
         f"eval.zeroshot_classnames={tmp_path / 'classes.txt'}", "eval.zeroshot_templates=imagenet",
         f"eval.retrieval_urls={tmp_path / 'shards'}", "eval.workers=0"])
-    Trainer(config, progress=False).fit()
+    with pytest.raises(ConfigError, match=r"eval.every_steps=2: this trainer has no evaluator"):
+        Trainer(config, progress=False)
+    Trainer(config, progress=False, evaluate=run_configured_evals).fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/zeroshot/acc1" in r]
     assert [r["step"] for r in evals] == [2, 4]

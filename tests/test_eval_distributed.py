@@ -167,7 +167,7 @@ def _train_and_evaluate(rank: int, world_size: int, overrides: tuple[str, ...]) 
     """Train (evaluating at the last step), then evaluate the trained model again, still in training mode."""
     config = load_config(None, list(overrides))
     batches = SyntheticBatches(BATCH, 32, 16, rank=rank, world_size=world_size, vocab=MINILM_VOCAB)
-    trainer = Trainer(config, batches=batches, progress=False)
+    trainer = Trainer(config, batches=batches, progress=False, evaluate=run_configured_evals)
     trainer.fit()
     assert trainer.model.training
     return {"again": run_configured_evals(trainer.model, config, trainer.dist.device, config.train.precision)}

@@ -94,4 +94,4 @@ def test_a_checkpoint_of_the_other_kind_is_refused_by_name(tmp_path: Path) -> No
     with pytest.raises(CheckpointError, match="not a sharded checkpoint.*train.parallel=ddp"):
         _trainer(tmp_path / "full", "fsdp", resume="latest")
     resumed = _trainer(tmp_path / "sharded", "fsdp", resume="latest")  # the same kind resumes
-    assert resumed.step == 1
+    assert resumed.global_step == 1

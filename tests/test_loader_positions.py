@@ -275,3 +275,14 @@ def test_buffered_samples_of_a_vanished_shard_are_counted_as_lost(tmp_path: Path
     resumed, counters = _resumed(sources, Slot(), settings, state, {})
     assert len(resumed.streams[0].buffer) == len(source_state["buffer"]) - lost
     assert counters.counts["lost_in_corrupt_shard"] == lost and counters.counts["shard_read_error"] == 1
+
+
+def test_a_position_names_its_shard_lists_by_digest_not_by_url(tmp_path: Path) -> None:
+    _dataset(tmp_path / "ds", [9, 7])
+    loader = _loader(tmp_path / "ds", 0, 1)
+    next(iter(loader))
+    state = loader.state_dict()
+    assert str(tmp_path) not in json.dumps(state["fingerprint"])  # a LAION-size url list would be megabytes per rank
+    _dataset(tmp_path / "more", [9, 7, 5])
+    with pytest.raises(LoaderStateError, match=r"data.sources changed .*3 shards"):
+        _loader(tmp_path / "more", 0, 1).load_state_dict(state)

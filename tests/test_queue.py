@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlp.queue import FeatureQueue
+from vlp.training.queue import FeatureQueue
 
 
 class ListRing:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from vlp.errors import VlpError
+from vlp.io import write_yaml_atomic
 
 # The one cap on image size (width x height, from the header, before decoding) that the loader, `vlp shards check`,
 # `vlp shards write`, evaluation and index builds all apply unless given another value (data.max_image_pixels).
@@ -110,7 +111,7 @@ class LossConfig:
     normalised captions) or ``label`` (equal class labels); see :mod:`vlp.losses.positives`.
     """
 
-    kind: Literal["clip", "siglip"] = "clip"
+    kind: str = "clip"  # a name in the loss registry (vlp.losses.registry): clip, siglip, or one registered
     gather: Literal["global", "local", "none"] = "local"
     chunk_size: int = 0
     label_smoothing: float = 0.0
@@ -427,8 +428,5 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically: temporary name, fsync, rename)."""
+    write_yaml_atomic(path, to_dict(config))

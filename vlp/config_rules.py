@@ -115,19 +115,13 @@ def _check_strings(config: Config) -> None:
 
 
 def _check_cross_fields(config: Config) -> None:
-    """Rules between fields: every one names the fields involved and how to fix them."""
-    model, loss, albef = config.model, config.loss, config.albef
-    if loss.kind == "siglip" and model.init_logit_bias is None:
-        raise ConfigError("loss.kind=siglip needs a learnable bias: set model.init_logit_bias (e.g. -10.0)")
-    if loss.kind == "clip" and model.init_logit_bias is not None:
-        raise ConfigError("model.init_logit_bias is only used by loss.kind=siglip (the CLIP softmax ignores a bias)")
+    """Rules between fields: every one names the fields involved and how to fix them (the rules of `loss.kind`
+    live with the loss registry: `vlp.losses.registry.check_loss_config`)."""
+    model = config.model
     if math.exp(model.init_logit_scale) > model.max_logit_scale:
         raise ConfigError(f"model.init_logit_scale={model.init_logit_scale} starts above model.max_logit_scale="
                           f"{model.max_logit_scale} (the clamp applies to exp(logit_scale)): lower one or raise the "
                           "other")
-    if albef.enabled and loss.kind != "clip":
-        raise ConfigError(f"albef.enabled needs loss.kind=clip (momentum distillation is a softmax ITC), "
-                          f"got loss.kind={loss.kind!r}")
     _check_fsdp(config)
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from vlp.config import ConfigError, load_config
+from vlp.io import atomic_path
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
@@ -82,6 +83,5 @@ def _write(out: Path, config: object, model: object) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / CONFIG_FILE)
-    tmp = out / f".{MODEL_FILE}.tmp"
-    safetensors.torch.save_model(model, str(tmp))
-    tmp.replace(out / MODEL_FILE)
+    with atomic_path(out / MODEL_FILE) as tmp:
+        safetensors.torch.save_model(model, str(tmp))

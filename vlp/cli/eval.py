@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
+from vlp.io import write_json_atomic
 
 DATASET_HELP = ("dataset name stored in the results and their file name (default: derived from --data, e.g. "
                 "data/tuxpaint/test -> tuxpaint_test)")
@@ -165,7 +165,7 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.itm_rerank import require_itm
     from vlp.evaluation.records import dataset_name
     from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_shards
-    from vlp.registry import ModelError
+    from vlp.models.registry import ModelError
 
     if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
         print("error: give either --data SHARDS or --karpathy-json FILE with --images DIR", file=sys.stderr)
@@ -206,7 +206,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from vlp.evaluation.loading import load_model_for_eval
     from vlp.evaluation.records import benchmark_record
     from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
-    from vlp.registry import ModelError
+    from vlp.models.registry import ModelError
 
     run, data = Path(args.run), Path(args.data)
     try:
@@ -233,9 +233,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         results.update({f"retrieval_rerank.{k}": v for k, v in reranked["metrics"].items()})
     # the flat summary is also a CLIP_benchmark record (dataset "demo"), so `clip_benchmark build RUN` reads it too
     summary = {**results, **benchmark_record(loaded.name, loaded.pretrained, "demo", "demo_summary", results)}
-    tmp = run / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run / "results.json")
+    write_json_atomic(run / "results.json", summary, sort_keys=False)
     print(f"{'metric':44s} value")
     for name, value in results.items():
         print(f"{name:44s} {value:.4f}")

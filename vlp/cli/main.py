@@ -12,7 +12,7 @@ from vlp.errors import USER_PATH_ERRORS, VlpError, user_message
 # Each module exposes ``register(subparsers)``, adding its parser(s) with ``set_defaults(func=...)``;
 # ``func(args) -> int`` returns the process exit code.
 COMMAND_MODULES = ("vlp.cli.shards", "vlp.cli.data", "vlp.cli.train", "vlp.cli.eval", "vlp.cli.convert",
-                   "vlp.cli.retrieval")
+                   "vlp.cli.retrieval", "vlp.cli.export")
 
 
 def build_parser() -> argparse.ArgumentParser:

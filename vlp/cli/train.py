@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", default=None, metavar="latest|PATH",
                         help="continue from the newest complete checkpoint of the run directory, or from PATH; it "
                              "may come from another number of processes or data.workers (an elastic resume)")
+    parser.add_argument("--init", default=None, metavar="RUN",
+                        help="start from the model of RUN (a run or checkpoint directory, or one written by vlp "
+                             "import): its model section and weights replace the config's, except model.lock_image, "
+                             "model.lock_text, the lock cache sizes and model.grad_checkpointing; data.tokenizer "
+                             "becomes the model's (LiT, fine-tuning)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(func=run_train)
 
@@ -37,11 +42,15 @@ def run_train(args: argparse.Namespace) -> int:
     """Train; exit code 0 when done, 1 on bad input (config, model, data, checkpoint), 3 when aborted, 143 on
     SIGTERM."""
     from vlp import distributed
+    from vlp.evaluation.in_training import run_configured_evals
+    from vlp.evaluation.loading import init_from_run
     from vlp.training.trainer import Trainer, TrainingAborted
 
     try:
         config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, resume=args.resume, progress=args.progress)
+        if args.init:
+            config = init_from_run(config, args.init)
+        trainer = Trainer(config, resume=args.resume, progress=args.progress, evaluate=run_configured_evals)
         summary = trainer.fit()
     except TrainingAborted as err:
         print(f"error: training aborted: {err}", file=sys.stderr)

@@ -35,9 +35,10 @@ from pathlib import Path
 
 from vlp.data import demo_fashion, demo_tuxpaint
 from vlp.data.demo_fashion import FASHION_CLASSNAMES, FASHION_EVAL_TEMPLATES, FASHION_TRAIN_TEMPLATES
-from vlp.data.layout import read_manifest, write_json_atomic
+from vlp.data.layout import read_manifest
 from vlp.data.writer import SourceSample, write_shards
 from vlp.errors import VlpError
+from vlp.io import write_json_atomic
 
 __all__ = [
     "DEMO_LICENCES", "FASHION_CLASSNAMES", "FASHION_EVAL_TEMPLATES", "FASHION_TRAIN_TEMPLATES",

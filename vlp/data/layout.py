@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vlp.errors import VlpError
+from vlp.io import write_json_atomic
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json", "cls")  # cls: an integer class label (the CLIP_benchmark layout)
@@ -97,17 +97,6 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while block := handle.read(chunk_size):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, payload: object) -> None:
-    """Write JSON under a temporary name, fsync, then rename: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def write_manifest(directory: str | Path, records: list[ShardRecord]) -> None:

@@ -22,6 +22,7 @@ saved with another number of ranks or workers resumes elastically (:meth:`ShardL
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import random
 from collections.abc import Iterator
@@ -181,6 +182,12 @@ class _BatchMaker:
         return batch, report
 
 
+def urls_digest(urls: tuple[str, ...] | list[str]) -> str:
+    """A short, stable name of a shard list: its length and the start of the sha256 of its urls in order."""
+    digest = hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+    return f"{len(urls)} shards, sha256 {digest}"
+
+
 class ShardDataset(IterableDataset):
     """Worker side of :class:`ShardLoader`: an endless iterator of ``(Batch, WorkerReport)``."""
 
@@ -309,7 +316,10 @@ class ShardLoader:
         return sum_counts(self._counts.values())
 
     def _fingerprint(self) -> dict:
-        return {"sources": [list(s.urls) for s in self.spec.sources], "weights": [s.weight for s in self.spec.sources],
+        # the shard lists by count and digest: every rank's position travels in each checkpoint, and a LAION-size
+        # url list is megabytes
+        return {"sources": [urls_digest(s.urls) for s in self.spec.sources],
+                "weights": [s.weight for s in self.spec.sources],
                 "mode": self.spec.settings.mode, "seed": self.spec.settings.seed,
                 "shuffle_buffer": self.spec.settings.shuffle_buffer, "rank": self.spec.rank,
                 "world_size": self.spec.world_size, "workers": self.spec.num_workers}

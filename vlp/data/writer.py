@@ -41,6 +41,7 @@ from tqdm import tqdm
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
 from vlp.data import layout
 from vlp.data.images import ImageOptions, SkipSample, encode_image
+from vlp.io import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def _publish(partial_dir: Path, final_dir: Path, overwrite: bool) -> None:
     _check_destination(final_dir, overwrite)
     if not final_dir.exists():
         partial_dir.rename(final_dir)
+        fsync_dir(final_dir.parent)
         return
     old_dir = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
     final_dir.rename(old_dir)
@@ -316,6 +318,7 @@ def _publish(partial_dir: Path, final_dir: Path, overwrite: bool) -> None:
     except OSError:
         old_dir.rename(final_dir)
         raise
+    fsync_dir(final_dir.parent)
     shutil.rmtree(old_dir, ignore_errors=True)
 
 

@@ -15,8 +15,8 @@ import torch
 from vlp import distributed
 from vlp.evaluation.retrieval import Direction, Reranker
 from vlp.evaluation.zero_shot import gather_uneven
-from vlp.registry import ModelError
-from vlp.training.task import autocast_context
+from vlp.models.registry import ModelError
+from vlp.precision import autocast_context
 
 
 def require_itm(model: torch.nn.Module) -> None:

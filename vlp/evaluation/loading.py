@@ -3,19 +3,23 @@
 Accepted ``--checkpoint`` forms: a run directory (``config.yaml`` + ``model.safetensors``), a checkpoint directory
 (``checkpoints/step_N/model.safetensors``, config from the run directory two levels up), or a
 ``model.safetensors`` file with ``config.yaml`` beside it. Weights load with safetensors, or ``torch.load``
-with ``weights_only=True`` for ``.pt`` files; nothing else is ever unpickled.
+with ``weights_only=True`` for ``.pt`` files; nothing else is ever unpickled. :func:`init_from_run` gives a training
+config that starts from a run's (or an imported) model: ``vlp train --init``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError, ModelConfig, load_config
+from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, Config, ConfigError, ModelConfig, load_config
 from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
+
+logger = logging.getLogger("vlp.train")
 
 
 @dataclass
@@ -52,7 +56,8 @@ def find_run_files(checkpoint: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def _open_clip_sizes(arch: str) -> tuple[int, int]:
+def open_clip_sizes(arch: str) -> tuple[int, int]:
+    """(image size, context length) an open_clip architecture defines (its vision_cfg and text_cfg)."""
     from vlp.models.open_clip_model import open_clip_arch_config
 
     arch_config = open_clip_arch_config(arch)
@@ -93,7 +98,7 @@ def load_model_for_eval(
     ``model`` (e.g. ``open_clip:ViT-B-32``, ``open_clip:local-dir:DIR``) with an optional local ``pretrained``
     weights file and, for an open_clip architecture with a Hugging Face tokenizer / text model, its local
     ``tokenizer_dir``."""
-    from vlp.models import create_model, load_model_weights, tokenizer_for
+    from vlp.models import create_model, tokenizer_for
 
     if checkpoint is not None and model is None and checkpoint.startswith(OPEN_CLIP_LOCAL_DIR):
         checkpoint, model = None, checkpoint  # ``open_clip:local-dir:DIR``: the folder holds config and weights
@@ -105,13 +110,12 @@ def load_model_for_eval(
         if tokenizer_dir:  # the run's tokenizer directory moved
             config = replace(config, tokenizer_dir=tokenizer_dir)
         tokenizer = tokenizer_for(config)  # refuses a missing tokenizer before building the model
-        network = create_model(replace(config, pretrained=""))
-        load_model_weights(network, weights)
+        network = create_model(replace(config, pretrained=str(weights)))  # the run's weights, whatever it started from
         name, source = config.name, str(weights)
     else:
         config = ModelConfig(name=model, pretrained=pretrained or "", tokenizer_dir=tokenizer_dir or "")
         if model.startswith("open_clip:"):
-            image_size, context_length = _open_clip_sizes(model.partition(":")[2])
+            image_size, context_length = open_clip_sizes(model.partition(":")[2])
             config = replace(config, image_size=image_size, context_length=context_length)
         tokenizer = tokenizer_for(config)
         network = create_model(config)
@@ -140,3 +144,32 @@ def text_encoder_fn(loaded: LoadedModel, device: torch.device | str = "cpu"):  #
         return loaded.model.encode_text(ids.to(device), mask.to(device), normalize=True).float()
 
     return encode
+
+
+# model fields that say how a run trains, not what the model is: ``vlp train --init`` keeps them from the config
+TRAINING_MODEL_FIELDS = ("lock_image", "lock_text", "lock_text_cache_size", "lock_image_cache_size",
+                         "grad_checkpointing")
+
+
+def init_from_run(config: Config, run: str) -> Config:
+    """``config`` starting from the model of ``run`` (a run directory, checkpoints/step_N directory, weights file, or
+    a directory written by ``vlp import``): the run's model section (architecture, sizes, preprocessing record,
+    tokenizer) with its weights as ``model.pretrained``; :data:`TRAINING_MODEL_FIELDS` (locking, caches, gradient
+    checkpointing) stay the config's, and ``data.tokenizer`` becomes the model's."""
+    from vlp.config_rules import check_config
+    from vlp.models import tokenizer_for
+
+    if config.model.pretrained:
+        raise ConfigError(f"--init {run} and model.pretrained={config.model.pretrained!r} both give the starting "
+                          "weights: drop one")
+    weights, config_path = find_run_files(Path(run))
+    kept = {name: getattr(config.model, name) for name in TRAINING_MODEL_FIELDS}
+    model = replace(load_config(config_path).model, pretrained=str(weights), **kept)
+    ignored = [f"model.{name}" for name in ("name", "image_size", "context_length", "embed_dim")
+               if getattr(config.model, name) != getattr(model, name)]
+    if ignored:
+        logger.info("--init %s: the model is the run's (%s from %s)", run, ", ".join(ignored), config_path)
+    try:
+        return check_config(replace(config, model=model, data=replace(config.data, tokenizer=tokenizer_for(model))))
+    except ConfigError as err:
+        raise ConfigError(f"--init {run}: {err}") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from vlp.data.layout import write_json_atomic
+from vlp.io import write_json_atomic
 
 ZEROSHOT_TASK = "zeroshot_classification"
 RETRIEVAL_TASK = "zeroshot_retrieval"

@@ -134,7 +134,7 @@ def encode_pairs(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(image features, caption features, keys) of image-caption shards, gathered from every rank; with an
     ``itm_corpus``, it collects the image tokens and caption ids too."""
-    from vlp.training.task import autocast_context
+    from vlp.precision import autocast_context
 
     device = torch.device(device)
     images, texts, keys = [], [], []

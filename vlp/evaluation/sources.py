@@ -422,7 +422,7 @@ def encode_shard_retrieval(
     encoded once per rank and de-duplicated by ``image_id`` after the gather. Captions whose image could not be
     decoded (or is over ``max_image_pixels``) are dropped and counted as ``captions_without_image``. With an
     ``itm_corpus`` the image tokens and caption ids are collected too, in the same row order."""
-    from vlp.training.task import autocast_context
+    from vlp.precision import autocast_context
 
     rank = distributed.get_rank() if rank is None else rank
     world_size = distributed.get_world_size() if world_size is None else world_size

@@ -10,7 +10,6 @@ class order is open_clip's, which is the standard sorted-wnid order of ImageNet-
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from vlp.evaluation.metrics import (
     topk_accuracy_from_predictions,
     topk_predictions,
 )
+from vlp.precision import autocast_context
 
 Template = str | Callable[[str], str]
 TextEncoder = Callable[[list[str]], torch.Tensor]
@@ -200,15 +200,6 @@ def zero_shot_metrics(
 # ------------------------------------------------------------------------------------------------ dataset encoding
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in ("bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}; expected fp32, bf16 or fp16")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def gather_uneven(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate every rank's rows in rank order when ranks hold different counts (identity at world size 1).
 
@@ -258,7 +249,7 @@ def encode_dataset(
         model.eval()
     feature_parts, label_parts = [], []
     try:
-        with torch.no_grad(), _autocast(device, precision):
+        with torch.no_grad(), autocast_context(device, precision):
             for batch in batches:
                 features = model.encode_image(batch.images.to(device), normalize=True)
                 feature_parts.append(features.float())

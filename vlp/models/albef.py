@@ -36,8 +36,7 @@ from torch import nn
 
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.fusion import FusionEncoder, init_bert_module
-from vlp.models.text_encoder import pool_hidden_states
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 from vlp.types import ModelOutput
 
 Task = Literal["features", "itm", "mlm"]
@@ -95,9 +94,10 @@ class AlbefModel(DualEncoder):
     """ALBEF: ViT + BERT text layers (ITC), BERT fusion layers with cross-attention (ITM, MLM).
 
     Args:
-        image_encoder: a tower with ``forward_tokens(images) -> (pooled (B, C), tokens (B, N, C))`` (timm ViT with
-            class-token pooling: pooled is the [CLS] state).
-        text_encoder: an ``HFTextTower`` over a BERT with the first L - F layers: ``forward_hidden`` -> (B, L, H).
+        image_encoder: an ``ImageTower``; its ``forward_tokens`` gives the pooled feature and the tokens (B, N, C) the
+            fusion encoder cross-attends to (timm ViT with class-token pooling: pooled is the [CLS] state).
+        text_encoder: an ``HFTextTower`` over a BERT with the first L - F layers (its word embeddings feed the tied
+            MLM head); its ``forward_tokens`` gives the pooled feature and the hidden states (B, L, H).
         embed_dim: D, the width of the ITC embedding space.
         fusion: the fusion encoder (F layers), or None for ITC-only towers (no ITM / MLM heads then).
         vocab_size: V, rows of the word embeddings (and MLM logits columns).
@@ -167,8 +167,8 @@ class AlbefModel(DualEncoder):
     def text_pass(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """text_ids (B, L), text_mask (B, L) bool -> (pooled (B, H), hidden (B, L, H)) of the text layers."""
         with torch.no_grad() if self.text_locked else nullcontext():
-            hidden = self.text_encoder.forward_hidden(text_ids, text_mask)  # (B, L, H)
-            return pool_hidden_states(hidden, text_mask, self.text_encoder.pooling), hidden
+            pooled, hidden, _ = self.text_encoder.forward_tokens(text_ids, text_mask)  # (B, H), (B, L, H)
+            return pooled, hidden
 
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W) -> (L2-normalised features (B, D) equal to ``encode_image``, tokens (B, N, C)) from

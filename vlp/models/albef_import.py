@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from vlp.models.albef import TIED_KEYS, AlbefModel
+from vlp.models.registry import ModelError
 from vlp.models.weights import read_state_dict
-from vlp.registry import ModelError
 
 # (our prefix, ALBEF prefix); fusion layers are renumbered separately
 _PREFIXES = (

@@ -1,4 +1,4 @@
-"""ALBEF presets (``AlbefModel``), registered in ``vlp.registry``; all read the bert-base-uncased vocabulary.
+"""ALBEF presets (``AlbefModel``), registered in ``vlp.models.registry``; all read the bert-base-uncased vocabulary.
 
 | name          | image tower                           | BERT: L layers, the last F = fusion_layers fuse |
 |---------------|---------------------------------------|-------------------------------------------------|
@@ -35,8 +35,8 @@ from vlp.models.albef import AlbefModel
 from vlp.models.fusion import FusionEncoder, split_bert_layers
 from vlp.models.image_encoder import create_timm_tower
 from vlp.models.presets import SMALL, TINY, vit_tower
+from vlp.models.registry import ModelError, register_model
 from vlp.models.text_encoder import HFTextTower, _quiet_transformers, load_hf_encoder
-from vlp.registry import ModelError, register_model
 
 MAX_TEXT_POSITIONS = 512
 TINY_BERT = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 256}
@@ -50,7 +50,7 @@ def supports_fusion(builder: Callable[[ModelConfig], object]) -> Callable[[Model
 
 
 def _vocab_dir() -> Path:
-    from vlp.data.tokenizer import minilm_model_dir
+    from vlp.assets import minilm_model_dir
 
     return minilm_model_dir()
 
@@ -101,7 +101,7 @@ def build_albef(config: ModelConfig, image_encoder: nn.Module, bert: nn.Module) 
     text_encoder = HFTextTower(bert, config.text_pooling)
     fusion = None
     if removed:
-        fusion = FusionEncoder.from_bert_layers(bert.config, removed, int(image_encoder.output_dim))
+        fusion = FusionEncoder.from_bert_layers(bert.config, removed, int(image_encoder.token_dim))
     vocab_size, mask_token_id, special = bert_vocabulary()
     return AlbefModel(
         image_encoder,
@@ -135,7 +135,7 @@ def build_albef_small(config: ModelConfig) -> AlbefModel:
 @supports_fusion
 def build_albef_minilm(config: ModelConfig) -> AlbefModel:
     """Tiny ViT + pretrained all-MiniLM-L6-v2, its top fusion_layers layers turned into fusion layers."""
-    from vlp.data.tokenizer import minilm_model_dir
+    from vlp.assets import minilm_model_dir
 
     _check_context(config.context_length)
     return build_albef(config, vit_tower(config, TINY), load_hf_encoder(minilm_model_dir(), pretrained=True))

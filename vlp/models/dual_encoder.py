@@ -1,14 +1,11 @@
 """DualEncoder: an image tower and a text tower, injected, projected into one embedding space.
 
-A tower is any ``nn.Module`` with
-
-* ``output_dim: int``: the width of its pooled output;
-* ``forward``: images (B, 3, H, W) -> (B, output_dim) for the image tower,
-  (text_ids (B, L) int64, text_mask (B, L) bool) -> (B, output_dim) for the text tower;
-* ``has_projection: bool`` (optional, default False): True when the tower already ends with its own learned
-  projection (open_clip towers). Such a tower is used as is when ``output_dim == embed_dim``; every other
-  tower gets an ``nn.Linear(output_dim, embed_dim)``, bias-free unless ``projection_bias`` (ALBEF);
-* ``set_grad_checkpointing(enable: bool)`` and ``no_weight_decay() -> set[str]`` (both optional).
+The towers meet :class:`~vlp.models.towers.ImageTower` / :class:`~vlp.models.towers.TextTower` (checked here):
+``output_dim``, the width of the pooled output; ``forward``, images (B, 3, H, W) or (text_ids (B, L) int64,
+text_mask (B, L) bool) -> (B, output_dim); ``has_projection``, True when the tower already ends with its own learned
+projection (open_clip towers). Such a tower is used as is when ``output_dim == embed_dim``; every other tower gets an
+``nn.Linear(output_dim, embed_dim)``, bias-free unless ``projection_bias`` (ALBEF). ``set_grad_checkpointing`` and
+``no_weight_decay`` are forwarded to the towers; ``forward_tokens`` serves models with a fusion encoder.
 
 A locked tower can be given a :class:`~vlp.models.tower_cache.TowerCache` (``enable_lock_cache``): in training
 passes (the model in train mode, the locked tower in eval mode) its pooled outputs are then looked up by the exact
@@ -24,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.models.registry import ModelError
 from vlp.models.tower_cache import CacheStats, TowerCache
-from vlp.registry import ModelError
+from vlp.models.towers import ImageTower, TextTower, check_tower
 from vlp.types import ModelOutput
 
 
-def _projection(tower: nn.Module, embed_dim: int, bias: bool = False) -> nn.Module:
+def _projection(tower: ImageTower | TextTower, embed_dim: int, bias: bool = False) -> nn.Module:
     """Identity when the tower already projects to ``embed_dim``, else a linear map (CLIP init, zero bias)."""
     output_dim = int(tower.output_dim)
-    if getattr(tower, "has_projection", False) and output_dim == embed_dim:
+    if tower.has_projection and output_dim == embed_dim:
         return nn.Identity()
     projection = nn.Linear(output_dim, embed_dim, bias=bias)
     nn.init.normal_(projection.weight, std=output_dim**-0.5)
@@ -59,8 +57,8 @@ class DualEncoder(nn.Module):
 
     def __init__(
         self,
-        image_encoder: nn.Module,
-        text_encoder: nn.Module,
+        image_encoder: ImageTower,
+        text_encoder: TextTower,
         embed_dim: int,
         *,
         init_logit_scale: float,
@@ -69,6 +67,8 @@ class DualEncoder(nn.Module):
         projection_bias: bool = False,
     ) -> None:
         super().__init__()
+        check_tower(image_encoder, ImageTower, "image_encoder")
+        check_tower(text_encoder, TextTower, "text_encoder")
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.embed_dim = embed_dim
@@ -167,9 +167,8 @@ class DualEncoder(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute tower activations in the backward pass (both towers) to save memory."""
-        for tower in (self.image_encoder, self.text_encoder):
-            if hasattr(tower, "set_grad_checkpointing"):
-                tower.set_grad_checkpointing(enable)
+        self.image_encoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups over the trainable parameters (see ``vlp.models.factory.param_groups``)."""
@@ -181,6 +180,5 @@ class DualEncoder(nn.Module):
         """Parameter names the towers themselves exclude from weight decay (prefixed with the tower's name)."""
         names = {"logit_scale", "logit_bias"}
         for prefix, tower in (("image_encoder.", self.image_encoder), ("text_encoder.", self.text_encoder)):
-            if hasattr(tower, "no_weight_decay"):
-                names.update(prefix + name for name in tower.no_weight_decay())
+            names.update(prefix + name for name in tower.no_weight_decay())
         return names

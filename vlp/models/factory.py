@@ -8,8 +8,8 @@ from torch import nn
 
 from vlp.config import ModelConfig
 from vlp.models.dual_encoder import DualEncoder
+from vlp.models.registry import ModelError, get_model_entry, list_models
 from vlp.models.weights import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, load_model_weights
-from vlp.registry import ModelError, get_model_entry, list_models
 
 # parameters never decayed, whatever their shape (matched on the last component of the name)
 NO_DECAY_NAMES = frozenset({

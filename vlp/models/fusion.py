@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 
 FUSION_ATTENTION = ("sdpa", "eager")
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

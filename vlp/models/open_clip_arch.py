@@ -22,8 +22,8 @@ import copy
 import json
 from pathlib import Path
 
-from vlp.data.tokenizer import OPEN_CLIP_HF
-from vlp.registry import ModelError
+from vlp.assets import OPEN_CLIP_HF
+from vlp.models.registry import ModelError
 
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_TEXT_KEYS = ("hf_tokenizer_name", "hf_model_name")

@@ -33,8 +33,8 @@ from vlp.models.open_clip_arch import (
     open_clip_arch_config,
     resolve_open_clip_arch,
 )
+from vlp.models.registry import ModelError
 from vlp.models.text_encoder import OpenClipTextTower
-from vlp.registry import ModelError
 
 __all__ = ["build_open_clip_dual_encoder", "create_open_clip", "is_open_clip_state_dict", "open_clip_arch_config",
            "open_clip_to_dual_encoder_state_dict", "resolve_open_clip_arch"]

@@ -1,4 +1,4 @@
-"""Built-in model presets, registered in ``vlp.registry``.
+"""Built-in model presets, registered in ``vlp.models.registry``.
 
 | name             | image tower                           | text tower                                   | tokenizer |
 |------------------|---------------------------------------|----------------------------------------------|-----------|
@@ -7,6 +7,9 @@
 | minilm-lit       | the tiny ViT                          | pretrained all-MiniLM-L6-v2, 384 wide        | minilm    |
 | open_clip:<ARCH> | open_clip's vision tower              | open_clip's text tower                       | the arch's|
 | custom           | ``image_tower``                       | ``text_tower``                               | per tower |
+
+``custom`` reads its towers and tokenizer from the tower families of ``vlp.models.towers`` (``timm:<model name>``,
+``open_clip:<ARCH>``; ``open_clip:<ARCH>``, ``minilm``, ``minilm-random``, ``hf:<local dir>``; or any registered one).
 
 Image sizes must be multiples of the patch size (8 for tiny and minilm-lit, 16 for small). Every open_clip text
 tower also holds a 49408 x width token embedding (3.2M parameters at width 64, 6.3M at 128) on top of the sizes
@@ -24,11 +27,12 @@ from torch import nn
 
 from vlp.config import ModelConfig
 from vlp.models.dual_encoder import DualEncoder
-from vlp.models.image_encoder import create_image_tower, create_timm_tower
+from vlp.models.image_encoder import create_timm_tower
 from vlp.models.open_clip_arch import open_clip_tokenizer_spec
 from vlp.models.open_clip_model import build_open_clip_dual_encoder
-from vlp.models.text_encoder import create_clip_text_transformer, create_text_tower
-from vlp.registry import ModelError, register_model
+from vlp.models.registry import ModelError, register_model
+from vlp.models.text_encoder import create_clip_text_transformer
+from vlp.models.towers import create_image_tower, create_text_tower, text_tower_tokenizer
 
 
 @dataclass(frozen=True)
@@ -91,8 +95,7 @@ def build_small(config: ModelConfig) -> DualEncoder:
 @register_model("minilm-lit", tokenizer="minilm")
 def build_minilm_lit(config: ModelConfig) -> DualEncoder:
     """Tiny ViT + pretrained all-MiniLM-L6-v2 text tower (set lock_text for LiT-style training)."""
-    return dual_encoder(config, vit_tower(config, TINY), create_text_tower("minilm", config.context_length,
-                                                                           config.text_pooling))
+    return dual_encoder(config, vit_tower(config, TINY), create_text_tower("minilm", config))
 
 
 def _open_clip_tokenizer(config: ModelConfig) -> str:
@@ -106,23 +109,21 @@ def build_open_clip(config: ModelConfig) -> DualEncoder:
     return build_open_clip_dual_encoder(config)
 
 
+def _check_custom(config: ModelConfig, *fields: str) -> None:
+    if not all(getattr(config, field) for field in fields):
+        raise ModelError("model.name='custom' needs model.image_tower and model.text_tower (see "
+                         "vlp.models.towers.list_image_towers() / list_text_towers())")
+
+
 def _custom_tokenizer(config: ModelConfig) -> str:
-    spec = config.text_tower
-    if spec.startswith("open_clip:"):
-        return open_clip_tokenizer_spec(spec.partition(":")[2], config.tokenizer_dir)
-    if spec in ("minilm", "minilm-random"):
-        return "minilm"
-    if spec.startswith("hf:"):
-        return spec
-    raise ModelError(f"model.text_tower={spec!r}: use 'open_clip:<ARCH>', 'minilm', 'minilm-random' or 'hf:<dir>'")
+    _check_custom(config, "text_tower")
+    return text_tower_tokenizer(config.text_tower, config)
 
 
 @register_model("custom", tokenizer=_custom_tokenizer)
 def build_custom(config: ModelConfig) -> DualEncoder:
-    """Towers from ``image_tower`` (timm:<name>, open_clip:<ARCH>) and ``text_tower`` strings."""
-    if not config.image_tower or not config.text_tower:
-        raise ModelError("model.name='custom' needs model.image_tower and model.text_tower")
-    image_encoder = create_image_tower(config.image_tower, config.image_size, config.tokenizer_dir)
-    text_encoder = create_text_tower(config.text_tower, config.context_length, config.text_pooling,
-                                     config.tokenizer_dir)
+    """Towers from the ``image_tower`` and ``text_tower`` specs (any registered tower family)."""
+    _check_custom(config, "image_tower", "text_tower")
+    image_encoder = create_image_tower(config.image_tower, config)
+    text_encoder = create_text_tower(config.text_tower, config)
     return dual_encoder(config, image_encoder, text_encoder)

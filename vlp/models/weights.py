@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlp.registry import ModelError
+from vlp.models.registry import ModelError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")

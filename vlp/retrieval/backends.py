@@ -30,7 +30,6 @@ Recall@10 against exact search, asserted by ``tests/test_retrieval_backends.py``
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp.io import atomic_path
 from vlp.retrieval.exact import ExactBackend, SearchBackendError, check_embeddings, check_query
 
 BackendKind = Literal["exact", "hnsw", "ivfpq"]
@@ -189,13 +189,12 @@ class FaissBackend:
         return scores, ids
 
     def save(self, directory: Path) -> list[str]:
-        """Write ``faiss_<kind>.index`` into ``directory`` (a ``.tmp`` file, then a rename)."""
+        """Write ``faiss_<kind>.index`` into ``directory`` (atomically)."""
         faiss = _faiss()
         name = FAISS_FILES[self.kind]
         path = Path(directory) / name
-        tmp = path.with_name(name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
         return [name]
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from vlp import distributed
 from vlp.data.counters import sum_counts
 from vlp.evaluation.loading import OPEN_CLIP_LOCAL_DIR, LoadedModel, find_run_files, load_model_for_eval
+from vlp.precision import autocast_context
 from vlp.retrieval.backends import BackendSpec, build_backend
 from vlp.retrieval.reading import BuildOptions, Chunk, UnitDataset, source_units
 from vlp.retrieval.store import (
@@ -33,7 +34,6 @@ from vlp.retrieval.store import (
     write_manifest,
     write_part,
 )
-from vlp.training.task import autocast_context
 
 logger = logging.getLogger("vlp.index")
 

@@ -4,8 +4,8 @@
 whole) in chunks of rows, computes the inner products of a block of queries with the chunk in float32 and keeps a
 running top-k; ties go to the lower id. Equal to a full matmul + topk (ids exactly, scores to 1e-6). On CPUs with
 native bfloat16 matmul, blocks of 64+ queries first score in bfloat16 and rescore in float32 only the columns a
-rigorous error bound cannot rule out: the same top-k, ~1.8x faster. Also home of the argument checks every back
-end shares (``vlp.retrieval.backends`` holds the faiss back ends and the factory).
+rigorous error bound cannot rule out: the same top-k, faster (`bench.retrieval` measures it). Also home of the
+argument checks every back end shares (``vlp.retrieval.backends`` holds the faiss back ends and the factory).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _merge_top_k(best: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, 
 def _inner_products(queries: torch.Tensor, chunk: torch.Tensor, out: torch.Tensor) -> None:
     """``out (q, c) = queries (q, D) @ chunk (c, D).T`` in float32.
 
-    On the CPU through numpy's BLAS (OpenBLAS, whose AVX-512 kernels beat torch's MKL sgemm on AMD CPUs by ~1.5x;
+    On the CPU through numpy's BLAS (OpenBLAS, whose AVX-512 kernels beat torch's MKL sgemm on AMD CPUs;
     its threads follow ``OPENBLAS_NUM_THREADS`` or threadpoolctl, not ``torch.set_num_threads``), elsewhere
     ``torch.mm``.
     """
@@ -245,7 +245,7 @@ class ExactBackend:
 
     ``prefilter`` (None: on for a CPU corpus when :func:`bf16_prefilter_available`): blocks of at least
     PREFILTER_MIN_QUERIES queries first compute bfloat16 scores, then rescore in float32 only the columns that can
-    reach the top-k by a rigorous error bound (see above): the same top-k, ~1.8x faster on 1M x 512. It keeps the
+    reach the top-k by a rigorous error bound (see above): the same top-k, faster. It keeps the
     row norms (N float32) after the first such search. Working memory: ``query_batch * chunk_rows`` float32 (or
     bf16) scores and one converted chunk.
     """

@@ -30,11 +30,11 @@ from vlp.data.tokenizer import TextTokenizer
 from vlp.errors import VlpError
 from vlp.evaluation.itm_rerank import itm_match_logits
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
+from vlp.precision import autocast_context
 from vlp.retrieval.backends import BackendSpec, ExactBackend, SearchBackend, load_backend
 from vlp.retrieval.build import model_identity
 from vlp.retrieval.images import ImageReadError, StoredImages
 from vlp.retrieval.store import MANIFEST, IndexStoreError, read_manifest, read_part
-from vlp.training.task import autocast_context
 
 Target = Literal["image", "text"]
 ImageQuery = bytes | str | Path | Image.Image

@@ -28,8 +28,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from vlp.data.layout import file_sha256, write_json_atomic
+from vlp.data.layout import file_sha256
 from vlp.errors import VlpError
+from vlp.io import atomic_path, write_json_atomic, write_text_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
@@ -99,12 +100,9 @@ def write_part(root: Path, unit: SourceUnit, fingerprint: str, image: torch.Tens
     embeddings_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"image": image.to(torch.float16).contiguous(), "text": text.to(torch.float16).contiguous(),
                "text_rows": text_rows.to(torch.int64).contiguous()}
-    tmp = embeddings_path.with_name(f".{embeddings_path.name}.tmp")
-    safetensors.torch.save_file(tensors, str(tmp))
-    tmp.replace(embeddings_path)
-    tmp = metadata_path.with_name(f".{metadata_path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in metadata))
-    tmp.replace(metadata_path)
+    with atomic_path(embeddings_path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp))
+    write_text_atomic(metadata_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in metadata))
     receipt = PartReceipt(name=unit.name, rows=int(image.shape[0]), captions=int(text.shape[0]), skipped=skipped,
                           source=unit.identity(), fingerprint=fingerprint,
                           sha256={"embeddings": file_sha256(embeddings_path), "metadata": file_sha256(metadata_path)})

@@ -32,18 +32,11 @@ from vlp import distributed
 from vlp.config import Config
 from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, sample_hard_negatives
 from vlp.models.momentum import MomentumEncoder
-from vlp.queue import FeatureQueue
+from vlp.precision import attention_context, autocast_context
+from vlp.training.queue import FeatureQueue
 from vlp.training.rng import capture_rng, restore_rng
 from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
-from vlp.training.task import (
-    attention_context,
-    autocast_context,
-    batch_groups,
-    clamp_logit_scale,
-    splice_features,
-    spread_gradient,
-    step_groups,
-)
+from vlp.training.task import batch_groups, clamp_logit_scale, splice_features, spread_gradient, step_groups
 from vlp.types import Batch, LossOutput, ModelOutput
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vlp.errors import VlpError
+from vlp.io import fsync_dir, fsync_file, write_text_atomic
 
 logger = logging.getLogger("vlp.checkpoint")
 
@@ -54,29 +55,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest`` at it; keep the newest ``keep`` checkpoints."""
     root = Path(run_dir) / CHECKPOINT_DIR
@@ -89,9 +67,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, state: dic
     torch.save(state, partial / STATE_FILE)
     files = {}
     for name in (MODEL_FILE, STATE_FILE):
-        _fsync_file(partial / name)
+        fsync_file(partial / name)
         files[name] = {"bytes": (partial / name).stat().st_size, "sha256": _sha256(partial / name)}
-    _write_text_atomic(partial / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
+    write_text_atomic(partial / MANIFEST_FILE, json.dumps({"step": step, "files": files}, indent=1))
     return commit_checkpoint(partial, final, keep)
 
 
@@ -111,8 +89,8 @@ def commit_checkpoint(partial: Path, final: Path, keep: int) -> Path:
         shutil.rmtree(old)
     else:
         partial.rename(final)
-    _fsync_dir(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n")
     _prune(root, keep, final)
     return final
 

@@ -3,10 +3,10 @@
 glibc's malloc serves every block above ``M_MMAP_THRESHOLD`` (dynamic, from 128 KiB up to 32 MiB) with a fresh
 ``mmap`` and returns it with ``munmap`` on free, and it trims the heap top above ``M_TRIM_THRESHOLD``. A training
 step on the CPU allocates many such blocks (activations, (B, K) logits against a feature queue, optimizer
-temporaries), so each step page-faults its whole working set in again: measured here, a third of the MoD-ITC loss
-time and a quarter of the AdamW step. Raising both thresholds makes freed blocks stay in the heap for the next
-step, as a caching allocator does (the same effect as preloading jemalloc or tcmalloc). The resident set then stays
-near its peak. Nothing happens off glibc (macOS, musl).
+temporaries), so each step page-faults its whole working set in again (a large share of the MoD-ITC loss and AdamW
+step times on these machines; `bench.albef` measures it). Raising both thresholds makes freed blocks stay in the
+heap for the next step, as a caching allocator does (the same effect as preloading jemalloc or tcmalloc). The
+resident set then stays near its peak. Nothing happens off glibc (macOS, musl).
 """
 
 from __future__ import annotations

@@ -38,14 +38,13 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from vlp import distributed
+from vlp.io import atomic_path, fsync_file, write_text_atomic
 from vlp.training.checkpoint import (
     CHECKPOINT_DIR,
     MANIFEST_FILE,
     STATE_FILE,
     CheckpointError,
-    _fsync_file,
     _sha256,
-    _write_text_atomic,
     commit_checkpoint,
     load_state_file,
     partial_dir,
@@ -175,7 +174,8 @@ def export_model(model: nn.Module, path: Path) -> None:
     state = full_model_state(model)
     if distributed.get_rank() == 0:
         state = {name: tensor.contiguous() for name, tensor in state.items()}
-        safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
+        with atomic_path(path) as tmp:
+            safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -199,7 +199,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, parts: dict, state: 
     names = None
     if distributed.get_rank() == 0:
         torch.save(state, partial / STATE_FILE)
-        _fsync_file(partial / STATE_FILE)
+        fsync_file(partial / STATE_FILE)
         names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
     names = distributed.all_gather_objects(names)[0]
     rank, world_size = distributed.group_rank_and_size()
@@ -208,7 +208,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, parts: dict, state: 
     files = {k: v for share in distributed.all_gather_objects(mine) for k, v in share.items()}
     if rank == 0:
         manifest = {"step": step, "format": "sharded", "world_size": world_size, "files": dict(sorted(files.items()))}
-        _write_text_atomic(partial / MANIFEST_FILE, json.dumps(manifest, indent=1))
+        write_text_atomic(partial / MANIFEST_FILE, json.dumps(manifest, indent=1))
         commit_checkpoint(partial, final, keep)
     distributed.barrier()  # no rank goes on before the checkpoint is in place
     return final

@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from vlp.io import atomic_path, write_text_atomic
+
 logger = logging.getLogger("vlp.train")
 
 METRICS_FILE = "metrics.jsonl"
@@ -27,9 +29,7 @@ def truncate_metrics(run_dir: Path, after_step: int) -> None:
             continue  # a line cut by a kill: dropped
         if record.get("step", -1) <= after_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class RunLog:
@@ -105,6 +105,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     figure.suptitle(run_dir.name)
     figure.tight_layout()
     output = run_dir / PLOT_FILE
-    figure.savefig(output, dpi=100)
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
     return output

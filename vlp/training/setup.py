@@ -24,9 +24,10 @@ logger = logging.getLogger("vlp.train")
 
 def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The dual encoder on ``device`` and the loss module; the data tokenizer must be the model's."""
-    from vlp.losses import build_loss
+    from vlp.losses import build_loss, check_loss_config
     from vlp.models import create_model, tokenizer_for
 
+    check_loss_config(config.loss, config.model, config.albef)  # before anything is built
     expected = tokenizer_for(config.model)
     if config.data.tokenizer != expected:
         raise ConfigError(f"data.tokenizer is {config.data.tokenizer!r} but model {config.model.name!r} reads "

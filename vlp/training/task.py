@@ -19,38 +19,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlp.config import ConfigError
 from vlp.models.albef import scale_gradient
+from vlp.precision import attention_context, autocast_context
 from vlp.training.rng import capture_rng, restore_rng
 from vlp.types import Batch, LossOutput, ModelOutput
-
-_SDPA_BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def attention_context(device: torch.device, precision: str, choice: str) -> contextlib.AbstractContextManager:
-    """Pin the scaled-dot-product attention kernel (the backward pass follows the forward's choice).
-
-    ``auto`` picks the math kernel on CPU under bf16/fp16 autocast: there the fused CPU flash-attention backward
-    is the slowest part of a step at the short sequences of image patches and captions (measured ~1.7x faster
-    steps). The math kernel's memory grows with the square of the sequence length, so ``auto`` leaves fp32 and
-    GPUs to PyTorch's own choice; ``default`` always does.
-    """
-    if choice == "auto":
-        choice = "math" if device.type == "cpu" and precision != "fp32" else "default"
-    if choice == "default":
-        return contextlib.nullcontext()
-    return sdpa_kernel([_SDPA_BACKENDS[choice]])
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on the device, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def batch_groups(batch: Batch, positives: str) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from vlp import distributed
 from vlp.config import Config, ConfigError, save_config
 from vlp.config_rules import check_config
 from vlp.errors import VlpError
+from vlp.io import atomic_path
 from vlp.training import elastic
 from vlp.training.checkpoint import find_checkpoint, load_checkpoint, remove_stale_partials, save_checkpoint
 from vlp.training.cpu_memory import keep_freed_memory
@@ -40,11 +42,14 @@ from vlp.training.parallelize import clip_gradients
 from vlp.training.run_log import RunLog, plot_curves, truncate_metrics
 from vlp.training.schedules import lr_at
 from vlp.training.setup import build_batches, build_task, build_training_objects, settle_ddp_buckets
-from vlp.types import LossOutput
+from vlp.types import Batch, LossOutput
 
 logger = logging.getLogger("vlp.train")
 EXPORT_MODEL = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
+# in-training evaluation, injected so that training never imports evaluation:
+# (model, config, device, precision) -> flat {"eval/...": value}; vlp.evaluation.in_training.run_configured_evals
+Evaluator = Callable[[torch.nn.Module, Config, torch.device, str], dict[str, float]]
 
 
 class TrainingAborted(VlpError, RuntimeError):
@@ -63,6 +68,17 @@ class TrainSummary:
     stopped_by_signal: bool
 
 
+@dataclass
+class StepResult:
+    """What :meth:`Trainer.step` did: the loss output, the lr it used, whether the step was skipped (non-finite
+    loss or gradients on some rank) and whether a SIGTERM was seen on some rank."""
+
+    loss: LossOutput
+    lr: float
+    skipped: bool
+    stopped: bool
+
+
 class Trainer:
     """Builds everything from a :class:`Config` and trains for ``train.steps`` optimizer steps.
 
@@ -73,11 +89,19 @@ class Trainer:
         batches: an iterable of :class:`~vlp.types.Batch` to use instead of the shard loader (tests, custom data);
             resumable when it has ``state_dict``/``load_state_dict`` (on the checkpoint's world size), elastically
             when it also has ``load_state_dicts`` (every old rank's state; True when it re-split them).
+        evaluate: the in-training evaluation run every ``eval.every_steps`` (required when that is > 0), e.g.
+            :func:`vlp.evaluation.in_training.run_configured_evals`; training never imports evaluation itself.
         progress: show a tqdm bar on rank 0.
     """
 
-    def __init__(self, config: Config, *, resume: str | None = None, batches=None, progress: bool = True) -> None:  # noqa: ANN001
+    def __init__(self, config: Config, *, resume: str | None = None, batches=None, progress: bool = True,  # noqa: ANN001
+                 evaluate: Evaluator | None = None) -> None:
         check_config(config)  # configs built in code, not through load_config
+        if config.eval.every_steps > 0 and evaluate is None:
+            raise ConfigError(f"eval.every_steps={config.eval.every_steps}: this trainer has no evaluator; pass "
+                              "evaluate=vlp.evaluation.in_training.run_configured_evals (as `vlp train` does) or set "
+                              "eval.every_steps=0")
+        self.evaluate = evaluate
         if config.train.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.precision=fp16 needs a CUDA device (it uses a GradScaler); use bf16 on CPU")
         self.config, self.progress = config, progress
@@ -93,7 +117,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.param_groups(config.optim.weight_decay), config.optim)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
-        self.step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
+        self.global_step, self.skipped_steps, self._consecutive_skips, self._sigterm = 0, 0, 0, False
         self._buckets_settled = False
         if resume:
             self._restore(resume)
@@ -108,7 +132,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         loader = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        return {"step": self.global_step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "skipped_steps": self.skipped_steps, "rng": distributed.all_gather_objects(rng),
                 "task": self.task.state_dict(),
                 "loader": distributed.all_gather_objects(loader), "world_size": self.dist.world_size,
@@ -120,7 +144,8 @@ class Trainer:
         state = self._state()  # collective: every rank takes part
         if self.dist.is_main:
             self.log.sync()
-            path = save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.train.keep_checkpoints)
+            path = save_checkpoint(self.run_dir, self.global_step, self.model, state,
+                                   keep=self.config.train.keep_checkpoints)
             logger.info("checkpoint %s", path)
 
     def _save_sharded(self) -> None:
@@ -132,7 +157,7 @@ class Trainer:
         state["task"] = {k: v for k, v in state["task"].items() if k != "momentum"}
         if self.dist.is_main:
             self.log.sync()
-        path = save_sharded_checkpoint(self.run_dir, self.step, parts, state if self.dist.is_main else None,
+        path = save_sharded_checkpoint(self.run_dir, self.global_step, parts, state if self.dist.is_main else None,
                                        keep=self.config.train.keep_checkpoints)
         logger.info("checkpoint %s (sharded)", path)
 
@@ -152,7 +177,8 @@ class Trainer:
         if self.config.train.parallel == "fsdp":
             export_model(self.model, self.run_dir / EXPORT_MODEL)  # collective
         elif self.dist.is_main:
-            safetensors.torch.save_model(self.model, str(self.run_dir / EXPORT_MODEL))
+            with atomic_path(self.run_dir / EXPORT_MODEL) as tmp:
+                safetensors.torch.save_model(self.model, str(tmp))
         if self.dist.is_main:
             plot_curves(self.run_dir)
 
@@ -173,24 +199,24 @@ class Trainer:
         self.task.load_state_dict(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.global_step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         before = elastic.saved_topology(state)
         same_world = before.ranks == self.dist.world_size
         if same_world:
             elastic.restore_rank_generators(state["rng"][self.dist.rank])
         else:
-            elastic.seed_rank_generators(self.config.train.seed, self.dist.rank, self.step)
+            elastic.seed_rank_generators(self.config.train.seed, self.dist.rank, self.global_step)
         loader_resplit = elastic.restore_loader(self.batches, state["loader"], self.dist.rank, same_world, directory)
         if self.dist.is_main:
-            truncate_metrics(self.run_dir, self.step)
+            truncate_metrics(self.run_dir, self.global_step)
         if self.dist.is_main and (loader_resplit or not same_world):
             after = elastic.current_topology(self.dist.world_size, self.batches)
             batch = self.config.data.batch_size * self.config.train.grad_accum
             logger.info("resumed elastically from %s to %s at step %d (%s; global batch %s -> %d samples per step; "
-                        "per-rank RNG %s)", before, after, self.step, directory, state.get("global_batch", "?"),
+                        "per-rank RNG %s)", before, after, self.global_step, directory, state.get("global_batch", "?"),
                         batch * self.dist.world_size,
                         "restored" if same_world else "derived from train.seed, the rank and the step")
-        logger.info("resumed from %s at step %d", directory, self.step)
+        logger.info("resumed from %s at step %d", directory, self.global_step)
 
     def _check_task_state(self, directory: Path, task_state: dict) -> None:
         """What the task cannot take from the checkpoint, named before anything is loaded into it."""
@@ -223,52 +249,61 @@ class Trainer:
         total, accum = cfg.train.steps, cfg.train.grad_accum
         global_batch = cfg.data.batch_size * accum * self.dist.world_size
         iterator = iter(self.batches)
-        bar = tqdm(total=total, initial=self.step, disable=not (self.progress and self.dist.is_main),
+        bar = tqdm(total=total, initial=self.global_step, disable=not (self.progress and self.dist.is_main),
                    unit="step", dynamic_ncols=True)
         window, overall = _Window(), _Window()
         result, stopped = None, False
-        while self.step < stop_at:
+        while self.global_step < stop_at:
             started = time.perf_counter()
             micro = [next(iterator).to(self.dist.device, non_blocking=True) for _ in range(accum)]
             data_seconds = time.perf_counter() - started
             if not self._buckets_settled:  # DDP: every step of a fresh or resumed run reduces with one layout
-                settle_ddp_buckets(self.task, micro[0], self.step)
+                settle_ddp_buckets(self.task, micro[0], self.global_step)
                 self._buckets_settled = True
-            lr = lr_at(self.step, cfg.optim.lr, total, cfg.schedule)
-            set_lr(self.optimizer, lr)
-            result, skipped, stopped = self._optimizer_step(micro)
-            self.step += 1
+            outcome = self.step(micro)
+            result, lr, stopped = outcome.loss, outcome.lr, outcome.stopped
             window.add(time.perf_counter() - started, data_seconds, global_batch)
             overall.add(time.perf_counter() - started, data_seconds, global_batch)
             bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == stop_at or stopped:
+            if self.global_step % cfg.train.log_every == 0 or self.global_step == stop_at or stopped:
                 self._log(result, lr, window, bar)
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == stop_at or stopped:
+            if self.global_step % cfg.train.checkpoint_every == 0 or self.global_step == stop_at or stopped:
                 self.save()
-            if cfg.eval.every_steps > 0 and (self.step % cfg.eval.every_steps == 0 or self.step == total):
+            if cfg.eval.every_steps > 0 and (self.global_step % cfg.eval.every_steps == 0 or self.global_step == total):
                 self._evaluate()
             if stopped:
-                logger.warning("SIGTERM: checkpoint written at step %d, stopping", self.step)
+                logger.warning("SIGTERM: checkpoint written at step %d, stopping", self.global_step)
                 break
         bar.close()
-        if self.step == total:
+        if self.global_step == total:
             self._export()
         final_loss = float(distributed.all_reduce_mean(result.loss.detach().float())) if result else math.nan
-        return TrainSummary(self.run_dir, self.step, final_loss, self.skipped_steps, overall.rate(), stopped)
+        return TrainSummary(self.run_dir, self.global_step, final_loss, self.skipped_steps, overall.rate(), stopped)
 
     def _evaluate(self) -> None:
         """The configured evaluations (every rank takes part); results go to metrics.jsonl and TensorBoard."""
-        from vlp.evaluation.in_training import run_configured_evals
-
-        results = run_configured_evals(self.model, self.config, self.dist.device, self.config.train.precision)
+        assert self.evaluate is not None  # checked in __init__
+        results = self.evaluate(self.model, self.config, self.dist.device, self.config.train.precision)
         if results:
-            self.log.write({"step": self.step, **results})
+            self.log.write({"step": self.global_step, **results})
             if self.dist.is_main:
-                logger.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+                logger.info("step %d: %s", self.global_step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
-    def _optimizer_step(self, micro: list) -> tuple[LossOutput, bool, bool]:  # noqa: ANN001
+    def step(self, micro_batches: list[Batch]) -> StepResult:
+        """One optimizer step on ``train.grad_accum`` micro-batches (on the training device): the schedule's lr for
+        this step, forward and backward (accumulation-exact), unscale, clip, then the optimizer step and the task's
+        post-step hook (EMA, enqueue, temperature clamp), or a skip on every rank when the loss or a gradient is not
+        finite. Advances :attr:`global_step`; :meth:`fit` is this in a loop with data, logging and checkpoints."""
+        cfg = self.config
+        lr = lr_at(self.global_step, cfg.optim.lr, cfg.train.steps, cfg.schedule)
+        set_lr(self.optimizer, lr)
+        result, skipped, stopped = self._optimizer_step(micro_batches)
+        self.global_step += 1
+        return StepResult(loss=result, lr=lr, skipped=skipped, stopped=stopped)
+
+    def _optimizer_step(self, micro: list[Batch]) -> tuple[LossOutput, bool, bool]:
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.task.forward_backward(micro, self.scaler.scale, step=self.step)
+        result = self.task.forward_backward(micro, self.scaler.scale, step=self.global_step)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
@@ -282,7 +317,7 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.task.after_optimizer_step(self.step)
+            self.task.after_optimizer_step(self.global_step)
             self._consecutive_skips = 0
         return result, bad, stopped
 
@@ -293,11 +328,11 @@ class Trainer:
             self.scaler.update()  # fp16 overflow: lower the scale as GradScaler would
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        logger.warning("step %d skipped on every rank: non-finite %s", self.step + 1,
+        logger.warning("step %d skipped on every rank: non-finite %s", self.global_step + 1,
                        "gradients" if loss_finite else "loss")
         if self._consecutive_skips >= self.config.train.max_consecutive_skips:
             raise TrainingAborted(f"{self._consecutive_skips} consecutive steps had a non-finite loss or gradients "
-                                  f"(last at step {self.step + 1}); lower optim.lr, check the data, or use fp32")
+                                  f"(last at step {self.global_step + 1}); lower optim.lr, check the data, or use fp32")
 
     def _log(self, result: LossOutput, lr: float, window: _Window, bar: tqdm) -> None:
         loss = float(distributed.all_reduce_mean(result.loss.detach().float()))
@@ -306,7 +341,7 @@ class Trainer:
         from vlp.data.counters import sum_counts
 
         skipped_samples = sum_counts(distributed.all_gather_objects(skip_counts))
-        record = {"step": self.step, "loss": loss, "parts": parts, "lr": lr,
+        record = {"step": self.global_step, "loss": loss, "parts": parts, "lr": lr,
                   "logit_scale": float(self.model.logit_scale.detach().exp()), "samples_per_s": window.rate(),
                   "data_wait_fraction": window.data_fraction(), "skipped_samples": skipped_samples,
                   "skipped_steps": self.skipped_steps, **result.metrics}
