@@ -137,6 +137,38 @@ def test_gradient_reaches_online_features_and_scale_only() -> None:
     assert all(g is None for g in got[3:])
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_online_keys_with_teacher_keys_match_the_reference_and_get_gradient(chunk: int) -> None:
+    """``teacher_keys``: the student's keys [online batch ; queue] carry gradient, the soft targets come from the
+    teacher's keys [momentum batch ; queue]; without a queue and with alpha 0 it is CLIP's symmetric InfoNCE."""
+    from vlp.losses import clip_loss
+
+    p = itc_problem(seed=7)
+    image_keys, text_keys = torch.cat([p["image"], p["image_queue"]]), torch.cat([p["text"], p["text_queue"]])
+    teacher = (torch.cat([p["image_m"], p["image_queue"]]), torch.cat([p["text_m"], p["text_queue"]]))
+    key_ids, alpha, s = torch.cat([p["ids"], p["queue_ids"]]), 0.4, p["scale"]
+    out = momentum_distilled_itc(p["image"], p["text"], p["image_m"], p["text_m"], image_keys, text_keys, p["ids"],
+                                 key_ids, s, alpha, chunk_size=chunk, teacher_keys=teacher)
+    hard = (p["ids"][:, None] == key_ids[None, :]).double()
+    with torch.no_grad():
+        targets_i2t = alpha * F.softmax(s * p["image_m"] @ teacher[1].T, dim=1) + (1 - alpha) * hard
+        targets_t2i = alpha * F.softmax(s * p["text_m"] @ teacher[0].T, dim=1) + (1 - alpha) * hard
+    reference = (-(F.log_softmax(s * p["image"] @ text_keys.T, dim=1) * targets_i2t).sum(1).mean()
+                 - (F.log_softmax(s * p["text"] @ image_keys.T, dim=1) * targets_t2i).sum(1).mean()) / 2
+    assert torch.allclose(out.loss, reference, rtol=1e-12)
+    got_grads = grads(out.loss, p)
+    for got, want in zip(got_grads, grads(reference, p), strict=True):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(got_grads[1], grads(ours(p, alpha).loss, p)[1])  # the keys' gradient counts
+    clip_like = momentum_distilled_itc(p["image"], p["text"], p["image_m"], p["text_m"], p["image"], p["text"],
+                                       p["ids"], p["ids"], s, 0.0, chunk_size=chunk,
+                                       teacher_keys=(p["image_m"], p["text_m"]))
+    expected = clip_loss(p["image"], p["text"], s)
+    assert torch.allclose(clip_like.loss, expected.loss, rtol=1e-12)
+    for got, want in zip(grads(clip_like.loss, p), grads(expected.loss, p), strict=True):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 4, 10, 16])
 def test_chunked_distilled_itc_equals_unchunked(chunk: int) -> None:
     p = itc_problem(b=10, q=13, dtype=torch.float32, seed=3)

@@ -12,7 +12,10 @@ import torch
 from synthetic import SyntheticBatches
 
 from vlp.config import Config, ConfigError, load_config
-from vlp.training.schedules import alpha_at, momentum_at
+from vlp.losses import build_loss
+from vlp.training.albef_task import AlbefTask
+from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
+from vlp.training.task import ContrastiveTask
 from vlp.training.trainer import Trainer
 from vlp.types import Batch, ModelOutput
 
@@ -50,6 +53,27 @@ def test_momentum_and_alpha_schedules_are_pure_functions_of_the_step() -> None:
     assert momentum_at(100, 0.99, 100, "cosine") == pytest.approx(1.0)
     assert [alpha_at(s, 0.4, 4) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
     assert alpha_at(0, 0.4, 0) == 0.4
+    assert [linear_warmup(s, 2.0, 4) for s in (-1, 0, 1, 2, 3, 4, 9)] == pytest.approx([0, 0, 0.5, 1, 1.5, 2, 2])
+    assert linear_warmup(0, 2.0, 0) == 2.0
+
+
+def test_fusion_objectives_ramp_in_and_itm_hardness_follows_its_schedule(tmp_path: Path) -> None:
+    """``albef.fusion_warmup_steps``: the step's loss is ITC + fusion_scale * (ITM + MLM) with fusion_scale
+    linear from 0; ``albef.itm_hard_warmup_steps`` gives the sampler's hardness at each step."""
+    config = _config(tmp_path, FUSION, "albef.fusion_warmup_steps=4", "albef.itm_hard_warmup_steps=8")
+    trainer = Trainer(config, batches=[], progress=False)
+    assert [trainer.task.values_at(s).fusion_scale for s in (0, 1, 4, 7)] == [0.0, 0.25, 1.0, 1.0]
+    assert [trainer.task.values_at(s).itm_hardness for s in (0, 2, 8, 9)] == [0.0, 0.25, 1.0, 1.0]
+    batch = next(iter(_batches(config)))
+    for step, scale in ((0, 0.0), (1, 0.25), (6, 1.0)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        result = trainer.task.forward_backward([batch], step=step)
+        parts = {name: float(value) for name, value in result.parts.items()}
+        itc = (parts["itc_i2t"] + parts["itc_t2i"]) / 2
+        assert float(result.loss) == pytest.approx(itc + scale * (parts["itm"] + parts["mlm"]), rel=1e-5)
+        assert result.metrics["fusion_scale"] == scale
+        fusion_grad = trainer.model.itm_head.weight.grad
+        assert (fusion_grad is not None and bool(fusion_grad.abs().sum() > 0)) == (scale > 0)
 
 
 def test_mod_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
@@ -194,3 +218,89 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
         # rows: B positive pairs, B (image, negative text), B (text, negative image)
         assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
         assert fused["text_hidden"][:, 0, 0].tolist() == [*range(b), *i2t_hardest, *range(b)]
+    drawn = []  # hardness 0 (albef.itm_hard_warmup_steps, at its start): uniform over the non-positives
+    for _ in range(60):
+        task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t), hardness=0.0)
+        drawn.append(fused["text_hidden"][b:2 * b, 0, 0].long())
+    counts = torch.stack(drawn).T  # (B images, 60 draws): the text each image got as its negative
+    for image in range(b):
+        seen = torch.bincount(counts[image], minlength=b)
+        assert seen[image] == 0 and bool((seen[torch.arange(b) != image] >= 10).all()), (image, seen.tolist())
+
+
+def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:
+    """``albef.queue=false``: the queue is never filled, so step 2's keys are its own batch only; with the queue on
+    the same step sees step 1's keys too and its loss differs."""
+    losses = {}
+    for switch in ("true", "false"):
+        config = _config(tmp_path / switch, MOD_ONLY, f"albef.queue={switch}", "train.steps=2",
+                         "train.checkpoint_every=100")
+        trainer = Trainer(config, batches=_batches(config), progress=False)
+        stream = iter(_batches(config))
+        trainer._optimizer_step([next(stream)])
+        assert int(trainer.task.queue.count) == (8 if switch == "true" else 0)
+        losses[switch] = float(trainer._optimizer_step([next(stream)])[0].loss)
+        assert int(trainer.task.queue.count) == (16 if switch == "true" else 0)
+    assert losses["true"] != losses["false"]
+
+
+ITC_ONLY = [*MOD_ONLY, "albef.batch_keys=online", "albef.queue=false", "albef.distill=false", "albef.momentum=0"]
+
+
+def test_online_key_itc_only_equals_the_clip_task(tmp_path: Path) -> None:
+    """``albef.batch_keys=online`` with the queue and distillation off: ALBEF's ITC is the CLIP task's loss, with the
+    same gradients, on the same model and batch (with momentum keys it differs: each tower then learns only from its
+    own queries)."""
+    config = _config(tmp_path, ITC_ONLY)
+    trainer = Trainer(config, batches=[], progress=False)
+    batch = next(iter(_batches(config)))
+    clip = ContrastiveTask(trainer.model, trainer.model, build_loss(config.loss), torch.device("cpu"), "fp32")
+    results = {}
+    for name, task in (("clip", clip), ("albef", trainer.task), ("albef_momentum_keys", None)):
+        if task is None:
+            task = AlbefTask(trainer.model, trainer.model, _config(tmp_path, ITC_ONLY, "albef.batch_keys=momentum"),
+                             torch.device("cpu"), "fp32")
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = float(task.forward_backward([batch], step=3).loss.detach())
+        results[name] = (loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    (clip_loss, clip_grads), (albef_loss, albef_grads) = results["clip"], results["albef"]
+    assert albef_loss == pytest.approx(clip_loss, rel=1e-6)
+    assert clip_grads.keys() == albef_grads.keys() and len(clip_grads) > 10
+    _assert_grads_close(albef_grads, clip_grads)
+    momentum_loss, momentum_grads = results["albef_momentum_keys"]
+    assert momentum_loss == pytest.approx(clip_loss, rel=1e-6)  # equal values (the teacher is the online model) ...
+    text_tower = [name for name in clip_grads if name.startswith("text_encoder.")]  # ... different gradients
+    assert text_tower and all(not torch.allclose(momentum_grads[n], clip_grads[n], rtol=1e-3) for n in text_tower[-3:])
+
+
+@pytest.mark.parametrize("extra", [(), ("loss.chunk_size=5",)], ids=["naive", "chunked"])
+def test_online_key_accumulation_equals_one_big_batch(tmp_path: Path, extra: tuple[str, ...]) -> None:
+    """Online batch keys with the queue and distillation on: 3 micro-batches of 4 give the loss and gradients of one
+    batch of 12 (the other micro-batches' keys are cached, each micro-step back-propagates through its own rows and
+    keys, and the temperature's gradient is spread over the micro-steps)."""
+    online = [*MOD_ONLY, "albef.batch_keys=online", "albef.momentum=0.9", *extra]
+    big = _config(tmp_path / "a", online, "data.batch_size=12", "train.grad_accum=1")
+    small = _config(tmp_path / "b", online, "data.batch_size=4", "train.grad_accum=3")
+    full = next(iter(_batches(big)))
+    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
+    results = []
+    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
+        trainer = Trainer(config, batches=_batches(big), progress=False)
+        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
+        trainer.optimizer.zero_grad()
+        result = trainer.task.forward_backward(micro, step=5)  # alpha fully ramped
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(result.loss), grads))
+    (loss_big, grads_big), (loss_small, grads_small) = results
+    assert loss_small == pytest.approx(loss_big, rel=1e-6)
+    _assert_grads_close(grads_small, grads_big)
+
+
+def _assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Equal gradients up to float32 rounding, judged against each tensor's own scale."""
+    assert got.keys() == want.keys() and len(want) > 10
+    for name, grad in want.items():
+        scale = float(grad.abs().max()) + 1e-12
+        difference = float((got[name] - grad).abs().max())
+        assert difference <= 1e-5 * scale, f"{name}: max difference {difference:.3g} at scale {scale:.3g}"

@@ -219,6 +219,12 @@ class AlbefConfig:
     momentum: float = 0.995
     momentum_schedule: Literal["constant", "cosine"] = "constant"
     queue_size: int = 65536
+    queue: bool = True  # False: ITC keys are the step's batch only (the queue is never filled)
+    # ITC's batch keys: "momentum" (ALBEF): the momentum features of the batch, constants, so each tower learns only
+    # from its own queries; "online": the online features with gradient (CLIP's in-batch ITC; the queue still
+    # holds momentum features and the soft targets still use the momentum keys). With queue=false, distill=false
+    # and "online", ALBEF's ITC is exactly the CLIP task's loss.
+    batch_keys: Literal["momentum", "online"] = "momentum"
     distill: bool = True
     alpha: float = 0.4
     alpha_warmup_steps: int = 1000
@@ -229,6 +235,15 @@ class AlbefConfig:
     mlm: bool = True
     mlm_weight: float = 1.0
     mlm_probability: float = 0.15
+    # multiplier of the gradient ITM and MLM send into the text tower (its hidden states and, through MLM's tied
+    # decoder, the word embeddings); 1 = ALBEF, 0 = the fusion objectives train only the fusion encoder, the heads
+    # and (through the image tokens) the image tower
+    fusion_text_grad: float = 1.0
+    # itm_weight and mlm_weight ramp linearly from 0 over these steps (0 = ALBEF: full weight from the start)
+    fusion_warmup_steps: int = 0
+    # ITM negatives are drawn with probability softmax(h * similarity) among the non-positives, the hardness h
+    # ramping linearly from 0 (uniformly random negatives) to 1 (ALBEF's hard negatives) over these steps
+    itm_hard_warmup_steps: int = 0
 
 
 @dataclass(frozen=True)

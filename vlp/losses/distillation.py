@@ -16,10 +16,15 @@ original code, which puts the positive on the diagonal only, duplicates of a sam
 the queue are positives too; with distinct ids the two coincide. A row with no positive at all has all-zero hard
 targets: it then contributes only its ``alpha * soft`` part (nothing when alpha = 0).
 
-Gradient flows into ``image_features``, ``text_features`` and ``logit_scale`` only. The matmuls run in the
-inputs' dtype (bf16 under bf16 autocast); the scale, softmaxes and targets are float32 (float64 for float64
-inputs). With ``chunk_size > 0`` the rows are processed in blocks under activation checkpointing, so at most one
-block's (chunk, K) logits are alive in forward and in backward; the result equals the unchunked one.
+Gradient flows into ``image_features``, ``text_features`` and ``logit_scale`` only, unless ``teacher_keys`` is given:
+then ``K_img, K_txt`` are the student's keys and may carry gradient (``albef.batch_keys=online``: the batch part is
+the online features, as in CLIP's in-batch ITC, and only the queue part is momentum features), while the soft
+targets use the teacher's keys ``teacher_keys`` (the momentum features of the same columns):
+``sim_i2t_m = s * I_m @ K_txt_m.T``. With online batch keys, no queue and alpha = 0 the loss is CLIP's.
+The matmuls run in the inputs' dtype (bf16 under bf16 autocast); the scale, softmaxes and targets are float32
+(float64 for float64 inputs). With ``chunk_size > 0`` the rows are processed in blocks under activation
+checkpointing, so at most one block's (chunk, K) logits are alive in forward and in backward; the result equals the
+unchunked one.
 In a multi-process run every rank passes its own rows and the gathered keys; the per-row mean makes the ranks'
 losses average to the single-process loss on the concatenated batch.
 """
@@ -48,9 +53,11 @@ def _matmul_dtype(features: Tensor) -> torch.dtype:
 
 
 def _direction(
-    queries: Tensor, queries_m: Tensor, keys: Tensor, positives: Tensor, scale: Tensor, alpha: float
+    queries: Tensor, queries_m: Tensor, keys: Tensor, keys_m: Tensor, positives: Tensor, scale: Tensor, alpha: float
 ) -> tuple[Tensor, Tensor]:
-    """Summed soft-target cross-entropy of ``queries`` (R, D) against ``keys`` (K, D), and per-row top-1 hits.
+    """Summed soft-target cross-entropy of ``queries`` (R, D) against ``keys`` (K, D), the soft targets from
+    ``queries_m`` against ``keys_m`` (K, D) (the same tensor as ``keys`` unless the keys are online), and per-row
+    top-1 hits.
 
     Returns:
         (loss summed over the R rows (scalar), hits (R,) bool: the row's argmax column is a positive).
@@ -61,7 +68,7 @@ def _direction(
         counts = positives.sum(dim=1, keepdim=True).clamp_(min=1)
         targets = positives.to(sim.dtype) / counts  # (R, K); all zero for a row without positives
         if alpha > 0.0:
-            sim_m = _float((queries_m * scale.detach().to(queries_m.dtype)) @ keys.T)  # (R, K)
+            sim_m = _float((queries_m * scale.detach().to(queries_m.dtype)) @ keys_m.T)  # (R, K)
             targets = targets.mul_(1.0 - alpha).add_(sim_m.softmax(dim=1), alpha=alpha)
         hits = positives.gather(1, sim.argmax(dim=1, keepdim=True)).squeeze(1)  # (R,)
     loss = -(F.log_softmax(sim, dim=1) * targets).sum()
@@ -79,6 +86,8 @@ def _rows_loss(
     key_ids: Tensor,
     logit_scale: Tensor,
     alpha: float,
+    image_keys_m: Tensor,
+    text_keys_m: Tensor,
     groups: Tensor | None = None,
     key_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -86,8 +95,10 @@ def _rows_loss(
     positives = (sample_ids[:, None] == key_ids[None, :]) & (key_ids != -1)[None, :]  # (R, K)
     if groups is not None:  # loss.positives=caption|label: keys of the row's group are positives too
         positives |= (groups[:, None] == key_groups[None, :]) & (key_groups != -1)[None, :]
-    loss_i2t, hits_i2t = _direction(image_features, image_features_m, text_keys, positives, logit_scale, alpha)
-    loss_t2i, hits_t2i = _direction(text_features, text_features_m, image_keys, positives, logit_scale, alpha)
+    loss_i2t, hits_i2t = _direction(image_features, image_features_m, text_keys, text_keys_m, positives, logit_scale,
+                                    alpha)
+    loss_t2i, hits_t2i = _direction(text_features, text_features_m, image_keys, image_keys_m, positives, logit_scale,
+                                    alpha)
     return loss_i2t, loss_t2i, hits_i2t, hits_t2i
 
 
@@ -108,12 +119,12 @@ def _block_groups(groups: Tensor | None, key_groups: Tensor | None, rows: slice)
 def _check(
     features: list[Tensor], keys: list[Tensor], sample_ids: Tensor, key_ids: Tensor, alpha: float, chunk_size: int
 ) -> None:
-    """Fail early, with the offending shapes or values."""
+    """Fail early, with the offending shapes or values (``keys``: the student's two, then any teacher keys)."""
     batch_shape, key_shape = features[0].shape, keys[0].shape
     if features[0].ndim != 2 or any(f.shape != batch_shape for f in features):
         raise ValueError(f"expected four (B, D) feature tensors, got {[tuple(f.shape) for f in features]}")
-    if keys[0].ndim != 2 or keys[1].shape != key_shape or key_shape[1] != batch_shape[1]:
-        raise ValueError(f"expected two (K, {batch_shape[1]}) key tensors, got {[tuple(k.shape) for k in keys]}")
+    if keys[0].ndim != 2 or any(k.shape != key_shape for k in keys) or key_shape[1] != batch_shape[1]:
+        raise ValueError(f"expected (K, {batch_shape[1]}) key tensors, got {[tuple(k.shape) for k in keys]}")
     if key_shape[0] == 0:
         raise ValueError("momentum_distilled_itc needs at least one key")
     if sample_ids.shape != batch_shape[:1] or key_ids.shape != key_shape[:1]:
@@ -141,6 +152,7 @@ def momentum_distilled_itc(
     chunk_size: int = 0,
     groups: Tensor | None = None,
     key_groups: Tensor | None = None,
+    teacher_keys: tuple[Tensor, Tensor] | None = None,
 ) -> LossOutput:
     """ALBEF's ITC loss with momentum-distilled soft targets over the batch and queue keys.
 
@@ -149,8 +161,9 @@ def momentum_distilled_itc(
         text_features: (B, D).
         image_features_m: (B, D) momentum features of the same rows (treated as constants).
         text_features_m: (B, D).
-        image_keys: (K, D) momentum image keys: [momentum features of the whole (gathered) batch ; queue].
-        text_keys: (K, D) momentum text keys, same layout.
+        image_keys: (K, D) image keys: [momentum features of the whole (gathered) batch ; queue] (constants), or
+            with ``teacher_keys`` given, the student's keys (may carry gradient, e.g. [online batch ; queue]).
+        text_keys: (K, D) text keys, same layout.
         sample_ids: (B,) int64 ids of the rows.
         key_ids: (K,) int64 ids of the keys; -1 never counts as a positive.
         logit_scale: scalar tensor, already exponentiated (1 / temperature); may require grad.
@@ -160,24 +173,32 @@ def momentum_distilled_itc(
         groups: None (``loss.positives=index``) or (B,) int64 groups of the rows (caption hashes or labels, -1 =
             none; :mod:`vlp.losses.positives`): a key whose group equals the row's is a positive too.
         key_groups: (K,) int64 groups of the keys (the queue stores them next to the ids); given with ``groups``.
+        teacher_keys: None (the keys are the teacher's, treated as constants: ALBEF), or (image (K, D), text (K, D))
+            momentum keys of the same columns for the soft targets; ``image_keys`` / ``text_keys`` then keep their
+            gradient.
     Returns:
         LossOutput(loss, parts={"itc_i2t", "itc_t2i"} (detached), metrics={"acc_i2t", "acc_t2i"}: the fraction of
         rows whose argmax column is a positive).
     """
     features = [image_features, text_features, image_features_m, text_features_m]
-    _check(features, [image_keys, text_keys], sample_ids, key_ids, alpha, chunk_size)
+    _check(features, [image_keys, text_keys, *(teacher_keys or ())], sample_ids, key_ids, alpha, chunk_size)
     _check_groups(groups, key_groups, sample_ids, key_ids)
-    # constants, cast once to the dtype the matmuls run in (autocast's, else the features'): autocast would cast
-    # the (K, D) keys again in each of the four matmuls and their backward (the queue is float32)
-    text_keys = text_keys.detach().to(_matmul_dtype(image_features))
-    image_keys = image_keys.detach().to(_matmul_dtype(text_features))
+    # cast once to the dtype the matmuls run in (autocast's, else the features'): autocast would cast the (K, D)
+    # keys again in each of the four matmuls and their backward (the queue is float32)
+    text_dtype, image_dtype = _matmul_dtype(image_features), _matmul_dtype(text_features)
+    if teacher_keys is None:  # the momentum keys, constants: the student's and the teacher's at once
+        text_keys = text_keys_m = text_keys.detach().to(text_dtype)
+        image_keys = image_keys_m = image_keys.detach().to(image_dtype)
+    else:
+        text_keys, text_keys_m = text_keys.to(text_dtype), teacher_keys[1].detach().to(text_dtype)
+        image_keys, image_keys_m = image_keys.to(image_dtype), teacher_keys[0].detach().to(image_dtype)
     image_features_m = image_features_m.detach().to(image_features.dtype)
     text_features_m = text_features_m.detach().to(text_features.dtype)
     batch = image_features.shape[0]
     per_row = (image_features, text_features, image_features_m, text_features_m, sample_ids)  # sliced into blocks
-    shared = (image_keys, text_keys, key_ids, logit_scale)
+    shared = (image_keys, text_keys, key_ids, logit_scale, alpha, image_keys_m, text_keys_m)
     if chunk_size == 0 or chunk_size >= batch:
-        loss_i2t, loss_t2i, hits_i2t, hits_t2i = _rows_loss(*per_row, *shared, alpha, *_block_groups(
+        loss_i2t, loss_t2i, hits_i2t, hits_t2i = _rows_loss(*per_row, *shared, *_block_groups(
             groups, key_groups, slice(None)))
     else:  # one checkpointed block at a time: its (chunk, K) logits are freed after forward and recomputed in backward
         blocks = [
@@ -185,7 +206,6 @@ def momentum_distilled_itc(
                 _rows_loss,
                 *(t[start : start + chunk_size] for t in per_row),
                 *shared,
-                alpha,
                 *_block_groups(groups, key_groups, slice(start, start + chunk_size)),
                 use_reentrant=False,
                 preserve_rng_state=False,

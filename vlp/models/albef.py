@@ -8,6 +8,10 @@ Every pass of a training step goes through ``forward`` (so DDP sees it), selecte
 * ``forward(task="mlm", text_ids=, text_mask=, image_tokens=, positions=)`` -> MLM logits (M, V) at the M masked
   positions only (the (B, L, V) logits are never built).
 
+The two fusion passes take ``text_grad`` (default 1): the gradient they send into the text tower (the text hidden
+states they read and, for MLM, the word embeddings through the tied decoder) is multiplied by it, values unchanged
+(:func:`scale_gradient`). ``text_grad=0`` keeps ITM and MLM from moving the text tower that ITC trains.
+
 ``forward`` is a pure function of its tensors: no loss, no sampling (masking, negatives), no state change.
 Evaluation uses the ``DualEncoder`` API unchanged: ``encode_image`` / ``encode_text`` equal the features above.
 
@@ -42,6 +46,15 @@ TIED_KEYS = (
     ("mlm_head.predictions.decoder.weight", "text_encoder.model.embeddings.word_embeddings.weight"),
     ("mlm_head.predictions.decoder.bias", "mlm_head.predictions.bias"),
 )
+
+
+def scale_gradient(value: torch.Tensor, factor: float) -> torch.Tensor:
+    """``value`` unchanged, its gradient multiplied by ``factor`` (0: detached, 1: ``value`` itself)."""
+    if factor == 1.0:
+        return value
+    if factor == 0.0:
+        return value.detach()
+    return value * factor + value.detach() * (1.0 - factor)
 
 
 def tied_mlm_head(bert_config: object, word_embeddings: nn.Embedding) -> nn.Module:
@@ -181,12 +194,15 @@ class AlbefModel(DualEncoder):
             text_hidden=text_hidden,  # (B, L, H)
         )
 
-    def _itm(self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        fused = self._require_fusion("itm")(text_hidden, text_mask, image_tokens)  # (B, L, H)
+    def _itm(self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
+             text_grad: float) -> torch.Tensor:
+        fusion = self._require_fusion("itm")
+        fused = fusion(scale_gradient(text_hidden, text_grad), text_mask, image_tokens)  # (B, L, H)
         return self.itm_head(fused[:, 0])  # (B, 2)
 
     def _mlm(
-        self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor, positions: torch.Tensor
+        self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor, positions: torch.Tensor,
+        text_grad: float,
     ) -> torch.Tensor:
         fusion = self._require_fusion("mlm")
         if positions.dtype != torch.bool or positions.shape != text_ids.shape:
@@ -195,8 +211,11 @@ class AlbefModel(DualEncoder):
                 f"{positions.dtype} {tuple(positions.shape)}"
             )
         _, hidden = self.text_pass(text_ids, text_mask)
-        fused = fusion(hidden, text_mask, image_tokens)  # (B, L, H)
-        return self.mlm_head(fused[positions])  # (M, V)
+        fused = fusion(scale_gradient(hidden, text_grad), text_mask, image_tokens)  # (B, L, H)
+        predictions = self.mlm_head.predictions  # BertLMPredictionHead: transform, then the tied decoder
+        states = predictions.transform(fused[positions])  # (M, H)
+        decoder = predictions.decoder  # weight: the word embeddings (V, H)
+        return F.linear(states, scale_gradient(decoder.weight, text_grad), decoder.bias)  # (M, V)
 
     def forward(
         self,
@@ -208,9 +227,11 @@ class AlbefModel(DualEncoder):
         image_tokens: torch.Tensor | None = None,
         text_hidden: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        text_grad: float = 1.0,
     ) -> ModelOutput | torch.Tensor:
         """One of three passes (see the module docstring); shapes: images (B, 3, H, W), text_ids / text_mask /
-        positions (B, L), image_tokens (B, N, C), text_hidden (B, L, H)."""
+        positions (B, L), image_tokens (B, N, C), text_hidden (B, L, H). ``text_grad``: the multiplier of the
+        gradient the ``itm`` / ``mlm`` pass sends into the text tower (>= 0; the ``features`` pass ignores it)."""
         given = {
             "images": images,
             "text_ids": text_ids,
@@ -234,11 +255,13 @@ class AlbefModel(DualEncoder):
                 + (f"; missing {absent}" if absent else "")
                 + (f"; unexpected {extra}" if extra else "")
             )
+        if text_grad < 0:
+            raise ModelError(f"text_grad must be >= 0, got {text_grad}")
         if task == "features":
             return self._features(images, text_ids, text_mask)
         if task == "itm":
-            return self._itm(image_tokens, text_hidden, text_mask)
-        return self._mlm(text_ids, text_mask, image_tokens, positions)
+            return self._itm(image_tokens, text_hidden, text_mask, text_grad)
+        return self._mlm(text_ids, text_mask, image_tokens, positions, text_grad)
 
     def freeze_idle_heads(self, itm: bool, mlm: bool) -> list[str]:
         """Freeze the parameters that only a switched-off head uses (``itm_head``; the MLM transform and bias, not

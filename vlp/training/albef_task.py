@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,11 +34,25 @@ from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, 
 from vlp.models.momentum import MomentumEncoder
 from vlp.precision import attention_context, autocast_context
 from vlp.training.queue import FeatureQueue
-from vlp.training.schedules import alpha_at, momentum_at
-from vlp.training.task import batch_groups, clamp_logit_scale, step_groups
+from vlp.training.rng import capture_rng, restore_rng
+from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
+from vlp.training.task import batch_groups, clamp_logit_scale, splice_features, spread_gradient, step_groups
 from vlp.types import Batch, LossOutput, ModelOutput
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """The ALBEF schedules' values at one optimizer step (pure functions of the step).
+
+    alpha: the distillation weight; fusion_scale: the multiplier of ``itm_weight`` and ``mlm_weight`` (their
+    warm-up); itm_hardness: h of the ITM negative sampler, softmax(h * similarity) (0: uniformly random).
+    """
+
+    alpha: float
+    fusion_scale: float = 1.0
+    itm_hardness: float = 1.0
 
 
 class AlbefTask:
@@ -81,16 +96,24 @@ class AlbefTask:
             return 0.0
         return alpha_at(step, self.settings.alpha, self.settings.alpha_warmup_steps)
 
+    def values_at(self, step: int) -> StepValues:
+        """The schedules' values at optimizer step ``step``."""
+        settings = self.settings
+        return StepValues(alpha=self.alpha(step),
+                          fusion_scale=linear_warmup(step, 1.0, settings.fusion_warmup_steps),
+                          itm_hardness=linear_warmup(step, 1.0, settings.itm_hard_warmup_steps))
+
     # ------------------------------------------------------------------------------------------------- step
     def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
         """All objectives over the step's micro-batches, back-propagated; returns their mean over micro-batches."""
-        alpha = self.alpha(step)
+        now = self.values_at(step)
         teachers = [self._features(self.momentum, batch) for batch in micro_batches]
         image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
         text_m = torch.cat([t.text_features for t in teachers]).float()
         ids = torch.cat([batch.sample_ids for batch in micro_batches])
         groups = step_groups(micro_batches, self.positives)  # (B_rank,) caption hashes / labels, or None
-        gathered = self._gather_keys(image_m, text_m, ids, groups, [len(batch) for batch in micro_batches])
+        order = _step_order([len(batch) for batch in micro_batches])
+        gathered = self._gather_keys(image_m, text_m, ids, groups, order)
         # loss.gather=none: this rank's batch + the queue as keys (the original ALBEF); otherwise every rank's batch
         batch_keys = (image_m, text_m, ids, groups) if self.config.loss.gather == "none" else gathered
         queue_image, queue_text, queue_ids = self.queue.valid()
@@ -98,59 +121,138 @@ class AlbefTask:
         keys = (torch.cat([batch_keys[0].to(dtype), queue_image.to(dtype)]),
                 torch.cat([batch_keys[1].to(dtype), queue_text.to(dtype)]), torch.cat([batch_keys[2], queue_ids]),
                 None if groups is None else torch.cat([batch_keys[3], self.queue.valid_groups()]))
+        step_rows = (image_m, text_m, ids, groups)
+        if self.settings.batch_keys == "online":
+            outputs = self._online_key_steps(micro_batches, teachers, step_rows, keys, order, now, scale_loss)
+        else:
+            outputs = self._momentum_key_steps(micro_batches, teachers, step_rows, keys, now, scale_loss)
+        self._pending = gathered if self.settings.queue else None  # albef.queue=false: the queue stays empty
+        extra = {"alpha": now.alpha}
+        if self.use_itm or self.use_mlm:
+            extra.update(fusion_scale=now.fusion_scale, itm_hardness=now.itm_hardness)
+        return _mean_outputs(outputs, extra)
+
+    def _momentum_key_steps(self, micro_batches: list[Batch], teachers: list[ModelOutput], step_rows: tuple,
+                            keys: tuple, now: StepValues, scale_loss) -> list[LossOutput]:  # noqa: ANN001
+        """``albef.batch_keys=momentum`` (ALBEF): every key is a constant, so each micro-batch's rows are scored
+        against the same keys as one big batch's would be, and the micro-batch losses / k simply add up.
+        ``step_rows``: (image_m, text_m, ids, groups) of this rank's step."""
+        image_m, text_m, ids, groups = step_rows
         outputs, offset = [], 0
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))
             offset += len(batch)
-            last = index == len(micro_batches) - 1
-            with self._maybe_no_sync(not last):
-                result = self._micro_step(batch, teachers[index], image_m[rows], text_m[rows], keys, alpha)
+            with self._maybe_no_sync(index < len(micro_batches) - 1):
+                student = self._features(self.train_model, batch)
+                itc = self._itc(student.image_features, student.text_features, student.logit_scale,
+                                (image_m[rows], text_m[rows], ids[rows], None if groups is None else groups[rows]),
+                                keys, now.alpha)
+                result = _weighted_sum([(self.settings.itc_weight, itc),
+                                        *self._fusion_objectives(batch, student, teachers[index], image_m[rows],
+                                                                 text_m[rows], now)])
                 scale_loss(result.loss / len(micro_batches)).backward()
             outputs.append(result)
-        self._pending = gathered
-        return _mean_outputs(outputs, {"alpha": alpha})
+        return outputs
+
+    def _online_key_steps(self, micro_batches: list[Batch], teachers: list[ModelOutput], step_rows: tuple,
+                          keys_m: tuple, order: torch.Tensor | None, now: StepValues, scale_loss) -> list[LossOutput]:  # noqa: ANN001
+        """``albef.batch_keys=online``: at every micro-step, ITC of the whole step's rows against the online features
+        of the step's batch (with gradient) and the queue, as the CLIP task does with accumulation (GradCache: the
+        other micro-batches' features come from a no-grad pass replayed with the same random state, so the summed
+        micro-step gradients equal one big batch's); ITM and MLM per micro-batch, / k. ``keys_m``: the teacher's
+        keys [batch ; queue] (the soft targets' columns), their ids and groups."""
+        count = len(micro_batches)
+        image_m, text_m, ids, groups = step_rows
+        cached, rng_states = [], []
+        if count > 1:
+            with torch.no_grad():
+                for batch in micro_batches:
+                    rng_states.append(capture_rng(self.device))
+                    cached.append(self._features(self.model, batch))
+        sampling_rng = capture_rng(self.device)  # negatives and masks: one stream, apart from the replayed passes
+        outputs, offset = [], 0
+        for index, batch in enumerate(micro_batches):
+            rows = slice(offset, offset + len(batch))
+            offset += len(batch)
+            with self._maybe_no_sync(index < count - 1):
+                if count > 1:
+                    restore_rng(rng_states[index])
+                student = self._features(self.train_model, batch)
+                restore_rng(sampling_rng)
+                image, text = student.image_features, student.text_features
+                if count > 1:  # the step's rows: this micro-batch's fresh features among the cached ones (B_rank, D)
+                    image = splice_features([c.image_features for c in cached], image, index)
+                    text = splice_features([c.text_features for c in cached], text, index)
+                scale = spread_gradient(student.logit_scale, 1.0 / count)  # enters every micro-step: 1/k each
+                batch_image, batch_text = self._online_batch_keys(image, text, order)  # (N, D) with gradient
+                online_keys = (torch.cat([batch_image.to(keys_m[0].dtype), keys_m[0][batch_image.shape[0]:]]),
+                               torch.cat([batch_text.to(keys_m[1].dtype), keys_m[1][batch_text.shape[0]:]]),
+                               *keys_m[2:])
+                itc = self._itc(image, text, scale, step_rows, online_keys, now.alpha, teacher_keys=keys_m[:2])
+                fusion = self._fusion_objectives(batch, student, teachers[index], image_m[rows], text_m[rows], now)
+                others = _weighted_sum(fusion) if fusion else None
+                loss = self.settings.itc_weight * itc.loss + (others.loss / count if others is not None else 0.0)
+                scale_loss(loss).backward()
+                sampling_rng = capture_rng(self.device)
+            outputs.append(_weighted_sum([(self.settings.itc_weight, itc), *fusion]))
+        return outputs
+
+    def _online_batch_keys(self, image: torch.Tensor, text: torch.Tensor,
+                           order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's online features as batch keys, in the teacher's key order: this rank's (``loss.gather=none``)
+        or every rank's, gathered with gradient (its backward sums the ranks' gradients, as the CLIP loss's)."""
+        if self.config.loss.gather == "none" or distributed.group_rank_and_size()[1] == 1:
+            return image, text
+        width = image.shape[1]
+        both = distributed.all_gather_with_grad(torch.cat([image, text], dim=1))  # (N, 2D), rank major
+        if order is not None:
+            both = both[order]
+        return both[:, :width], both[:, width:]
 
     def _gather_keys(self, image_m: torch.Tensor, text_m: torch.Tensor, ids: torch.Tensor,
-                     groups: torch.Tensor | None, sizes: list[int]) -> tuple:
+                     groups: torch.Tensor | None, order: torch.Tensor | None) -> tuple:
         """Momentum features of the whole step's batch from every rank: the keys and the enqueue.
 
         Rows come in the order one process would hold them on the concatenated micro-batches (micro-batch 0 of
-        every rank in rank order, then micro-batch 1, ...), so the queue's slots, and which keys a wrap-around
-        overwrites, do not depend on how the global batch is split into ranks and micro-batches. ``sizes``: this
-        step's micro-batch sizes, the same on every rank (the gathers need equal row counts anyway). Returns
-        (image (N, D), text (N, D), ids (N,), groups (N,) or None for ``loss.positives=index``).
+        every rank in rank order, then micro-batch 1, ...; ``order``, from :func:`_step_order`), so the queue's
+        slots, and which keys a wrap-around overwrites, do not depend on how the global batch is split into ranks
+        and micro-batches. Returns (image (N, D), text (N, D), ids (N,), groups (N,) or None for
+        ``loss.positives=index``).
         """
         gathered = (distributed.all_gather_tensor(image_m), distributed.all_gather_tensor(text_m),
                     distributed.all_gather_tensor(ids),
                     None if groups is None else distributed.all_gather_tensor(groups))  # rank major: (W * B_rank, ...)
-        world = distributed.group_rank_and_size()[1]
-        if world == 1 or len(sizes) == 1:
+        if order is None:
             return gathered
-        order = _micro_batch_major(sizes, world).to(ids.device)
-        return tuple(None if part is None else part[order] for part in gathered)
+        return tuple(None if part is None else part[order.to(ids.device)] for part in gathered)
 
-    def _micro_step(self, batch: Batch, teacher: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
-                    keys: tuple, alpha: float) -> LossOutput:
-        """``keys``: (image (K, D), text (K, D), ids (K,), groups (K,) or None) of the batch and queue."""
-        settings = self.settings
-        student = self._features(self.train_model, batch)
-        groups = batch_groups(batch, self.positives)
+    def _itc(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, rows: tuple, keys: tuple,
+             alpha: float, teacher_keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
+        """MoD-ITC of the rows ``image``, ``text`` (R, D); ``rows``: their (image_m, text_m, ids, groups);
+        ``keys``: (image (K, D), text (K, D), ids (K,), groups (K,) or None) of the batch and queue."""
+        image_m, text_m, ids, groups = rows
         with autocast_context(self.device, self.precision):
-            itc = momentum_distilled_itc(
-                student.image_features, student.text_features, image_m, text_m, keys[0], keys[1],
-                batch.sample_ids, keys[2], student.logit_scale, alpha, chunk_size=self.config.loss.chunk_size,
-                groups=groups, key_groups=keys[3])
-        results = [(settings.itc_weight, itc)]
-        if self.use_itm:
-            results.append((settings.itm_weight, self._itm(batch, student, image_m, text_m)))
-        if self.use_mlm:
-            results.append((settings.mlm_weight, self._mlm(batch, student, teacher, alpha)))
-        return _weighted_sum(results)
+            return momentum_distilled_itc(image, text, image_m, text_m, keys[0], keys[1], ids, keys[2], logit_scale,
+                                          alpha, chunk_size=self.config.loss.chunk_size, groups=groups,
+                                          key_groups=keys[3], teacher_keys=teacher_keys)
 
-    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor) -> LossOutput:
+    def _fusion_objectives(self, batch: Batch, student: ModelOutput, teacher: ModelOutput, image_m: torch.Tensor,
+                           text_m: torch.Tensor, now: StepValues) -> list[tuple[float, LossOutput]]:
+        """(weight, loss) of ITM and MLM on this micro-batch, for those switched on (weights ramped by
+        ``albef.fusion_warmup_steps``)."""
+        results = []
+        if self.use_itm:
+            itm = self._itm(batch, student, image_m, text_m, now.itm_hardness)
+            results.append((self.settings.itm_weight * now.fusion_scale, itm))
+        if self.use_mlm:
+            results.append((self.settings.mlm_weight * now.fusion_scale, self._mlm(batch, student, teacher, now.alpha)))
+        return results
+
+    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
+             hardness: float = 1.0) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
-        image, drawn with probability softmax(similarity) among the candidates that are not positives (equal sample
-        ids, and with ``loss.positives=caption|label`` equal groups too)."""
+        image, drawn with probability softmax(hardness * similarity) among the candidates that are not positives
+        (equal sample ids, and with ``loss.positives=caption|label`` equal groups too); hardness 0: uniformly."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
         groups = candidate_groups = batch_groups(batch, self.positives)
@@ -164,7 +266,7 @@ class AlbefTask:
             if groups is not None:
                 candidate_groups = distributed.all_gather_tensor(groups)
         with torch.no_grad():
-            scale = student.logit_scale.detach().float()
+            scale = student.logit_scale.detach().float() * hardness
             sim_i2t = scale * student.image_features.detach().float() @ candidate_text_m.T  # (B, C)
             sim_t2i = scale * student.text_features.detach().float() @ candidate_image_m.T  # (B, C)
             positives = batch.sample_ids[:, None] == candidate_ids[None, :]
@@ -178,7 +280,7 @@ class AlbefTask:
         fused_mask = torch.cat([own_mask, text_mask[negative_text], own_mask])
         with self._context():
             logits = self.train_model(task="itm", image_tokens=fused_tokens, text_hidden=fused_hidden,
-                                      text_mask=fused_mask)  # (3B, 2)
+                                      text_mask=fused_mask, text_grad=self.settings.fusion_text_grad)  # (3B, 2)
         ignore = torch.full_like(batch.sample_ids, -100)
         labels = torch.cat([torch.ones_like(batch.sample_ids), torch.where(text_ok, 0, ignore),
                             torch.where(image_ok, 0, ignore)])
@@ -192,7 +294,8 @@ class AlbefTask:
             special_ids=model.special_token_ids, probability=self.settings.mlm_probability)
         with self._context():
             logits = self.train_model(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
-                                      image_tokens=student.image_tokens, positions=positions)  # (M, V)
+                                      image_tokens=student.image_tokens, positions=positions,
+                                      text_grad=self.settings.fusion_text_grad)  # (M, V)
             soft = None
             if alpha > 0:
                 soft = self.momentum(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
@@ -229,6 +332,16 @@ class AlbefTask:
     def load_state_dict(self, state: dict) -> None:
         self.momentum.load_state_dict(state["momentum"])
         self.queue.load_state_dict(state["queue"])
+
+
+def _step_order(sizes: list[int]) -> torch.Tensor | None:
+    """Indices that reorder the rank-major rows of a gather micro-batch major (see :func:`_micro_batch_major`), or
+    None when they already are (one rank, or one micro-batch). ``sizes``: this step's micro-batch sizes, the same on
+    every rank (the gathers need equal row counts anyway)."""
+    world = distributed.group_rank_and_size()[1]
+    if world == 1 or len(sizes) == 1:
+        return None
+    return _micro_batch_major(sizes, world)
 
 
 def _micro_batch_major(sizes: list[int], world: int) -> torch.Tensor:

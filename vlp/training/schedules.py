@@ -38,9 +38,15 @@ def momentum_at(step: int, base_momentum: float, total_steps: int, kind: str = "
     return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def linear_warmup(step: int, value: float, warmup_steps: int) -> float:
+    """``value`` ramped linearly from 0 at step 0 to ``value`` at ``warmup_steps`` (then constant); ``value`` from
+    the start when ``warmup_steps <= 0``."""
+    if warmup_steps <= 0:
+        return value
+    return value * min(1.0, max(0, step) / warmup_steps)
+
+
 def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
     """Distillation weight at optimizer step ``step``: ramps linearly from 0 to ``alpha`` over ``warmup_steps``
     (ALBEF ramps over its first epoch, when the momentum teacher is still poor)."""
-    if warmup_steps <= 0:
-        return alpha
-    return alpha * min(1.0, step / warmup_steps)
+    return linear_warmup(step, alpha, warmup_steps)

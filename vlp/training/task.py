@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlp.config import ConfigError
+from vlp.models.albef import scale_gradient
 from vlp.precision import attention_context, autocast_context
 from vlp.training.rng import capture_rng, restore_rng
 from vlp.types import Batch, LossOutput, ModelOutput
@@ -47,16 +48,14 @@ def step_groups(micro_batches: list[Batch], positives: str) -> torch.Tensor | No
     return None if groups[0] is None else torch.cat(groups)
 
 
-def _splice(cached: list[torch.Tensor], fresh: torch.Tensor, index: int) -> torch.Tensor:
+def splice_features(cached: list[torch.Tensor], fresh: torch.Tensor, index: int) -> torch.Tensor:
     """Concatenate the cached features of every micro-batch with micro-batch ``index`` replaced by ``fresh``."""
     return torch.cat([fresh if i == index else c.to(fresh.dtype) for i, c in enumerate(cached)])
 
 
-def _spread_gradient(value: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
-    """Same value, gradient multiplied by ``fraction``."""
-    if value is None or fraction == 1.0:
-        return value
-    return value * fraction + value.detach() * (1.0 - fraction)
+def spread_gradient(value: torch.Tensor | None, fraction: float) -> torch.Tensor | None:
+    """Same value, gradient multiplied by ``fraction`` (None stays None)."""
+    return None if value is None else scale_gradient(value, fraction)
 
 
 class ContrastiveTask:
@@ -115,10 +114,10 @@ class ContrastiveTask:
             last = index == len(micro_batches) - 1
             with self._maybe_no_sync(not last):
                 fresh = self._forward(self.train_model, batch)
-                images = _splice([c.image_features for c in cached], fresh.image_features, index)
-                texts = _splice([c.text_features for c in cached], fresh.text_features, index)
-                output = ModelOutput(images, texts, _spread_gradient(fresh.logit_scale, fraction),
-                                     _spread_gradient(fresh.logit_bias, fraction))
+                images = splice_features([c.image_features for c in cached], fresh.image_features, index)
+                texts = splice_features([c.text_features for c in cached], fresh.text_features, index)
+                output = ModelOutput(images, texts, spread_gradient(fresh.logit_scale, fraction),
+                                     spread_gradient(fresh.logit_bias, fraction))
                 result = self._loss(output, groups)
                 scale_loss(result.loss).backward()
         return result
