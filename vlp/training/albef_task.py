@@ -77,6 +77,7 @@ class AlbefTask:
         self.use_itm = has_fusion and self.settings.itm and self.settings.itm_weight > 0
         self.use_mlm = has_fusion and self.settings.mlm and self.settings.mlm_weight > 0
         self.positives = config.loss.positives
+        self.itm_positives = self.positives if self.settings.itm_positives == "loss" else self.settings.itm_positives
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ passes
@@ -252,10 +253,11 @@ class AlbefTask:
              hardness: float = 1.0) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
         image, drawn with probability softmax(hardness * similarity) among the candidates that are not positives
-        (equal sample ids, and with ``loss.positives=caption|label`` equal groups too); hardness 0: uniformly."""
+        (equal sample ids, and with ``albef.itm_positives`` (or ``loss.positives``) ``caption|label`` equal groups
+        too); hardness 0: uniformly."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
-        groups = candidate_groups = batch_groups(batch, self.positives)
+        groups = candidate_groups = batch_groups(batch, self.itm_positives)
         if self.settings.itm_global_negatives:  # candidates from the whole batch of every rank
             image_tokens = distributed.all_gather_with_grad(image_tokens)
             text_hidden = distributed.all_gather_with_grad(text_hidden)
