@@ -141,7 +141,8 @@ def test_every_trainable_parameter_gets_a_gradient_from_itc_itm_and_mlm(
     assert all(p.grad is None for p in trainer.task.momentum.parameters())
 
 
-@pytest.mark.parametrize("base", [MOD_ONLY, FUSION], ids=["mod", "fusion"])
+@pytest.mark.parametrize("base", [MOD_ONLY, FUSION, [*FUSION, "albef.batch_keys=online", "train.grad_accum=2"]],
+                         ids=["mod", "fusion", "fusion-online-keys-accumulation"])
 def test_resume_is_bit_identical_including_momentum_and_queues(tmp_path: Path, base: list[str]) -> None:
     steps = ["train.steps=6", "train.checkpoint_every=3", "albef.queue_size=12"]  # 8 per step: wraps
     whole = _config(tmp_path / "whole", base, *steps)
