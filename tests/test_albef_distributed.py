@@ -58,13 +58,16 @@ def _assert_ranks_identical(ranks: list[dict]) -> None:
         assert torch.equal(value, ranks[1]["params"][name]), name
 
 
-@pytest.mark.parametrize("gather", ["local", "global"])
-def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path: Path, gather: str) -> None:
-    config = _config(tmp_path / "one", 2 * PER_RANK, f"loss.gather={gather}")
+@pytest.mark.parametrize(("gather", "keys"), [("local", "momentum"), ("global", "momentum"), ("local", "online")])
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path: Path, gather: str, keys: str) -> None:
+    """Also with ``albef.batch_keys=online``: the online batch keys are gathered with gradient, which flows back to
+    the rank that owns them."""
+    extra = (f"loss.gather={gather}", f"albef.batch_keys={keys}")
+    config = _config(tmp_path / "one", 2 * PER_RANK, *extra)
     single = Trainer(config, batches=SyntheticBatches(2 * PER_RANK, 32, 16), progress=False)
     single.fit()
-    ranks = run_distributed(functools.partial(_train, run_dir=str(tmp_path / "two"), extra=(f"loss.gather={gather}",)),
-                            world_size=2, timeout_s=180)
+    ranks = run_distributed(functools.partial(_train, run_dir=str(tmp_path / "two"), extra=extra), world_size=2,
+                            timeout_s=180)
     _assert_ranks_identical(ranks)
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     expected = _summary(single)

@@ -141,7 +141,8 @@ def test_every_trainable_parameter_gets_a_gradient_from_itc_itm_and_mlm(
     assert all(p.grad is None for p in trainer.task.momentum.parameters())
 
 
-@pytest.mark.parametrize("base", [MOD_ONLY, FUSION], ids=["mod", "fusion"])
+@pytest.mark.parametrize("base", [MOD_ONLY, FUSION, [*FUSION, "albef.batch_keys=online", "train.grad_accum=2"]],
+                         ids=["mod", "fusion", "fusion-online-keys-accumulation"])
 def test_resume_is_bit_identical_including_momentum_and_queues(tmp_path: Path, base: list[str]) -> None:
     steps = ["train.steps=6", "train.checkpoint_every=3", "albef.queue_size=12"]  # 8 per step: wraps
     whole = _config(tmp_path / "whole", base, *steps)
@@ -226,6 +227,38 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
     for image in range(b):
         seen = torch.bincount(counts[image], minlength=b)
         assert seen[image] == 0 and bool((seen[torch.arange(b) != image] >= 10).all()), (image, seen.tolist())
+
+
+@pytest.mark.parametrize("itm_positives", ["loss", "label"])
+def test_itm_positives_label_never_draws_a_same_label_negative(tmp_path: Path, itm_positives: str) -> None:
+    """``albef.itm_positives=label`` with ``loss.positives=index``: each image's hardest text has its label, so
+    ITM draws among the other label's texts instead (ITC keeps index positives); as ``loss`` (index) it draws the
+    hardest."""
+    trainer = Trainer(_config(tmp_path, FUSION, f"albef.itm_positives={itm_positives}"), batches=[], progress=False)
+    task, b = trainer.task, 4
+    assert task.positives == "index"
+    sim = torch.zeros(b, b)
+    sim[range(b), [1, 0, 3, 2]] = 0.9  # the hardest text of each image: the other one of its label
+    student = ModelOutput(image_features=torch.eye(b), text_features=torch.eye(b), logit_scale=torch.tensor(100.0),
+                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
+                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
+    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
+                  torch.arange(b), torch.tensor([7, 7, 9, 9]), [str(i) for i in range(b)])
+    fused = {}
+
+    def record(**inputs: torch.Tensor) -> torch.Tensor:
+        fused.update(inputs)
+        return torch.zeros(3 * b, 2, requires_grad=True)
+
+    task.train_model = record
+    torch.manual_seed(0)
+    for _ in range(5):
+        task._itm(batch, student, image_m=_one_hot_rows(sim), text_m=_one_hot_rows(sim))
+        negatives = fused["text_hidden"][b:2 * b, 0, 0].long().tolist()
+        if itm_positives == "label":
+            assert all(batch.labels[n] != batch.labels[i] for i, n in enumerate(negatives)), negatives
+        else:
+            assert negatives == [1, 0, 3, 2]
 
 
 def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:

@@ -244,6 +244,10 @@ class AlbefConfig:
     # ITM negatives are drawn with probability softmax(h * similarity) among the non-positives, the hardness h
     # ramping linearly from 0 (uniformly random negatives) to 1 (ALBEF's hard negatives) over these steps
     itm_hard_warmup_steps: int = 0
+    # which candidates are positives of a pair for ITM, never drawn as its negatives: "loss" (as loss.positives),
+    # "index" (only the pair itself: ALBEF), "caption" (also equal captions) or "label" (also equal labels). A
+    # duplicate caption drawn as a "no match" negative is a wrong label; ITC can keep loss.positives=index
+    itm_positives: Literal["loss", "index", "caption", "label"] = "loss"
 
 
 @dataclass(frozen=True)

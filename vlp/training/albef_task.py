@@ -14,9 +14,16 @@ wrapper when there is one)::
               -> (weighted sum) / k -> backward (gradient sync on the last micro-batch only)
     hook:     after the optimizer step: clamp the temperature, EMA update, enqueue the gathered momentum features
 
-The keys are constants, so the rows of each micro-batch see the same negatives as one big batch would: summed
-micro-batch gradients equal the big batch's without GradCache's second pass. Randomness (MLM masks, negative
-sampling) comes from the global torch generator, which checkpoints save per rank: a resumed run is identical.
+With ``albef.batch_keys=momentum`` (ALBEF) the keys are constants, so the rows of each micro-batch see the same
+negatives as one big batch would: summed micro-batch gradients equal the big batch's without GradCache's second
+pass. With ``albef.batch_keys=online`` the batch part of the keys is the online features with gradient (CLIP's
+in-batch ITC; the soft targets still use the teacher's keys): every micro-step then scores the whole step's rows,
+the other micro-batches' features cached from a replayed no-grad pass, as the CLIP task does.
+
+Schedules, pure functions of the step (:class:`StepValues`): the distillation weight alpha, the fusion objectives'
+weight ramp (``albef.fusion_warmup_steps``) and the ITM sampler's hardness (``albef.itm_hard_warmup_steps``).
+Randomness (MLM masks, negative sampling) comes from the global torch generator, which checkpoints save per rank:
+a resumed run is identical.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class AlbefTask:
         self.use_itm = has_fusion and self.settings.itm and self.settings.itm_weight > 0
         self.use_mlm = has_fusion and self.settings.mlm and self.settings.mlm_weight > 0
         self.positives = config.loss.positives
+        self.itm_positives = self.positives if self.settings.itm_positives == "loss" else self.settings.itm_positives
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ passes
@@ -169,7 +177,8 @@ class AlbefTask:
                 for batch in micro_batches:
                     rng_states.append(capture_rng(self.device))
                     cached.append(self._features(self.model, batch))
-        sampling_rng = capture_rng(self.device)  # negatives and masks: one stream, apart from the replayed passes
+        # with replayed passes, negatives and masks draw from one stream of their own, after every cached pass
+        sampling_rng = capture_rng(self.device) if count > 1 else None
         outputs, offset = [], 0
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))
@@ -178,7 +187,8 @@ class AlbefTask:
                 if count > 1:
                     restore_rng(rng_states[index])
                 student = self._features(self.train_model, batch)
-                restore_rng(sampling_rng)
+                if sampling_rng is not None:
+                    restore_rng(sampling_rng)
                 image, text = student.image_features, student.text_features
                 if count > 1:  # the step's rows: this micro-batch's fresh features among the cached ones (B_rank, D)
                     image = splice_features([c.image_features for c in cached], image, index)
@@ -193,7 +203,8 @@ class AlbefTask:
                 others = _weighted_sum(fusion) if fusion else None
                 loss = self.settings.itc_weight * itc.loss + (others.loss / count if others is not None else 0.0)
                 scale_loss(loss).backward()
-                sampling_rng = capture_rng(self.device)
+                if sampling_rng is not None:
+                    sampling_rng = capture_rng(self.device)
             outputs.append(_weighted_sum([(self.settings.itc_weight, itc), *fusion]))
         return outputs
 
@@ -252,10 +263,11 @@ class AlbefTask:
              hardness: float = 1.0) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
         image, drawn with probability softmax(hardness * similarity) among the candidates that are not positives
-        (equal sample ids, and with ``loss.positives=caption|label`` equal groups too); hardness 0: uniformly."""
+        (equal sample ids, and with ``albef.itm_positives`` (or ``loss.positives``) ``caption|label`` equal groups
+        too); hardness 0: uniformly."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
-        groups = candidate_groups = batch_groups(batch, self.positives)
+        groups = candidate_groups = batch_groups(batch, self.itm_positives)
         if self.settings.itm_global_negatives:  # candidates from the whole batch of every rank
             image_tokens = distributed.all_gather_with_grad(image_tokens)
             text_hidden = distributed.all_gather_with_grad(text_hidden)
