@@ -235,10 +235,11 @@ class AlbefConfig:
     mlm: bool = True
     mlm_weight: float = 1.0
     mlm_probability: float = 0.15
-    # multiplier of the gradient ITM and MLM send into the text tower (its hidden states and, through MLM's tied
-    # decoder, the word embeddings); 1 = ALBEF, 0 = the fusion objectives train only the fusion encoder, the heads
-    # and (through the image tokens) the image tower
+    # multipliers of the gradient ITM and MLM send into the text tower (its hidden states and, through MLM's tied
+    # decoder, the word embeddings) and into the image tower (the image tokens): 1 = ALBEF; 0 and 0: the fusion
+    # objectives train only the fusion encoder and the heads, on the towers ITC trains
     fusion_text_grad: float = 1.0
+    fusion_image_grad: float = 1.0
     # itm_weight and mlm_weight ramp linearly from 0 over these steps (0 = ALBEF: full weight from the start)
     fusion_warmup_steps: int = 0
     # ITM negatives are drawn with probability softmax(h * similarity) among the non-positives, the hardness h

@@ -71,7 +71,8 @@ NUMERIC_RULES: dict[str, Range] = {
     "albef.momentum": FRACTION, "albef.queue_size": AT_LEAST_1, "albef.alpha": FRACTION,
     "albef.alpha_warmup_steps": AT_LEAST_0, "albef.itc_weight": AT_LEAST_0, "albef.itm_weight": AT_LEAST_0,
     "albef.mlm_weight": AT_LEAST_0, "albef.mlm_probability": OPEN_FRACTION, "albef.fusion_text_grad": AT_LEAST_0,
-    "albef.fusion_warmup_steps": AT_LEAST_0, "albef.itm_hard_warmup_steps": AT_LEAST_0,
+    "albef.fusion_image_grad": AT_LEAST_0, "albef.fusion_warmup_steps": AT_LEAST_0,
+    "albef.itm_hard_warmup_steps": AT_LEAST_0,
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 

@@ -8,9 +8,10 @@ Every pass of a training step goes through ``forward`` (so DDP sees it), selecte
 * ``forward(task="mlm", text_ids=, text_mask=, image_tokens=, positions=)`` -> MLM logits (M, V) at the M masked
   positions only (the (B, L, V) logits are never built).
 
-The two fusion passes take ``text_grad`` (default 1): the gradient they send into the text tower (the text hidden
-states they read and, for MLM, the word embeddings through the tied decoder) is multiplied by it, values unchanged
-(:func:`scale_gradient`). ``text_grad=0`` keeps ITM and MLM from moving the text tower that ITC trains.
+The two fusion passes take ``text_grad`` and ``image_grad`` (default 1): the gradient they send into the text tower
+(the text hidden states they read and, for MLM, the word embeddings through the tied decoder) and into the image
+tower (the image tokens they read) is multiplied by them, values unchanged (:func:`scale_gradient`). ``0`` keeps ITM
+and MLM from moving the towers that ITC trains.
 
 ``forward`` is a pure function of its tensors: no loss, no sampling (masking, negatives), no state change.
 Evaluation uses the ``DualEncoder`` API unchanged: ``encode_image`` / ``encode_text`` equal the features above.
@@ -195,14 +196,16 @@ class AlbefModel(DualEncoder):
         )
 
     def _itm(self, image_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
-             text_grad: float) -> torch.Tensor:
+             text_grad: float, image_grad: float) -> torch.Tensor:
         fusion = self._require_fusion("itm")
-        fused = fusion(scale_gradient(text_hidden, text_grad), text_mask, image_tokens)  # (B, L, H)
+        fused = fusion(scale_gradient(text_hidden, text_grad), text_mask,
+                       scale_gradient(image_tokens, image_grad))  # (B, L, H)
         return self.itm_head(fused[:, 0])  # (B, 2)
 
     def _mlm(
         self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor, positions: torch.Tensor,
         text_grad: float,
+        image_grad: float,
     ) -> torch.Tensor:
         fusion = self._require_fusion("mlm")
         if positions.dtype != torch.bool or positions.shape != text_ids.shape:
@@ -211,7 +214,7 @@ class AlbefModel(DualEncoder):
                 f"{positions.dtype} {tuple(positions.shape)}"
             )
         _, hidden = self.text_pass(text_ids, text_mask)
-        fused = fusion(scale_gradient(hidden, text_grad), text_mask, image_tokens)  # (B, L, H)
+        fused = fusion(scale_gradient(hidden, text_grad), text_mask, scale_gradient(image_tokens, image_grad))
         predictions = self.mlm_head.predictions  # BertLMPredictionHead: transform, then the tied decoder
         states = predictions.transform(fused[positions])  # (M, H)
         decoder = predictions.decoder  # weight: the word embeddings (V, H)
@@ -228,10 +231,12 @@ class AlbefModel(DualEncoder):
         text_hidden: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         text_grad: float = 1.0,
+        image_grad: float = 1.0,
     ) -> ModelOutput | torch.Tensor:
         """One of three passes (see the module docstring); shapes: images (B, 3, H, W), text_ids / text_mask /
-        positions (B, L), image_tokens (B, N, C), text_hidden (B, L, H). ``text_grad``: the multiplier of the
-        gradient the ``itm`` / ``mlm`` pass sends into the text tower (>= 0; the ``features`` pass ignores it)."""
+        positions (B, L), image_tokens (B, N, C), text_hidden (B, L, H). ``text_grad`` / ``image_grad``: the
+        multipliers of the gradient the ``itm`` / ``mlm`` pass sends into the text / image tower (>= 0; the
+        ``features`` pass ignores them)."""
         given = {
             "images": images,
             "text_ids": text_ids,
@@ -255,13 +260,13 @@ class AlbefModel(DualEncoder):
                 + (f"; missing {absent}" if absent else "")
                 + (f"; unexpected {extra}" if extra else "")
             )
-        if text_grad < 0:
-            raise ModelError(f"text_grad must be >= 0, got {text_grad}")
+        if text_grad < 0 or image_grad < 0:
+            raise ModelError(f"text_grad and image_grad must be >= 0, got {text_grad} and {image_grad}")
         if task == "features":
             return self._features(images, text_ids, text_mask)
         if task == "itm":
-            return self._itm(image_tokens, text_hidden, text_mask, text_grad)
-        return self._mlm(text_ids, text_mask, image_tokens, positions, text_grad)
+            return self._itm(image_tokens, text_hidden, text_mask, text_grad, image_grad)
+        return self._mlm(text_ids, text_mask, image_tokens, positions, text_grad, image_grad)
 
     def freeze_idle_heads(self, itm: bool, mlm: bool) -> list[str]:
         """Freeze the parameters that only a switched-off head uses (``itm_head``; the MLM transform and bias, not

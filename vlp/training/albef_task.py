@@ -85,6 +85,8 @@ class AlbefTask:
         self.use_mlm = has_fusion and self.settings.mlm and self.settings.mlm_weight > 0
         self.positives = config.loss.positives
         self.itm_positives = self.positives if self.settings.itm_positives == "loss" else self.settings.itm_positives
+        self._fusion_grads = {"text_grad": self.settings.fusion_text_grad,
+                              "image_grad": self.settings.fusion_image_grad}
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     # ------------------------------------------------------------------------------------------------ passes
@@ -292,7 +294,7 @@ class AlbefTask:
         fused_mask = torch.cat([own_mask, text_mask[negative_text], own_mask])
         with self._context():
             logits = self.train_model(task="itm", image_tokens=fused_tokens, text_hidden=fused_hidden,
-                                      text_mask=fused_mask, text_grad=self.settings.fusion_text_grad)  # (3B, 2)
+                                      text_mask=fused_mask, **self._fusion_grads)  # (3B, 2)
         ignore = torch.full_like(batch.sample_ids, -100)
         labels = torch.cat([torch.ones_like(batch.sample_ids), torch.where(text_ok, 0, ignore),
                             torch.where(image_ok, 0, ignore)])
@@ -307,7 +309,7 @@ class AlbefTask:
         with self._context():
             logits = self.train_model(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
                                       image_tokens=student.image_tokens, positions=positions,
-                                      text_grad=self.settings.fusion_text_grad)  # (M, V)
+                                      **self._fusion_grads)  # (M, V)
             soft = None
             if alpha > 0:
                 soft = self.momentum(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
