@@ -24,11 +24,11 @@ from synthetic import SyntheticBatches
 
 from vlp.config import ModelConfig, load_config
 from vlp.data.pipeline import ShardLoader
+from vlp.evaluation.encode import encode_shard_retrieval
 from vlp.evaluation.in_training import classnames_for, run_configured_evals, templates_for
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.evaluation.runner import encode_pairs, eval_loader, run_retrieval, run_zeroshot
-from vlp.evaluation.sources import encode_shard_retrieval
 from vlp.models import create_model
 from vlp.training.trainer import Trainer
 from vlp.types import Batch

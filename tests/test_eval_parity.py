@@ -258,7 +258,7 @@ def test_large_jpegs_and_transparent_pngs_match_open_clip_per_image(tmp_path: Pa
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from vlp.cli.main import main
-    from vlp.evaluation.sources import imagefolder_batches
+    from vlp.evaluation.encode import imagefolder_batches
     from vlp.evaluation.zero_shot import encode_dataset
 
     arch_path = tmp_path / "vlp-parity-vit224.json"

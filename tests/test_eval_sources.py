@@ -17,19 +17,18 @@ from shard_factory import add_member, png_bytes, write_dataset
 from vlp.cli.main import main
 from vlp.config import load_config
 from vlp.data.decode import DecodeLimits, SampleError
-from vlp.evaluation.retrieval import retrieval_metrics
-from vlp.evaluation.sources import (
+from vlp.data.records import (
     MAX_CAPTIONS_PER_SAMPLE,
-    EvalSourceError,
-    encode_shard_retrieval,
-    find_multiline_txt,
-    imagefolder_batches,
+    SourceError,
+    find_multi_caption,
     imagenet_synsets,
     is_imagefolder,
     karpathy_split,
     sample_captions,
     scan_imagefolder,
 )
+from vlp.evaluation.encode import encode_shard_retrieval, imagefolder_batches
+from vlp.evaluation.retrieval import retrieval_metrics
 from vlp.training.trainer import Trainer
 
 CLASSES = ("n00000003", "n00000001", "n00000002")  # created out of order on purpose
@@ -62,15 +61,15 @@ def test_labels_follow_sorted_folder_order(folder: Path) -> None:
 
 
 def test_missing_extra_and_empty_class_folders_are_named(folder: Path) -> None:
-    with pytest.raises(EvalSourceError, match=r"3 class folders, expected 4"):
+    with pytest.raises(SourceError, match=r"3 class folders, expected 4"):
         scan_imagefolder(folder, expected_classes=4)
     _png(folder / "stray" / "x.png", 1)
-    with pytest.raises(EvalSourceError, match=r"4 class folders, expected 3.*\[stray\]"):
+    with pytest.raises(SourceError, match=r"4 class folders, expected 3.*\[stray\]"):
         scan_imagefolder(folder, expected_classes=3)
-    with pytest.raises(EvalSourceError, match=r"missing 1: \[n00000009\]; extra 1: \[stray\]"):
+    with pytest.raises(SourceError, match=r"missing 1: \[n00000009\]; extra 1: \[stray\]"):
         scan_imagefolder(folder, expected_classes=None, expected_synsets=[*CLASSES, "n00000009"])
     (folder / "stray" / "x.png").unlink()
-    with pytest.raises(EvalSourceError, match=r"stray: class folder 3 has no images"):
+    with pytest.raises(SourceError, match=r"stray: class folder 3 has no images"):
         scan_imagefolder(folder, expected_classes=None)
 
 
@@ -120,10 +119,10 @@ def test_karpathy_split_maps_captions_to_images(tmp_path: Path) -> None:
     text_features = torch.eye(2, 4)[data.text_to_image]
     metrics = retrieval_metrics(image_features, text_features, data.text_to_image, ks=(1,))
     assert metrics["image_retrieval_recall@1"] == 1.0 and metrics["text_retrieval_recall@1"] == 1.0
-    with pytest.raises(EvalSourceError, match="no images in split 'val'"):
+    with pytest.raises(SourceError, match="no images in split 'val'"):
         karpathy_split(split_json, images, "val")
     (images / "val2014" / "im1.png").unlink()
-    with pytest.raises(EvalSourceError, match=r"1 images of split 'test' not found.*im1.png"):
+    with pytest.raises(SourceError, match=r"1 images of split 'test' not found.*im1.png"):
         karpathy_split(split_json, images, "test")
 
 
@@ -273,11 +272,11 @@ def _txt_lines_shards(directory: Path, images: int = 3, lines: int = 2, shard: s
 def test_multiline_txt_is_detected_only_in_multiline_shards(tmp_path: Path) -> None:
     _txt_lines_shards(tmp_path / "lines")
     write_dataset(tmp_path / "single", [4])
-    assert find_multiline_txt(str(tmp_path / "lines")).endswith("00000.tar:s0")
-    assert find_multiline_txt(str(tmp_path / "single")) is None
+    assert find_multi_caption(str(tmp_path / "lines")).endswith("00000.tar:s0")
+    assert find_multi_caption(str(tmp_path / "single")) is None
     # a later shard in the one-caption-per-line layout: found although the first shard holds single captions
     _txt_lines_shards(tmp_path / "single", shard="00001.tar")
-    assert find_multiline_txt(str(tmp_path / "single")).endswith("00001.tar:s0")
+    assert find_multi_caption(str(tmp_path / "single")).endswith("00001.tar:s0")
 
 
 def test_cli_retrieval_reads_each_txt_line_of_clip_benchmark_shards(run_dir: Path, tmp_path: Path,

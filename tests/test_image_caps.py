@@ -20,7 +20,7 @@ from vlp.data.decode import DecodeLimits
 from vlp.data.pipeline import ShardLoader
 from vlp.data.preprocess import Preprocess
 from vlp.data.writer import SourceSample, write_shards
-from vlp.evaluation.sources import FileImageLoader
+from vlp.evaluation.encode import FileImageLoader
 from vlp.retrieval.reading import BuildOptions, UnitDataset, source_units
 
 GOOD = standard_members("good0", 1) + standard_members("good1", 2)

@@ -23,9 +23,9 @@ from PIL import Image
 from vlp.config import PreprocessConfig, load_config, save_config, to_dict
 from vlp.data.preprocess import Preprocess
 from vlp.data.writer import SourceSample, write_shards
+from vlp.evaluation.encode import FileImageLoader
 from vlp.evaluation.loading import load_model_for_eval
 from vlp.evaluation.runner import eval_loader
-from vlp.evaluation.sources import FileImageLoader
 from vlp.models import create_model
 
 SIZE = 32
@@ -131,7 +131,8 @@ def test_a_run_saved_before_the_record_existed_keeps_its_training_decode(images,
 
 
 def test_every_evaluation_path_uses_the_recorded_preprocessing(images, tmp_path: Path) -> None:  # noqa: ANN001
-    from vlp.evaluation.sources import RetrievalSet, encode_retrieval_set, encode_shard_retrieval, imagefolder_batches
+    from vlp.data.records import RetrievalSet
+    from vlp.evaluation.encode import encode_retrieval_set, encode_shard_retrieval, imagefolder_batches
 
     folder, shards, data = images
     run = _run_dir(tmp_path / "run", RECORDED)

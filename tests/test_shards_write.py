@@ -15,7 +15,8 @@ from PIL import Image
 
 from vlp.cli.main import main
 from vlp.data import layout
-from vlp.data.sources import list_folder_images, read_folder, read_table
+from vlp.data.records import list_images as list_folder_images
+from vlp.data.records import read_folder, read_table
 from vlp.data.writer import SourceSample, write_shards
 
 

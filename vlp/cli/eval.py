@@ -133,9 +133,10 @@ def _report(record: dict) -> None:
 
 
 def run_zeroshot_command(args: argparse.Namespace) -> int:
+    from vlp.data.records import imagenet_synsets, is_imagefolder
+    from vlp.evaluation.datasets import run_zeroshot_imagefolder
     from vlp.evaluation.records import dataset_name
     from vlp.evaluation.runner import run_zeroshot
-    from vlp.evaluation.sources import imagenet_synsets, is_imagefolder, run_zeroshot_imagefolder
     from vlp.evaluation.zero_shot import imagenet_classnames, imagenet_templates, load_classnames, load_templates
 
     try:
@@ -162,9 +163,9 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
+    from vlp.evaluation.datasets import run_retrieval_karpathy, run_retrieval_shards
     from vlp.evaluation.itm_rerank import require_itm
     from vlp.evaluation.records import dataset_name
-    from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_shards
     from vlp.models.registry import ModelError
 
     if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):

@@ -82,7 +82,7 @@ def _fail(command: str, err: Exception) -> int:
 
 def run_write(args: argparse.Namespace) -> int:
     """Write shards from ``args.input``; print the report summary. Exit 0 even with skipped inputs."""
-    from vlp.data.sources import count_inputs, read_input
+    from vlp.data.records import count_inputs, read_input
     from vlp.data.writer import write_shards
 
     try:

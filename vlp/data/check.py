@@ -6,10 +6,10 @@ Checks, per shard:
   archive had ended, so after the last member the rest of the file must be zero padding holding the
   end-of-archive marker (at least two 512-byte zero blocks); anything else is reported. The loader applies the
   same rule (:func:`vlp.data.layout.end_of_archive_problem`).
-* every member is a regular file with a safe name and a known single extension (jpg/jpeg/png/webp/txt/json/
-  cls). Unknown extensions (``.pyd``, ``.pth``, ``.pkl``, ...) are problems: our loader ignores them and they
-  may be pickles; their bytes are never read, let alone unpickled. A basename with extra dots
-  (``000000001.foo.jpg``) splits a sample under webdataset's key rule and is reported too.
+* every member is a regular file with a safe name and a known single extension (an image extension of
+  ``layout.IMAGE_EXTENSIONS``, txt/json/cls). Unknown extensions (``.pyd``, ``.pth``, ``.pkl``, ...) are
+  problems: our loader ignores them and they may be pickles; their bytes are never read, let alone unpickled. A
+  basename with extra dots (``000000001.foo.jpg``) splits a sample under webdataset's key rule and is reported too.
 * each sample (consecutive members sharing a key) has exactly one image and a non-empty caption (``.txt``
   or ``caption`` in ``.json``); json parses; images decode (pixel count checked from the header first;
   ``decode=False`` parses headers only; only as the format the member's extension names, under the one pixel

@@ -1,6 +1,6 @@
 """Stage 3 of the loader: raw bytes -> PIL image and caption, with every safety cap applied before decoding.
 
-Only whitelisted members reach this stage (images: jpg/jpeg/png/webp; text: txt/json), and json is parsed
+Only whitelisted members reach this stage (images: ``layout.IMAGE_EXTENSIONS``; text: txt/json/cls), and json is parsed
 with :func:`json.loads`: nothing from a shard is ever unpickled or passed to ``torch.load``.
 """
 

@@ -1,8 +1,8 @@
 """Opening encoded images, shared by the loader, the checker, the writer, evaluation and index builds.
 
 * The format is the one the name says: a shard member or a file is decoded only as the format its extension
-  names (``.jpg``/``.jpeg`` JPEG, ``.png`` PNG, ``.webp`` WEBP; image folders also ``.bmp``, ``.gif``,
-  ``.tif``/``.tiff``), through PIL's ``formats=``. A TIFF named ``.jpg`` is refused as
+  names (:data:`vlp.data.layout.IMAGE_FORMATS`: ``.jpg``/``.jpeg`` JPEG, ``.png`` PNG, ``.webp`` WEBP, ``.bmp``,
+  ``.gif``, ``.tif``/``.tiff``), through PIL's ``formats=``. A TIFF named ``.jpg`` is refused as
   ``image_format_mismatch``, never handed to the TIFF decoder. Bytes without a name (an uploaded query) may be
   any of these formats.
 * One pixel cap (``data.max_image_pixels``, default :data:`vlp.config.DEFAULT_MAX_IMAGE_PIXELS`), checked from
@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from PIL import Image
 
 from vlp.data import counters as reasons
+from vlp.data.layout import IMAGE_FORMATS
 
-PIL_FORMAT_BY_EXTENSION = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP",
-                           "bmp": "BMP", "gif": "GIF", "tif": "TIFF", "tiff": "TIFF"}
-_ANY_FORMAT = tuple(sorted(set(PIL_FORMAT_BY_EXTENSION.values())))
+_ANY_FORMAT = tuple(sorted(set(IMAGE_FORMATS.values())))
 _LIMIT_LOCK = threading.RLock()
 
 
@@ -44,10 +43,10 @@ def pil_formats(ext: str | None) -> tuple[str, ...]:
     if ext is None:
         return _ANY_FORMAT
     name = ext.lower().lstrip(".")
-    if name not in PIL_FORMAT_BY_EXTENSION:
+    if name not in IMAGE_FORMATS:
         raise ImageRejected(reasons.IMAGE_FORMAT_MISMATCH, f".{name} names no image format vlp reads "
-                                                           f"({', '.join(PIL_FORMAT_BY_EXTENSION)})")
-    return (PIL_FORMAT_BY_EXTENSION[name],)
+                                                           f"({', '.join(IMAGE_FORMATS)})")
+    return (IMAGE_FORMATS[name],)
 
 
 @contextlib.contextmanager

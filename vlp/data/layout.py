@@ -1,9 +1,14 @@
 """The on-disk shard layout shared by the writer, the checker and the loader (img2dataset conventions).
 
-A shard directory holds ``00000.tar, 00001.tar, ...``; each sample is ``{key}.{jpg|png|webp}``,
+A shard directory holds ``00000.tar, 00001.tar, ...``; each sample vlp writes is ``{key}.{jpg|png|webp}``,
 ``{key}.txt`` (caption) and ``{key}.json`` (caption, label, original size, source path, sha256). Keys have
 9 digits: a 5-digit shard id then a 4-digit index. ``sizes.json`` maps shard file names to sample counts
 (open_clip's convention) and ``manifest.json`` records per shard the sample count, byte size and sha256.
+
+:data:`IMAGE_FORMATS` is vlp's one list of image extensions, for files and tar members alike: every reader (the
+loader, the checker, the record reader behind ``vlp shards write``, ``vlp index build`` and evaluation) takes
+exactly these, and an image is decoded only as the format its extension names. The writer stores JPEG, PNG or
+WEBP; other formats are re-encoded as PNG.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from pathlib import Path
 from vlp.errors import VlpError
 from vlp.io import write_json_atomic
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP",
+                 "bmp": "BMP", "gif": "GIF", "tif": "TIFF", "tiff": "TIFF"}  # extension -> the PIL format it names
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 TEXT_EXTENSIONS = ("txt", "json", "cls")  # cls: an integer class label (the CLIP_benchmark layout)
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"

@@ -36,6 +36,7 @@ from vlp.data import counters as reasons
 from vlp.data.caption_hash import caption_hashes
 from vlp.data.counters import SkipCounters, sum_counts
 from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_label, decode_metadata
+from vlp.data.layout import IMAGE_EXTENSIONS
 from vlp.data.positions import LoaderStateError
 from vlp.data.preprocess import Preprocess
 from vlp.data.stream import Slot, SlotStream, StreamItem, StreamSettings, derive_seed, elastic_states
@@ -124,7 +125,7 @@ class _BatchMaker:
     def _prepare(self, item: StreamItem) -> _Prepared:
         raw = item.raw
         if raw.image is None:
-            raise SampleError(reasons.MISSING_IMAGE, "no jpg/jpeg/png/webp member")
+            raise SampleError(reasons.MISSING_IMAGE, "no image member (" + "/".join(IMAGE_EXTENSIONS) + ")")
         metadata = decode_metadata(raw.json)
         label = decode_label(metadata, raw.cls)
         caption = self._caption(raw.txt, metadata)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,11 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS
-from vlp.data.counters import SkipCounters
-from vlp.data.decode import DecodeLimits, decode_caption
+from vlp.data.decode import DecodeLimits
 from vlp.data.preprocess import Preprocess
-from vlp.data.tar_stream import iter_shard
-from vlp.data.urls import expand_urls
+from vlp.data.records import records_by_key
 
 THUMB = 96
 CAPTION_WIDTH = 260
@@ -28,24 +25,18 @@ def read_images_by_key(urls: str, keys: set[str], preprocess: Preprocess | None 
     preprocess = (preprocess or Preprocess(THUMB)).for_evaluation()
     limits = DecodeLimits(max_image_pixels=max_image_pixels)
     found: dict[str, Image.Image] = {}
-    for url in expand_urls(urls):
-        for sample in iter_shard(url, SkipCounters()):
-            if sample.key in keys and sample.image is not None:
-                image = preprocess.decode(sample.image, limits, sample.image_ext)
-                image.thumbnail((THUMB, THUMB))
-                found[sample.key] = image
+    for key, record in records_by_key(urls, keys, limits).items():
+        if record.image_bytes is not None:
+            image = preprocess.decode(record.image_bytes, limits, record.image_ext)
+            image.thumbnail((THUMB, THUMB))
+            found[key] = image
     return found
 
 
 def read_captions_by_key(urls: str, keys: set[str]) -> dict[str, str]:
-    """The captions of ``keys`` from the shards (``.txt``, else the json's ``caption``, as training reads them)."""
-    limits, found = DecodeLimits(), {}
-    for url in expand_urls(urls):
-        for sample in iter_shard(url, SkipCounters()):
-            if sample.key in keys:
-                metadata = json.loads(sample.json) if sample.json else {}
-                found[sample.key] = decode_caption(sample.txt, metadata, limits)
-    return found
+    """The primary captions of ``keys`` from the shards (:mod:`vlp.data.records.captions`; the shards vlp writes
+    hold it as their ``.txt``, which training reads)."""
+    return {key: record.caption for key, record in records_by_key(urls, keys).items() if record.caption is not None}
 
 
 MARK_CORRECT = (0, 160, 0)  # frame of the query's own image among the retrieved ones

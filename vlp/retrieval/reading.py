@@ -3,8 +3,10 @@
 Input -> units (one per shard, or per ``files_per_part`` files of a folder) -> this rank's units
 (``units[rank::world]``) -> loader workers (``units[worker::workers]`` of those), each yielding chunks of one unit:
 decoded, capped and transformed images (the model's preprocessing record; uint8 for vlp models) with their metadata
-and tokenized captions. Bad images and captions
-are counted by reason, never fatal; a missing caption is no error (captions are optional in an index).
+and tokenized captions. Shards and folders are read as records (:mod:`vlp.data.records`): a row's caption is the
+record's primary caption (the reader's caption policy: the first non-empty line of a sidecar ``X.txt`` or a
+``.txt`` member, json ``captions`` first). Bad images and captions are counted by reason, never fatal; a missing
+caption is no error (captions are optional in an index).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.data import counters as reasons
 from vlp.data.counters import SkipCounters
-from vlp.data.decode import DecodeLimits, SampleError, decode_caption, decode_metadata
+from vlp.data.decode import DecodeLimits, SampleError
+from vlp.data.layout import IMAGE_EXTENSIONS
 from vlp.data.preprocess import Preprocess
-from vlp.data.tar_stream import iter_shard
+from vlp.data.records import Record, file_record, list_images, shard_records
 from vlp.data.tokenizer import TextTokenizer
 from vlp.data.urls import expand_urls
-from vlp.evaluation.sources import IMAGE_EXTENSIONS, image_files
 from vlp.retrieval.store import IndexStoreError, SourceUnit
 
 CHUNK = 64  # images per chunk a worker hands over
@@ -77,7 +79,7 @@ def source_units(data: str, files_per_part: int = 5000) -> list[SourceUnit]:
     """The units of ``data``: a folder of images (no ``*.tar`` in it), or any shard url spec."""
     folder = Path(data)
     if folder.is_dir() and not any(folder.glob("*.tar")):
-        files = image_files(folder)
+        files = list_images(folder)
         if not files:
             raise IndexStoreError(f"--data {data}: no shards (*.tar) and no images ({', '.join(IMAGE_EXTENSIONS)})")
         units = []
@@ -135,37 +137,33 @@ class UnitDataset(IterableDataset):
         yield chunk
 
     def _shard_rows(self, unit: SourceUnit, counters: SkipCounters, limits: DecodeLimits) -> Iterator[tuple]:
-        for sample in iter_shard(unit.url, counters):
-            where = f"{unit.url}:{sample.key}"
-            if sample.image is None:
-                counters.add(reasons.MISSING_IMAGE, where)
+        for record in shard_records(unit.url, counters, limits):
+            if record.image_bytes is None:
+                counters.add(reasons.MISSING_IMAGE, record.source)
                 continue
-            try:
-                metadata = decode_metadata(sample.json)
-                image = self.preprocess.decode(sample.image, limits, sample.image_ext)
-            except SampleError as err:
-                counters.add(err.reason, where, detail=str(err))
-                continue
-            caption = _caption(sample.txt, metadata, limits, counters, where)
-            row = {"key": sample.key, "shard": unit.url, "member": f"{sample.key}.{sample.image_ext}"}
-            yield image, row | ({"caption": caption} if caption is not None else {}), caption
+            row = {"key": record.key, "shard": unit.url, "member": f"{record.key}.{record.image_ext}"}
+            yield from self._decoded(record, row, counters, limits)
 
     def _file_rows(self, unit: SourceUnit, counters: SkipCounters, limits: DecodeLimits) -> Iterator[tuple]:
         for path in map(Path, unit.paths):
-            try:
-                data = path.read_bytes()
-                image = self.preprocess.decode(data, limits, path.suffix)
-            except OSError as err:
-                counters.add(reasons.UNDECODABLE_IMAGE, str(path), detail=str(err))
-                continue
-            except SampleError as err:
-                counters.add(err.reason, str(path), detail=str(err))
-                continue
-            sidecar = path.with_suffix(".txt")
-            txt = sidecar.read_bytes() if sidecar.is_file() else None
-            caption = _caption(txt, {}, limits, counters, str(sidecar)) if txt is not None else None
-            row = {"key": path.stem, "path": str(path)}
-            yield image, row | ({"caption": caption} if caption is not None else {}), caption
+            record = file_record(path, limits=limits)
+            yield from self._decoded(record, {"key": record.key, "path": str(path)}, counters, limits)
+
+    def _decoded(self, record: Record, row: dict, counters: SkipCounters, limits: DecodeLimits) -> Iterator[tuple]:
+        """(image, row metadata, caption or None) of one record; a bad image is counted and skipped, a bad caption
+        counted and left out."""
+        try:
+            image = self.preprocess.decode(record.read_image(), limits, record.image_ext)
+        except OSError as err:
+            counters.add(reasons.UNDECODABLE_IMAGE, record.source, detail=str(err))
+            return
+        except SampleError as err:
+            counters.add(err.reason, record.source, detail=str(err))
+            return
+        if record.error_reason is not None:
+            counters.add(record.error_reason, record.source, detail=str(record.error))
+        caption = record.caption
+        yield image, row | ({"caption": caption} if caption is not None else {}), caption
 
     def _chunk(self, index: int, pending: list[tuple], tokenizer: TextTokenizer) -> Chunk:
         height, width = self.preprocess.height_width
@@ -180,13 +178,3 @@ class UnitDataset(IterableDataset):
             text_mask = torch.zeros(0, self.context_length, dtype=torch.bool)
         return Chunk(index, images, [p[1] for p in pending], text_rows, text_ids, text_mask)
 
-
-def _caption(txt: bytes | None, metadata: dict, limits: DecodeLimits, counters: SkipCounters,
-             where: str) -> str | None:
-    """The capped caption, or None (counted, except a plainly absent one: captions are optional here)."""
-    try:
-        return decode_caption(txt, metadata, limits)
-    except SampleError as err:
-        if err.reason != reasons.MISSING_CAPTION:
-            counters.add(err.reason, where, detail=str(err))
-        return None
