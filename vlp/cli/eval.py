@@ -148,13 +148,16 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
-    from vlp.evaluation.entry import evaluate_retrieval
+    from vlp.evaluation.entry import OptionsError, evaluate_retrieval
     from vlp.models.registry import ModelError
 
     try:
         record = evaluate_retrieval(_choice(args), _options(args), data=args.data, karpathy_json=args.karpathy_json,
                                     images=args.images, split=args.split, multi_caption=args.multi_caption,
                                     dataset=args.dataset, rerank_k=args.rerank, ties=args.ties)
+    except OptionsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

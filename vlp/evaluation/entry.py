@@ -20,6 +20,10 @@ from vlp.evaluation.retrieval import TieRule
 from vlp.evaluation.tasks import EvalSetup, run_eval_tasks
 
 
+class OptionsError(ConfigError):
+    """Options that do not go together (the command line exits with 2, as for a misused option)."""
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     """Which model to evaluate: a vlp ``checkpoint`` (run directory, ``checkpoints/step_N`` or
@@ -103,11 +107,12 @@ def evaluate_retrieval(choice: ModelChoice, options: RunOptions, *, data: str | 
     from vlp.evaluation.sources import run_retrieval_karpathy, run_retrieval_shards
 
     if (data is None) == (karpathy_json is None) or (karpathy_json is None) != (images is None):
-        raise ConfigError("give either --data SHARDS or --karpathy-json FILE with --images DIR")
+        raise OptionsError("give either --data SHARDS or --karpathy-json FILE with --images DIR")
     if rerank_k < 0:
-        raise ConfigError(f"--rerank must be >= 0, got {rerank_k}")
+        raise OptionsError(f"--rerank must be >= 0, got {rerank_k}")
     if rerank_k and ties == "clip_benchmark":
-        raise ConfigError("--ties clip_benchmark reproduces CLIP_benchmark's similarity ranking, which has no --rerank")
+        raise OptionsError("--ties clip_benchmark reproduces CLIP_benchmark's similarity ranking, which has no "
+                           "--rerank")
     loaded, setup = open_model(choice, options)
     if rerank_k:
         require_itm(loaded.model)
