@@ -97,9 +97,9 @@ def train(row: str, config: Path, tree: dict[str, Any], out: Path, steps: int, b
 def evaluate(run: Path, data: Path, rerank: bool = False) -> dict[str, float]:
     """Zero-shot top-1 (Fashion-MNIST test) and image R@10 (Tux Paint test) with the library of ``vlp eval demo``;
     with ``rerank``, image and text R@1 without and with ITM reranking of the top 16."""
-    from vlp.evaluation.in_training import classnames_for, templates_for
     from vlp.evaluation.loading import load_model_for_eval
     from vlp.evaluation.runner import run_retrieval, run_zeroshot
+    from vlp.evaluation.tasks import classnames_for, templates_for
 
     loaded = load_model_for_eval(str(run))
     zeroshot = run_zeroshot(loaded, str(data / "fashion_mnist" / "test"), classnames_for("fashion_mnist"),

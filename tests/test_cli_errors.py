@@ -21,7 +21,7 @@ from vlp.training.trainer import Trainer
 
 TINY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
         "data.batch_size=4", "train.tensorboard=false", "loss.gather=none"]
-CASES = 21  # len(_cases(...)): one test per case
+CASES = 22  # len(_cases(...)): one test per case
 TINY_BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1,
              "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32}
 
@@ -93,12 +93,14 @@ def _cases(w: dict[str, Path]) -> list[tuple[list[str], str]]:
         ([*train, f"train.output_dir={root / 't5'}", "train.log_every=0"], "train.log_every=0: must be >= 1"),
         ([*train, f"train.output_dir={root / 't6'}", "train.checkpoint_every=0"], "train.checkpoint_every=0"),
         ([*train, f"train.output_dir={root / 't7'}", "train.grad_accum=0"], "train.grad_accum=0"),
-        ([*train, f"train.output_dir={root / 't8'}", "eval.every_steps=1", f"eval.zeroshot_urls={shards}",
-          f"eval.zeroshot_classnames={w['two_classes']}"], "labels go up to 9 but 2 class names were given"),
+        ([*train, f"train.output_dir={root / 't8'}", "eval.every_steps=1", f"eval.tasks.zeroshot.urls={shards}",
+          f"eval.tasks.zeroshot.classnames={w['two_classes']}"], "labels go up to 9 but 2 class names were given"),
         (["eval", "zeroshot", "--checkpoint", str(w["hostile"] / "model.pt"), "--data", shards, "--workers", "0",
           "--out", str(root / "e1")], "refusing to load"),
         (["eval", "retrieval", "--checkpoint", str(root / "norun"), "--data", shards, "--out", str(root / "e2")],
          "norun"),
+        (["eval", "run", "--checkpoint", run, "--out", str(root / "e3"), "eval.tasks.zeroshot.urls=x",
+          "eval.tasks.zeroshot.classnames=y", "eval.tasks.zeroshot.templats=z"], "eval.tasks.zeroshot.templats"),
         (["eval", "demo", "--run", run, "--data", str(root / "nodemo"), "--workers", "0"], "nodemo"),
         (["convert", "albef", "--checkpoint", str(w["hostile"] / "model.pt"), "--config", str(root / "no.yaml"),
           "--out", str(root / "c")], "no.yaml"),

@@ -74,9 +74,9 @@ def test_evaluation_during_training_is_logged(tmp_path: Path) -> None:
         "model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
         f"data.sources={tmp_path / 'shards'}", "data.batch_size=8", "data.workers=0", "train.steps=4",
         "train.checkpoint_every=100", "train.log_every=1", "train.tensorboard=false", "loss.gather=none",
-        f"train.output_dir={tmp_path / 'run'}", "eval.every_steps=2", f"eval.zeroshot_urls={tmp_path / 'shards'}",
-        f"eval.zeroshot_classnames={tmp_path / 'classes.txt'}", "eval.zeroshot_templates=imagenet",
-        f"eval.retrieval_urls={tmp_path / 'shards'}", "eval.workers=0"])
+        f"train.output_dir={tmp_path / 'run'}", "eval.every_steps=2", f"eval.tasks.zeroshot.urls={tmp_path / 'shards'}",
+        f"eval.tasks.zeroshot.classnames={tmp_path / 'classes.txt'}", "eval.tasks.zeroshot.templates=imagenet",
+        f"eval.tasks.retrieval.urls={tmp_path / 'shards'}", "eval.workers=0"])
     with pytest.raises(ConfigError, match=r"eval.every_steps=2: this trainer has no evaluator"):
         Trainer(config, progress=False)
     Trainer(config, progress=False, evaluate=run_configured_evals).fit()

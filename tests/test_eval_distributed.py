@@ -25,10 +25,11 @@ from synthetic import SyntheticBatches
 from vlp.config import ModelConfig, load_config
 from vlp.data.pipeline import ShardLoader
 from vlp.evaluation.encode import encode_shard_retrieval
-from vlp.evaluation.in_training import classnames_for, run_configured_evals, templates_for
+from vlp.evaluation.in_training import run_configured_evals
 from vlp.evaluation.itm_rerank import ItmCorpus
 from vlp.evaluation.loading import LoadedModel, load_model_for_eval
 from vlp.evaluation.runner import encode_pairs, eval_loader, run_retrieval, run_zeroshot
+from vlp.evaluation.tasks import classnames_for, templates_for
 from vlp.models import create_model
 from vlp.training.trainer import Trainer
 from vlp.types import Batch
@@ -158,8 +159,8 @@ def _train_overrides(root: Path) -> list[str]:
             "model.fusion_layers=2", "data.tokenizer=minilm", f"data.batch_size={BATCH}", "albef.enabled=true",
             "albef.queue_size=16", "optim.lr=1e-3", "schedule.warmup_steps=1", "train.steps=2", "train.log_every=1",
             "train.checkpoint_every=100", "train.tensorboard=false", "eval.every_steps=2",
-            f"eval.zeroshot_urls={root / 'uneven'}", f"eval.zeroshot_classnames={root / 'classes.txt'}",
-            f"eval.zeroshot_templates={root / 'templates.txt'}", f"eval.retrieval_urls={root / 'uneven'}",
+            f"eval.tasks.zeroshot.urls={root / 'uneven'}", f"eval.tasks.zeroshot.classnames={root / 'classes.txt'}",
+            f"eval.tasks.zeroshot.templates={root / 'templates.txt'}", f"eval.tasks.retrieval.urls={root / 'uneven'}",
             f"eval.batch_size={BATCH}", "eval.workers=0", f"train.output_dir={root / 'run'}"]
 
 
@@ -186,8 +187,9 @@ def test_evaluation_during_ddp_training_equals_one_process_evaluation_of_the_exp
 
     loaded = load_model_for_eval(str(run))  # the exported model.safetensors, evaluated in this one process
     config = load_config(run / "config.yaml")
-    zeroshot = run_zeroshot(loaded, sets["uneven"], classnames_for(config.eval.zeroshot_classnames),
-                            templates_for(config.eval.zeroshot_templates), dataset="eval", batch_size=BATCH, workers=0)
+    task = config.eval.tasks["zeroshot"]
+    zeroshot = run_zeroshot(loaded, sets["uneven"], classnames_for(task.classnames), templates_for(task.templates),
+                            dataset="eval", batch_size=BATCH, workers=0)
     retrieval = run_retrieval(loaded, sets["uneven"], dataset="eval", batch_size=BATCH, workers=0)
     expected = {**{f"eval/zeroshot/{k}": v for k, v in zeroshot["metrics"].items()},
                 **{f"eval/retrieval/{k}": v for k, v in retrieval["metrics"].items()}}

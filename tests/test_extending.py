@@ -1,5 +1,6 @@
 """README "Extending vlp": a timm image tower without code (the `custom` preset and a timm name). The new-loss
-example is tests/test_loss_registry.py::test_a_loss_registered_from_a_test_file_trains."""
+example is tests/test_loss_registry.py::test_a_loss_registered_from_a_test_file_trains; the new evaluation type is
+tests/test_eval_tasks.py (``pair_cosine``)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vlp.evaluation.demo import spread_indices
 from vlp.evaluation.grid import CAPTION_WIDTH, MARK_CORRECT, MARK_MISSED, THUMB, query_grid
-from vlp.evaluation.runner import spread_indices
 
 CELL_W, CELL_H = THUMB + 8, THUMB + 18
 

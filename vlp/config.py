@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -186,18 +187,64 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Evaluations run during training every ``every_steps`` optimizer steps (0: never) and at the end.
+class EvalTaskConfig:
+    """One evaluation of ``eval.tasks``: ``type`` names a registered evaluation type (in YAML it defaults to the
+    task's name), ``urls`` its data (shards: a directory, brace pattern or ``::`` list), ``dataset`` the name in its
+    CLIP_benchmark record (default: the task's name). A type with more fields subclasses this and registers the
+    subclass (:func:`register_eval_task_config`; ``vlp.evaluation.tasks.register_eval_type`` does it)."""
 
-    ``zeroshot_classnames`` / ``zeroshot_templates``: ``imagenet`` (open_clip's 1000 names / 80 OpenAI
-    templates), ``fashion_mnist`` (the demo's names / held-out templates) or a file path (one per line).
-    """
+    type: str
+    urls: str
+    dataset: str = ""
+
+
+@dataclass(frozen=True)
+class ZeroShotTaskConfig(EvalTaskConfig):
+    """``type: zeroshot``: labelled shards classified with class names x prompt templates. ``classnames`` /
+    ``templates``: ``imagenet`` (open_clip's 1000 names / 80 OpenAI templates), ``fashion_mnist`` (the demo's
+    names / held-out templates) or a file path (one per line)."""
+
+    classnames: str = "imagenet"
+    templates: str = "imagenet"
+
+
+@dataclass(frozen=True)
+class RetrievalTaskConfig(EvalTaskConfig):
+    """``type: retrieval``: image<->text Recall@k on image-caption shards; ``rerank_k > 0`` rescores the top
+    candidates of every query with the ITM head (models with a fusion encoder)."""
+
+    rerank_k: int = 0
+
+
+# ``type`` -> the dataclass of its fields; the evaluation layer adds the reader, encoder and scorer of each type.
+_EVAL_TASK_CONFIGS: dict[str, type[EvalTaskConfig]] = {"zeroshot": ZeroShotTaskConfig,
+                                                       "retrieval": RetrievalTaskConfig}
+TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def register_eval_task_config(type_name: str, fields: type[EvalTaskConfig]) -> None:
+    """Make ``type: type_name`` valid in ``eval.tasks``, its fields those of ``fields`` (a subclass of
+    :class:`EvalTaskConfig`)."""
+    if not (isinstance(fields, type) and issubclass(fields, EvalTaskConfig) and dataclasses.is_dataclass(fields)):
+        raise ConfigError(f"evaluation type {type_name!r}: its fields must be a dataclass subclassing EvalTaskConfig")
+    if type_name in _EVAL_TASK_CONFIGS and _EVAL_TASK_CONFIGS[type_name] is not fields:
+        raise ConfigError(f"evaluation type {type_name!r} is already registered")
+    _EVAL_TASK_CONFIGS[type_name] = fields
+
+
+def eval_task_types() -> list[str]:
+    """The evaluation types ``eval.tasks.<name>.type`` may name."""
+    return sorted(_EVAL_TASK_CONFIGS)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluations run during training every ``every_steps`` optimizer steps (0: never) and at the end, and by
+    ``vlp eval run``: ``tasks`` maps a name to one evaluation (``{type, urls, ...}``, see
+    :class:`EvalTaskConfig`); its metrics are logged as ``eval/<name>/<metric>``."""
 
     every_steps: int = 0
-    zeroshot_urls: str = ""
-    zeroshot_classnames: str = "imagenet"
-    zeroshot_templates: str = "imagenet"
-    retrieval_urls: str = ""
+    tasks: dict[str, EvalTaskConfig] = field(default_factory=dict)
     batch_size: int = 256
     workers: int = 1
 
@@ -301,6 +348,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping for section {_type_name(tp)}, got {value!r}")
         return _build(tp, value, where + ".")
+    if origin is dict and typing.get_args(tp)[1] is EvalTaskConfig:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of task name -> {{type, urls, ...}}, got {value!r}")
+        return {str(name): _build_eval_task(str(name), task, f"{where}.{name}") for name, task in value.items()}
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -357,7 +408,30 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         if key not in hints:
             raise _unknown_key(f"{prefix}{key}", [f"{prefix}{n}" for n in _field_names(cls)])
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    for item in dataclasses.fields(cls):
+        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        if required and item.name not in kwargs:
+            raise ConfigError(f"{prefix}{item.name} is missing (required)")
     return cls(**kwargs)
+
+
+def _build_eval_task(name: str, values: Any, where: str) -> EvalTaskConfig:
+    """One entry of ``eval.tasks``: its ``type`` (default: the task's name) picks the registered fields."""
+    if not TASK_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{where}: a task name is letters, digits, '_' and '-' (it names the metrics "
+                          f"eval/<name>/<metric>), got {name!r}")
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of task fields (type, urls, ...), got {values!r}")
+    values = dict(values)
+    given = "type" in values
+    type_name = values.setdefault("type", name)
+    if type_name not in _EVAL_TASK_CONFIGS:
+        close = difflib.get_close_matches(str(type_name), list(_EVAL_TASK_CONFIGS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        default = "" if given else " (the type defaults to the task's name)"
+        raise ConfigError(f"{where}.type: {type_name!r} is not an evaluation type{default}{hint} "
+                          f"(known: {', '.join(eval_task_types())})")
+    return _build(_EVAL_TASK_CONFIGS[type_name], values, where + ".")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -366,6 +440,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping):
+            return {key: plain(item) for key, item in value.items()}
         if isinstance(value, tuple | list):
             return [plain(v) for v in value]
         return value
@@ -395,8 +471,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
     dotted = dotted.strip()
+    from vlp.config_legacy import LEGACY_EVAL_KEYS  # the older eval.* keys, still read
+
     valid = _dotted_names(Config)
-    if dotted not in valid:
+    in_tasks = dotted.startswith("eval.tasks.") and len(dotted.split(".")) in (3, 4)  # .<name> or .<name>.<field>
+    if dotted not in valid and not in_tasks and dotted.removeprefix("eval.") not in LEGACY_EVAL_KEYS:
         raise _unknown_key(dotted, valid)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -423,10 +502,11 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     for text in overrides:
         dotted, value = parse_override(text)
         _set_dotted(tree, dotted, value)
+    from vlp.config_legacy import upgrade_legacy_keys
     from vlp.config_rules import check_config  # the value rules import this module
 
     try:
-        return check_config(from_dict(tree))
+        return check_config(from_dict(upgrade_legacy_keys(tree)))
     except ConfigError as err:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{err}") from None

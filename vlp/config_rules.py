@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vlp.config import Config, ConfigError
+from vlp.config import Config, ConfigError, RetrievalTaskConfig
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,17 @@ def _check_strings(config: Config) -> None:
     for index, source in enumerate(config.data.sources):
         if not source.urls.strip():
             raise ConfigError(f"data.sources[{index}].urls is empty: give a shard directory, brace pattern or list")
+    _check_eval_tasks(config)
+
+
+def _check_eval_tasks(config: Config) -> None:
+    """Each ``eval.tasks`` entry names its data; the fields of the built-in types hold valid values."""
+    for name, task in config.eval.tasks.items():
+        if not task.urls.strip():
+            raise ConfigError(f"eval.tasks.{name}.urls is empty: give the shards to evaluate on (a directory, brace "
+                              "pattern or :: list)")
+        if isinstance(task, RetrievalTaskConfig) and task.rerank_k < 0:
+            raise ConfigError(f"eval.tasks.{name}.rerank_k={task.rerank_k}: must be >= 0")
 
 
 def _check_cross_fields(config: Config) -> None:

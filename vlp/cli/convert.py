@@ -1,10 +1,5 @@
-"""``vlp convert albef``: turn a checkpoint of the original ALBEF code into a vlp model directory.
-
-The output directory gets ``model.safetensors`` and ``config.yaml``: what ``vlp eval --checkpoint DIR`` reads, and
-what a training run starts from with ``model.pretrained=DIR/model.safetensors`` (an ALBEF run then copies the
-online weights into its momentum encoder, as ALBEF does at the start of pretraining). The checkpoint's own momentum
-copies and queues are checked against the model but not written.
-"""
+"""``vlp convert albef``: turn a checkpoint of the original ALBEF code into a vlp model directory
+(:func:`vlp.models.albef_convert.convert_albef_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -13,9 +8,6 @@ import sys
 from pathlib import Path
 
 from vlp.config import ConfigError, load_config
-from vlp.io import atomic_path
-
-MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,46 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_convert_albef(args: argparse.Namespace) -> int:
     """Convert; exit 0 on success, 1 on a config, model or file error (nothing is written then)."""
-    from vlp.models import ModelError, create_model
+    from vlp.models import ModelError
+    from vlp.models.albef_convert import MODEL_FILE, convert_albef_checkpoint
     from vlp.models.weights import UnsafeCheckpointError
 
-    out = Path(args.out)
     try:
-        if (out / MODEL_FILE).exists():
-            raise ConfigError(f"--out {out}: already holds {MODEL_FILE}; choose a new directory")
-        config = load_config(args.config, args.overrides)
-        model = create_model(config.model)
-        if not hasattr(model, "has_fusion"):
-            raise ConfigError(f"model.name={config.model.name!r} is not an ALBEF preset (albef-*)")
-        result = _import(args.checkpoint, model, strict=not args.partial)
+        result = convert_albef_checkpoint(args.checkpoint, load_config(args.config, args.overrides), args.out,
+                                          strict=not args.partial)
     except (ConfigError, ModelError, UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    _write(out, config, model)
     queue = "none" if result.queue is None else f"{int(result.queue['image_features'].shape[0])} entries"
-    print(f"{len(result.model_state)} model tensors -> {out / MODEL_FILE}; checked and not written: momentum "
-          f"weights {'present' if result.momentum_state is not None else 'absent'}, queue {queue}")
+    print(f"{len(result.model_state)} model tensors -> {Path(args.out) / MODEL_FILE}; checked and not written: "
+          f"momentum weights {'present' if result.momentum_state is not None else 'absent'}, queue {queue}")
     if result.missing or result.leftovers:
         print(f"not loaded: {len(result.missing)} model keys missing {result.missing[:8]}, "
               f"{len(result.leftovers)} checkpoint keys unused {result.leftovers[:8]}")
     return 0
-
-
-def _import(path: str, model: object, *, strict: bool) -> object:
-    from vlp.models import load_albef_checkpoint
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ALBEF checkpoint {path!r} does not exist")
-    return load_albef_checkpoint(path, model, strict=strict)
-
-
-def _write(out: Path, config: object, model: object) -> None:
-    """config.yaml, then model.safetensors under a temporary name renamed into place (the file eval looks for)."""
-    import safetensors.torch
-
-    from vlp.config import save_config
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / CONFIG_FILE)
-    with atomic_path(out / MODEL_FILE) as tmp:
-        safetensors.torch.save_model(model, str(tmp))

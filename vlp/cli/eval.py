@@ -1,13 +1,11 @@
-"""``vlp eval zeroshot|retrieval|demo``: evaluate a trained checkpoint (or an open_clip architecture + file)."""
+"""``vlp eval zeroshot|retrieval|run|demo``: evaluate a trained checkpoint (or an open_clip architecture + file)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from vlp.config import DEFAULT_MAX_IMAGE_PIXELS, ConfigError
-from vlp.io import write_json_atomic
 
 DATASET_HELP = ("dataset name stored in the results and their file name (default: derived from --data, e.g. "
                 "data/tuxpaint/test -> tuxpaint_test)")
@@ -86,6 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                 "a fusion encoder); score = ITM match logit + similarity (default: 0 = off)")
     retrieval.set_defaults(func=run_retrieval_command)
 
+    tasks = commands.add_parser("run", help="the evaluations of a config's eval.tasks (zeroshot, retrieval, ...)",
+                                description="Run every task of eval.tasks (name -> {type, urls, ...}) through its "
+                                            "registered evaluation type; prints <task>/<metric> values and writes "
+                                            "one CLIP_benchmark record per task into --out.")
+    _add_model_options(tasks)
+    tasks.add_argument("--config", default=None,
+                       help="YAML config whose eval.tasks to run (default: the checkpoint's own config.yaml)")
+    tasks.add_argument("--out", required=True, help=OUT_HELP)
+    tasks.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.tasks.retrieval.urls=data/test")
+    tasks.set_defaults(func=run_tasks_command)
+
     demo = commands.add_parser("demo", help="the demo's evaluations: Fashion-MNIST zero-shot, Tux Paint retrieval",
                                description="Evaluate a demo run on the held-out demo splits and write RUN/results.json "
                                            "(keys zeroshot.acc1, retrieval.image_retrieval_recall@1, ...); the "
@@ -100,32 +109,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo_command)
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202
-    from vlp import distributed
-    from vlp.evaluation.loading import load_model_for_eval
+def _choice(args: argparse.Namespace):  # noqa: ANN202 - a ModelChoice
+    from vlp.evaluation.entry import ModelChoice
 
-    info = distributed.init_distributed(getattr(args, "device", "auto"))
-    return load_model_for_eval(args.checkpoint, model=args.model, pretrained=args.pretrained,
-                               tokenizer_dir=args.tokenizer_dir, device=info.device), info.device
+    return ModelChoice(args.checkpoint, args.model, args.pretrained, args.tokenizer_dir)
 
 
-def _max_image_pixels(args: argparse.Namespace, checkpoint: str | None) -> int:
-    """``--max-image-pixels``, else the cap the run at ``checkpoint`` was trained with, else the default."""
-    from vlp.evaluation.loading import trained_max_image_pixels
+def _options(args: argparse.Namespace):  # noqa: ANN202 - a RunOptions
+    from vlp.evaluation.entry import RunOptions
 
-    if args.max_image_pixels is None:
-        return trained_max_image_pixels(checkpoint)
-    if args.max_image_pixels < 1:
-        raise ValueError(f"--max-image-pixels must be >= 1, got {args.max_image_pixels}")
-    return args.max_image_pixels
+    return RunOptions(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, precision=args.precision,
+                      device=args.device, max_image_pixels=args.max_image_pixels)
 
 
-def _report(record: dict) -> None:
-    from vlp import distributed
+def _report(record: dict, prefix: str = "") -> None:
+    from vlp.evaluation.entry import is_main_process
 
-    if distributed.get_rank() == 0:
+    if is_main_process():
         for name, value in record["metrics"].items():
-            print(f"{name:32s} {value:.4f}")
+            print(f"{prefix + name:32s} {value:.4f}")
         tied = {name: n for name, n in record.get("ties_at_cutoff", {}).items() if n}
         if tied:
             print(f"queries whose hit at k a tie decides (ties={record['ties']}): "
@@ -133,28 +135,11 @@ def _report(record: dict) -> None:
 
 
 def run_zeroshot_command(args: argparse.Namespace) -> int:
-    from vlp.data.records import imagenet_synsets, is_imagefolder
-    from vlp.evaluation.datasets import run_zeroshot_imagefolder
-    from vlp.evaluation.records import dataset_name
-    from vlp.evaluation.runner import run_zeroshot
-    from vlp.evaluation.zero_shot import imagenet_classnames, imagenet_templates, load_classnames, load_templates
+    from vlp.evaluation.entry import evaluate_zeroshot
 
     try:
-        loaded, device = _load(args)
-        classnames = load_classnames(args.classnames) if args.classnames else imagenet_classnames()
-        templates = load_templates(args.templates) if args.templates else imagenet_templates()
-        options = dict(dataset=args.dataset or dataset_name(args.data), out_dir=args.out, batch_size=args.batch_size,
-                       workers=args.workers, device=device, precision=args.precision,
-                       max_image_pixels=_max_image_pixels(args, args.checkpoint))
-        if is_imagefolder(args.data):
-            synsets = imagenet_synsets() if args.imagenet else None
-            record = run_zeroshot_imagefolder(loaded, args.data, classnames, templates, **options,
-                                              expected_classes=1000 if args.imagenet else None,
-                                              expected_synsets=synsets)
-        elif args.imagenet:
-            raise ValueError(f"--imagenet: {args.data} is not an ImageFolder directory (root/<synset>/<image>)")
-        else:
-            record = run_zeroshot(loaded, args.data, classnames, templates, **options)
+        record = evaluate_zeroshot(_choice(args), args.data, _options(args), classnames=args.classnames,
+                                   templates=args.templates, imagenet=args.imagenet, dataset=args.dataset)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -163,80 +148,48 @@ def run_zeroshot_command(args: argparse.Namespace) -> int:
 
 
 def run_retrieval_command(args: argparse.Namespace) -> int:
-    from vlp.evaluation.datasets import run_retrieval_karpathy, run_retrieval_shards
-    from vlp.evaluation.itm_rerank import require_itm
-    from vlp.evaluation.records import dataset_name
+    from vlp.evaluation.entry import OptionsError, evaluate_retrieval
     from vlp.models.registry import ModelError
 
-    if (args.data is None) == (args.karpathy_json is None) or (args.karpathy_json is None) != (args.images is None):
-        print("error: give either --data SHARDS or --karpathy-json FILE with --images DIR", file=sys.stderr)
-        return 2
-    if args.rerank < 0:
-        print(f"error: --rerank must be >= 0, got {args.rerank}", file=sys.stderr)
-        return 2
-    if args.rerank and args.ties == "clip_benchmark":
-        print("error: --ties clip_benchmark reproduces CLIP_benchmark's similarity ranking, which has no --rerank",
-              file=sys.stderr)
-        return 2
     try:
-        loaded, device = _load(args)
-        if args.rerank:
-            require_itm(loaded.model)
-        options = dict(out_dir=args.out, batch_size=args.batch_size, workers=args.workers, device=device,
-                       precision=args.precision, rerank_k=args.rerank, ties=args.ties,
-                       max_image_pixels=_max_image_pixels(args, args.checkpoint))
-        if args.karpathy_json:
-            record = run_retrieval_karpathy(loaded, args.karpathy_json, args.images, split=args.split,
-                                            dataset=args.dataset, **options)
-        else:
-            record = run_retrieval_shards(loaded, args.data, dataset=args.dataset or dataset_name(args.data),
-                                          multi_caption=args.multi_caption, **options)
-            if args.multi_caption is None and record["multi_caption"]:
-                print(f"note: {args.data}: .txt members hold several lines (CLIP_benchmark's layout): every line "
-                      f"was read as a caption ({record['captions']} captions of {record['samples']} images); "
-                      "--single-caption reads each .txt as one caption", file=sys.stderr)
+        record = evaluate_retrieval(_choice(args), _options(args), data=args.data, karpathy_json=args.karpathy_json,
+                                    images=args.images, split=args.split, multi_caption=args.multi_caption,
+                                    dataset=args.dataset, rerank_k=args.rerank, ties=args.ties)
+    except OptionsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if args.multi_caption is None and record.get("multi_caption"):
+        print(f"note: {args.data}: samples hold several captions (.txt lines, CLIP_benchmark's layout, or a json "
+              f"captions list): every one was read ({record['captions']} captions of {record['samples']} images); "
+              "--single-caption reads one caption per sample", file=sys.stderr)
     _report(record)
     return 0
 
 
+def run_tasks_command(args: argparse.Namespace) -> int:
+    from vlp.evaluation.entry import evaluate_tasks
+
+    records = evaluate_tasks(_choice(args), _options(args), config=args.config, overrides=args.overrides)
+    for name, record in records.items():
+        _report(record, prefix=f"{name}/")
+    return 0
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
-    from vlp.evaluation.in_training import classnames_for, templates_for
-    from vlp.evaluation.loading import load_model_for_eval
-    from vlp.evaluation.records import benchmark_record
-    from vlp.evaluation.runner import demo_query_grid, run_retrieval, run_zeroshot
+    from vlp.evaluation.demo import evaluate_demo
     from vlp.models.registry import ModelError
 
-    run, data = Path(args.run), Path(args.data)
     try:
-        loaded = load_model_for_eval(str(run))
-        cap = _max_image_pixels(args, str(run))
-        zeroshot = run_zeroshot(loaded, str(data / "fashion_mnist" / "test"), classnames_for("fashion_mnist"),
-                                templates_for("fashion_mnist"), dataset="fashion_mnist_test", out_dir=run / "eval",
-                                workers=args.workers, max_image_pixels=cap)
-        retrieval = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
-                                  out_dir=run / "eval", workers=args.workers, max_image_pixels=cap)
-        reranked = None
-        if args.rerank > 0:
-            reranked = run_retrieval(loaded, str(data / "tuxpaint" / "test"), dataset="tuxpaint_test",
-                                     out_dir=run / "eval" / "rerank", workers=args.workers, rerank_k=args.rerank,
-                                     max_image_pixels=cap)
-        grid = demo_query_grid(loaded, str(data / "tuxpaint" / "test"), run / "retrieval_grid.png",
-                               workers=args.workers, max_image_pixels=cap)
+        result = evaluate_demo(args.run, args.data, workers=args.workers, rerank_k=args.rerank,
+                               max_image_pixels=args.max_image_pixels)
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    results = {f"zeroshot.{k}": v for k, v in zeroshot["metrics"].items()}
-    results.update({f"retrieval.{k}": v for k, v in retrieval["metrics"].items()})
-    if reranked is not None:
-        results.update({f"retrieval_rerank.{k}": v for k, v in reranked["metrics"].items()})
-    # the flat summary is also a CLIP_benchmark record (dataset "demo"), so `clip_benchmark build RUN` reads it too
-    summary = {**results, **benchmark_record(loaded.name, loaded.pretrained, "demo", "demo_summary", results)}
-    write_json_atomic(run / "results.json", summary, sort_keys=False)
     print(f"{'metric':44s} value")
-    for name, value in results.items():
+    for name, value in result.metrics.items():
         print(f"{name:44s} {value:.4f}")
-    print(f"-> {run / 'results.json'}, {grid}")
+    print(f"-> {result.results_path}, {result.grid_path}")
     return 0

@@ -53,6 +53,16 @@ def eval_loader(loaded: LoadedModel, urls: str, *, batch_size: int, workers: int
     )
 
 
+def check_labels(labels: torch.Tensor, n_classes: int, where: str, skipped: dict[str, int]) -> None:
+    """Refuse labels (N,) that cannot be scored against ``n_classes`` class names, naming the data (``where``)."""
+    if labels.numel() == 0:
+        raise EvalDataError(f"{where}: no labelled samples to evaluate (skipped: {skipped})")
+    if int(labels.min()) < 0:
+        raise EvalDataError(f"{where}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
+    if int(labels.max()) >= n_classes:
+        raise EvalDataError(f"{where}: labels go up to {int(labels.max())} but {n_classes} class names were given")
+
+
 def score_zeroshot(loaded: LoadedModel, features: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
                    templates: Sequence[Template], *, dataset: str, skipped: dict[str, int],
                    out_dir: str | Path | None = None, device: torch.device | str = "cpu",
@@ -118,12 +128,7 @@ def run_zeroshot(
     loader = eval_loader(loaded, urls, batch_size=batch_size, workers=workers, require_caption=False,
                          max_image_pixels=max_image_pixels)
     features, labels = encode_dataset(loaded.model, loader, device, precision)
-    if labels.numel() == 0:
-        raise EvalDataError(f"{urls}: no labelled samples to evaluate (skipped: {loader.skip_counts()})")
-    if int(labels.min()) < 0:
-        raise EvalDataError(f"{urls}: {int((labels < 0).sum())} samples have no label (json 'label' or a .cls member)")
-    if int(labels.max()) >= len(classnames):
-        raise EvalDataError(f"{urls}: labels go up to {int(labels.max())} but {len(classnames)} class names were given")
+    check_labels(labels, len(classnames), urls, loader.skip_counts())
     return score_zeroshot(loaded, features, labels, classnames, templates, dataset=dataset,
                           skipped=loader.skip_counts(), out_dir=out_dir, device=device)
 
@@ -185,37 +190,3 @@ def run_retrieval(
     return score_retrieval(loaded, image_features, text_features, torch.arange(len(keys)), dataset=dataset,
                            skipped=loader.skip_counts(), out_dir=out_dir, ks=ks, itm_corpus=corpus,
                            rerank_k=rerank_k, device=device, precision=precision, ties=ties)
-
-
-DEMO_GRID_QUERIES = 8  # held-out test captions drawn as queries in the demo's retrieval grid
-
-
-def spread_indices(count: int, n: int) -> list[int]:
-    """``n`` positions spread evenly over ``range(count)`` (all of them when ``count <= n``)."""
-    if count <= n:
-        return list(range(count))
-    return [round(i * (count - 1) / (n - 1)) for i in range(n)] if n > 1 else [0]
-
-
-def demo_query_grid(loaded: LoadedModel, urls: str, path: str | Path, n_queries: int = DEMO_GRID_QUERIES,
-                    k: int = 5, workers: int = 2, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Path:
-    """A PNG grid: held-out captions of the shards at ``urls`` (``n_queries`` of them, spread evenly) as text
-    queries, each with its top-``k`` images; the caption's own image is framed green when retrieved, otherwise shown
-    in a red frame with its rank (rank 0 only); images over ``max_image_pixels`` are left out."""
-    from vlp.evaluation.grid import query_grid, read_captions_by_key, read_images_by_key
-
-    loader = eval_loader(loaded, urls, batch_size=256, workers=workers, require_caption=True,
-                         max_image_pixels=max_image_pixels)
-    image_features, text_features, keys = encode_pairs(loaded, loader, "cpu", "fp32")
-    chosen = spread_indices(len(keys), n_queries)
-    similarity = text_features[chosen] @ image_features.T  # (Q, N)
-    own = similarity[torch.arange(len(chosen)), torch.tensor(chosen, dtype=torch.long)]  # (Q,)
-    ranks = [int(r) for r in (similarity > own[:, None]).sum(dim=1) + 1]
-    scores, indices = similarity.topk(min(k, len(keys)), dim=1)  # (Q, k)
-    top_keys = [[keys[int(i)] for i in row] for row in indices]
-    targets = [keys[i] for i in chosen]
-    wanted = {key for row in top_keys for key in row} | set(targets)
-    images = read_images_by_key(urls, wanted, loaded.preprocess, max_image_pixels=max_image_pixels)
-    captions = read_captions_by_key(urls, set(targets))
-    return query_grid([captions.get(key, key) for key in targets], top_keys, scores, images, path,
-                      targets=targets, target_ranks=ranks)
