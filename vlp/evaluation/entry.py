@@ -79,9 +79,9 @@ def evaluate_zeroshot(choice: ModelChoice, data: str, options: RunOptions, *, cl
     """Zero-shot classification of ``data`` (shards with labels, or an ImageFolder directory; ``imagenet``: the
     folder must hold exactly the 1000 ImageNet-1k synsets) with class names and templates from files (default:
     ImageNet's); the CLIP_benchmark record."""
-    from vlp.evaluation.runner import run_zeroshot
     from vlp.data.records import imagenet_synsets, is_imagefolder
     from vlp.evaluation.datasets import run_zeroshot_imagefolder
+    from vlp.evaluation.runner import run_zeroshot
     from vlp.evaluation.zero_shot import imagenet_classnames, imagenet_templates, load_classnames, load_templates
 
     loaded, setup = open_model(choice, options)
@@ -104,8 +104,8 @@ def evaluate_retrieval(choice: ModelChoice, options: RunOptions, *, data: str | 
     """Image<->text retrieval on shards (``data``; ``multi_caption``: every caption of a sample, ``None``: detect)
     or on a Karpathy split (``karpathy_json`` + ``images``); ``rerank_k > 0`` reranks with the ITM head. The record
     says ``multi_caption`` (whether shards were read with several captions per image)."""
-    from vlp.evaluation.itm_rerank import require_itm
     from vlp.evaluation.datasets import run_retrieval_karpathy, run_retrieval_shards
+    from vlp.evaluation.itm_rerank import require_itm
 
     if (data is None) == (karpathy_json is None) or (karpathy_json is None) != (images is None):
         raise OptionsError("give either --data SHARDS or --karpathy-json FILE with --images DIR")
