@@ -147,9 +147,9 @@ def _batches(urls: str, train: bool, preprocess: Preprocess | None = None) -> li
     return [batch.images for batch in loader]
 
 
-@pytest.mark.parametrize("train", [True, False])
-def test_the_loader_decodes_jpegs_with_torchvision_and_gets_pils_batches(
-        tmp_path: Path, torchvision_calls: list[int], monkeypatch: pytest.MonkeyPatch, train: bool) -> None:
+def test_the_training_loader_decodes_jpegs_with_torchvision_and_gets_pils_batches(
+        tmp_path: Path, torchvision_calls: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    train = True
     urls = _jpeg_shard(tmp_path / "jpegs", 6)
     fast = _batches(urls, train)
     assert len(torchvision_calls) == 6  # every JPEG went through torchvision's decoder
@@ -162,8 +162,9 @@ def test_the_loader_decodes_jpegs_with_torchvision_and_gets_pils_batches(
     assert len(fast) == len(pil) == 2 and all(torch.equal(a, b) for a, b in zip(fast, pil, strict=True))
 
 
-def test_open_clip_records_keep_pils_decode(tmp_path: Path, torchvision_calls: list[int]) -> None:
+def test_evaluation_and_open_clip_records_keep_pils_decode(tmp_path: Path, torchvision_calls: list[int]) -> None:
+    """Evaluation runs open_clip's PIL transform for every record: PIL decodes, as for open_clip's own loaders."""
     urls = _jpeg_shard(tmp_path / "jpegs", 3)
-    record = Preprocess(image_size=24, alpha="convert", source="open_clip")
-    assert len(_batches(urls, train=False, preprocess=record)) == 1
+    for record in (Preprocess(image_size=24, alpha="convert", source="open_clip"), Preprocess(image_size=24)):
+        assert len(_batches(urls, train=False, preprocess=record)) == 1
     assert torchvision_calls == []

@@ -1,9 +1,12 @@
-"""``vlp export --format open_clip``: the folder loads with open_clip's own ``create_model_and_transforms`` and
-``get_tokenizer`` (network blocked) and gives vlp's embeddings, token ids and preprocessing; refusals by name."""
+"""``vlp export --format open_clip``: the folder, moved after writing, loads with open_clip's own
+``create_model_and_transforms`` and ``get_tokenizer`` (network blocked) and with vlp, and gives vlp's embeddings,
+token ids and preprocessing (the same tensors for real image files); refusals by name."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from vlp.config import ModelConfig, PreprocessConfig
 from vlp.data.decode import DecodeLimits
 from vlp.data.preprocess import Preprocess
 from vlp.data.tokenizer import TextTokenizer
+from vlp.evaluation.loading import load_model_for_eval
 from vlp.export import ExportError, export_model
 from vlp.models import tokenizer_for
 
@@ -33,31 +37,58 @@ def open_clip_preset(tmp_path: Path) -> ModelConfig:
 
 PRESETS = {"tiny": lambda _: TINY, "small": lambda _: SMALL, "minilm-lit": lambda _: MINILM_LIT,
            "open_clip": open_clip_preset}
+STAMPS = Path("/usr/share/tuxpaint/stamps")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
 def load_peer(folder: Path):  # noqa: ANN201 - (model, preprocess, tokenizer) of open_clip
+    """open_clip's own code, as the model card's snippet runs it: inside the folder (it names its parts relative to
+    itself, and open_clip resolves such names against the working directory)."""
+    import contextlib
+
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{folder}")
+    with contextlib.chdir(folder):
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    return model.eval(), preprocess, tokenizer
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_open_clip_export_gives_vlps_embeddings(preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = PRESETS[preset](tmp_path)
-    run, model = make_run(tmp_path / "run", config)
-    result = export_model(run, "open_clip", tmp_path / "out")
+def export_and_move(root: Path, config: ModelConfig):  # noqa: ANN201 - (run, model, moved folder, result)
+    """Export ``config`` into ``root/written``, then move the folder to ``root/elsewhere/moved`` (the written path
+    is gone, so nothing can still point at it)."""
+    run, model = make_run(root / "run", config)
+    result = export_model(run, "open_clip", root / "written")
+    (root / "elsewhere").mkdir()
+    moved = Path(shutil.move(root / "written", root / "elsewhere" / "moved"))
+    return run, model, moved, result
+
+
+@pytest.fixture(scope="module", params=list(PRESETS))
+def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One export per preset, moved after writing; shared by the tests of this module."""
+    root = tmp_path_factory.mktemp(f"export_{request.param}")
+    config = PRESETS[request.param](root)
+    return (config, *export_and_move(root, config))
+
+
+def test_open_clip_export_gives_vlps_embeddings_after_a_move(exported, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    config, _, model, moved, result = exported
+    assert str(moved.parent.parent) not in (moved / "open_clip_config.json").read_text()  # no absolute path inside
     attempts = block_network(monkeypatch)
-    peer, _, tokenizer = load_peer(tmp_path / "out")
+    peer, _, tokenizer = load_peer(moved)
     pixels = torch.randn(4, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(5))
     ids, mask = TextTokenizer(tokenizer_for(config), config.context_length)(CAPTIONS)
     peer_ids = tokenizer(CAPTIONS)
     assert torch.equal(peer_ids, ids)  # open_clip's tokenizer of the folder gives vlp's ids
+    again = load_model_for_eval(f"open_clip:local-dir:{moved}")  # vlp reads the moved folder too
+    assert TextTokenizer(again.tokenizer, config.context_length)(CAPTIONS)[0].equal(ids)
     with torch.no_grad():
-        image_diff = (model.encode_image(pixels) - peer.encode_image(pixels, normalize=True)).abs().max()
-        text_diff = (model.encode_text(ids, mask) - peer.encode_text(peer_ids, normalize=True)).abs().max()
+        expected_image, expected_text = model.encode_image(pixels), model.encode_text(ids, mask)
+        for image, text in ((peer.encode_image(pixels, normalize=True), peer.encode_text(peer_ids, normalize=True)),
+                            (again.model.encode_image(pixels), again.model.encode_text(ids, mask))):
+            assert (expected_image - image).abs().max() <= 1e-5 and (expected_text - text).abs().max() <= 1e-5
         assert float(peer.logit_scale) == pytest.approx(2.75)
-    assert image_diff <= 1e-5 and text_diff <= 1e-5
     assert set(result.differences) == {"image", "text"} and max(result.differences.values()) <= 1e-5
     assert attempts == []
 
@@ -69,27 +100,71 @@ def vlp_pixels(path: Path, model: ModelConfig) -> torch.Tensor:
     return record.collate([record.transform()(decoded)])[0]
 
 
-def test_open_clip_export_preprocesses_like_vlp(tmp_path: Path) -> None:
-    """The folder's transform is vlp's record: the same tensor for an image needing no resampling, and within
-    interpolation rounding (PIL's resize vs vlp's uint8 torchvision kernel) for one that is resized and cropped."""
-    record = PreprocessConfig(alpha="convert", resize="shortest", interpolation="bilinear", mean=(0.5, 0.4, 0.3),
-                              std=(0.2, 0.25, 0.3))
-    model = ModelConfig(name="tiny", image_size=32, context_length=16, embed_dim=32, preprocess=record)
-    run, _ = make_run(tmp_path / "run", model)
-    export_model(run, "open_clip", tmp_path / "out")
-    _, preprocess, _ = load_peer(tmp_path / "out")
-    rng = np.random.default_rng(0)
-    exact, resized = tmp_path / "exact.png", tmp_path / "resized.png"
-    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(exact)  # short side 32: crop only
-    Image.fromarray(rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(resized)
-    with Image.open(exact) as image:
-        assert (preprocess(image) - vlp_pixels(exact, model)).abs().max() <= 1e-6
-    with Image.open(resized) as image:
-        difference = (preprocess(image) - vlp_pixels(resized, model)).abs().max()
-    assert 0 < difference <= 3 / 255 / min(record.std) + 1e-6  # a few levels of 255, never a geometry change
-    config = json.loads((tmp_path / "out" / "open_clip_config.json").read_text())["preprocess_cfg"]
-    assert config == {"size": 32, "mode": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-                      "interpolation": "bilinear", "resize_mode": "shortest", "fill_color": 0}
+def _mode(path: Path) -> str:
+    with Image.open(path) as image:
+        return image.mode if image.mode != "P" or "transparency" in image.info else "P-opaque"
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real images of many sizes, aspect ratios and modes: Tux Paint stamps (every 40th, and one of each of RGBA,
+    LA, palette with transparency), Fashion-MNIST 28 x 28 grey images (upsampled), and JPEGs."""
+    stamps = sorted(STAMPS.rglob("*.png"))
+    assert len(stamps) > 500, f"Tux Paint stamps (package tuxpaint-stamps-default) not found under {STAMPS}"
+    chosen = stamps[::40] + [next(path for path in stamps if _mode(path) == mode) for mode in ("RGBA", "LA", "P")]
+    root = tmp_path_factory.mktemp("images")
+    assert FASHION_MNIST.is_file(), f"Fashion-MNIST (package dataset-fashion-mnist) not found at {FASHION_MNIST}"
+    with gzip.open(FASHION_MNIST) as file:
+        raw = file.read()[16:16 + 3 * 784]
+    for number in range(3):
+        path = root / f"fashion_{number}.png"
+        Image.fromarray(np.frombuffer(raw[number * 784:(number + 1) * 784], np.uint8).reshape(28, 28)).save(path)
+        chosen.append(path)
+    for number, stamp in enumerate(chosen[:2]):
+        with Image.open(stamp) as image:
+            resized = image.convert("RGB").resize((97 + 40 * number, 61 + 90 * number))
+            resized.save(root / f"photo_{number}.jpg", quality=90)
+        chosen.append(root / f"photo_{number}.jpg")
+    return chosen
+
+
+def card_loader(folder: Path):  # noqa: ANN201 - the model card snippet's load_image, run as written
+    snippet = (folder / "README.md").read_text().split("```python")[1].split("```")[0]
+    source = "def load_image" + snippet.split("def load_image")[1].split("\nwith torch")[0]
+    namespace: dict = {"Image": Image}
+    exec(source, namespace)  # noqa: S102 - the card's own code, written by this test's export
+    return namespace["load_image"]
+
+
+RECORDS = {"default": PreprocessConfig(),  # white alpha, bicubic, shortest side + centre crop, CLIP mean / std
+           "recorded": PreprocessConfig(alpha="convert", resize="squash", interpolation="bilinear",
+                                        mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))}
+
+
+@pytest.mark.parametrize("name", list(RECORDS))
+def test_open_clip_preprocess_gives_vlps_tensors_for_real_image_files(name: str, image_files: list[Path],
+                                                                      tmp_path: Path) -> None:
+    """The folder's transform of the card's load_image(file) is vlp's evaluation input, bit for bit, for stamps of
+    every mode, upsampled Fashion-MNIST images and JPEGs; a file open_clip reads without the loader differs only
+    where the card says (transparency, palette images)."""
+    model = ModelConfig(name="tiny", image_size=32, context_length=16, embed_dim=32, preprocess=RECORDS[name])
+    _, _, moved, _ = export_and_move(tmp_path, model)
+    _, preprocess, _ = load_peer(moved)
+    load_image = card_loader(moved)
+    differs = []
+    for path in image_files:
+        ours = vlp_pixels(path, model)
+        assert torch.equal(preprocess(load_image(path)), ours), path  # max abs difference 0
+        with Image.open(path) as raw:
+            if raw.mode in ("RGB", "L"):
+                assert torch.equal(preprocess(raw), ours), path  # what open_clip's README does, for opaque files
+            elif not torch.equal(preprocess(raw), ours):
+                differs.append(raw.mode)
+    assert "RGBA" in differs  # transparency: why the card's loader exists
+    config = json.loads((moved / "open_clip_config.json").read_text())["preprocess_cfg"]
+    record = RECORDS[name]
+    assert config == {"size": 32, "mode": "RGB", "mean": list(record.mean), "std": list(record.std),
+                      "interpolation": record.interpolation, "resize_mode": record.resize, "fill_color": 0}
 
 
 def test_model_card_describes_the_run(tmp_path: Path) -> None:
@@ -101,8 +176,28 @@ def test_model_card_describes_the_run(tmp_path: Path) -> None:
     total = sum(p.numel() for p in model.parameters())
     for expected in (f"total: {total:,}", "preset: `tiny`", "last logged loss: 1.5000 (step 7)",
                      f'"zeroshot.acc1": {RESULTS["zeroshot.acc1"]}', '"acc1": 0.125',
-                     f'create_model_and_transforms("local-dir:{(tmp_path / "out").resolve()}")', "image 0.00e+00"):
-        assert expected in card
+                     f'FOLDER = "{(tmp_path / "out").resolve()}"', "with contextlib.chdir(FOLDER):",
+                     'create_model_and_transforms(f"local-dir:{FOLDER}")', "image 0.00e+00",
+                     "vlp composites transparent pixels onto white", "drops the alpha channel",
+                     "Image.alpha_composite(white, image.convert(\"RGBA\"))", "bit for bit"):
+        assert expected in card, expected
+
+
+def test_paths_leading_out_of_a_folder_are_refused(tmp_path: Path) -> None:
+    from vlp.models.open_clip_arch import open_clip_arch_config
+    from vlp.models.registry import ModelError
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for key, value in (("hf_model_name", "../outside"), ("hf_tokenizer_name", "./a/../../outside")):
+        text_cfg = {**CLIP_TINY["text_cfg"], key: value}
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**CLIP_TINY, "text_cfg": text_cfg}}))
+        with pytest.raises(ModelError, match=f"text_cfg.{key}=.*leads out of the folder"):
+            open_clip_arch_config(f"local-dir:{folder}")
+    vision_cfg = {"timm_model_name": "local-dir:../timm_image", "image_size": 32}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**CLIP_TINY, "vision_cfg": vision_cfg}}))
+    with pytest.raises(ModelError, match="vision_cfg.timm_model_name=.*leads out of the folder"):
+        open_clip_arch_config(f"local-dir:{folder}")
 
 
 def test_albef_fusion_and_unpoolable_text_are_refused(tmp_path: Path) -> None:

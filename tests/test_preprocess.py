@@ -2,7 +2,10 @@
 search feeds it; run directories written before the record existed keep today's training decode; JPEG draft
 decoding is a training-only option, off by default.
 
-Expected model inputs are computed here by hand (PIL + torchvision functions), independently of vlp's transforms.
+Expected model inputs are computed here by hand (PIL + torchvision functions), independently of vlp's transforms:
+evaluation resamples the PIL image as torchvision's ``Resize`` on a PIL image does (Pillow's ``Image.resize``, as
+open_clip's eval transform), training with ``data.augment=none`` resamples the uint8 tensor with torchvision's
+antialiased tensor kernel.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torchvision.transforms.functional as PF
 import torchvision.transforms.v2.functional as F
 import yaml
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -54,16 +58,22 @@ def _large_jpeg(width: int = 200, height: int = 150, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _expected(data: bytes, *, white: bool, squash: bool, bilinear: bool, mean, std, draft: bool = False):  # noqa: ANN001, ANN202
-    """The (3, SIZE, SIZE) float input computed with PIL and torchvision's functional API."""
+def _expected(data: bytes, *, white: bool, squash: bool, bilinear: bool, mean, std, draft: bool = False,  # noqa: ANN001, ANN202
+              train: bool = False):
+    """The (3, SIZE, SIZE) float input computed with PIL and torchvision's functional API: resampled by Pillow
+    (evaluation) or by torchvision's uint8 tensor kernel (``train``: training with ``data.augment=none``)."""
     image = Image.open(io.BytesIO(data))
     if draft:
         image.draft("RGB", (SIZE, SIZE))
     image.load()
     if white and image.mode == "RGBA":
         image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     mode = F.InterpolationMode.BILINEAR if bilinear else F.InterpolationMode.BICUBIC
+    if not train:
+        resized = PF.resize(image.convert("RGB"), [SIZE, SIZE] if squash else SIZE, interpolation=mode)
+        pixels = torch.from_numpy(np.array(PF.center_crop(resized, [SIZE, SIZE]))).permute(2, 0, 1)
+        return (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     if squash:
         pixels = F.resize(pixels, [SIZE, SIZE], interpolation=mode, antialias=True)
     else:
@@ -206,9 +216,9 @@ def test_jpeg_draft_decoding_is_a_training_option_off_by_default(images, tmp_pat
 
     _, shards, data = images
     jpeg = _expected(data[1], white=True, squash=False, bilinear=False, mean=OPENAI_DATASET_MEAN,
-                     std=OPENAI_DATASET_STD, draft=False)
+                     std=OPENAI_DATASET_STD, draft=False, train=True)
     drafted = _expected(data[1], white=True, squash=False, bilinear=False, mean=OPENAI_DATASET_MEAN,
-                        std=OPENAI_DATASET_STD, draft=True)
+                        std=OPENAI_DATASET_STD, draft=True, train=True)
     assert float((jpeg - drafted).abs().max()) > 0.1  # draft mode really decodes other pixels here
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     for overrides, wanted in (([], jpeg), (["data.jpeg_draft=true"], drafted)):

@@ -6,15 +6,21 @@ grid) asks the model's :class:`Preprocess` to decode and transform, so a model s
 was trained with, or what its reference tool gives it:
 
 - a vlp model: ``model.preprocess`` of its saved config (run directories written before the section existed load
-  with its defaults: alpha composited onto white, CLIP mean/std, bicubic, short side + centre crop), computed with
-  vlp's uint8 transform (:class:`~vlp.data.transforms.ClipImageTransform`) and one normalisation per batch;
+  with its defaults: alpha composited onto white, CLIP mean/std, bicubic, short side + centre crop);
 - an ``open_clip:`` model given as ``--model``: open_clip's own preprocessing config of that model (the
-  ``preprocess_cfg`` open_clip attaches to ``model.visual``) applied by open_clip's own eval transform
-  (``open_clip.image_transform_v2``), after PIL's ``convert("RGB")`` as torchvision's and webdataset's loaders
-  do, so the pixels are those of ``create_model_and_transforms(...)`` + ``torchvision.datasets.ImageFolder``.
-  Its PIL steps (resize, crop, mode) run per sample and yield uint8 pixels; its ``ToTensor`` + ``Normalize`` run
-  per batch (:meth:`Preprocess.normalize`) with the same element-wise operations, so the result is bit-identical
-  while loader workers ship a quarter of the bytes.
+  ``preprocess_cfg`` open_clip attaches to ``model.visual``), after PIL's ``convert("RGB")`` as torchvision's and
+  webdataset's loaders do, so the pixels are those of ``create_model_and_transforms(...)`` +
+  ``torchvision.datasets.ImageFolder``.
+
+Evaluation (every path above except training) runs open_clip's own eval transform (``open_clip.image_transform_v2``)
+of the record for both kinds: a vlp record is an open_clip ``preprocess_cfg`` (same size, resize mode,
+interpolation, mean and std), so the open_clip folder ``vlp export`` writes preprocesses a decoded image into the
+very tensor vlp evaluates. Its PIL steps (resize, crop, mode) run per sample and yield uint8 pixels; its
+``ToTensor`` + ``Normalize`` run per batch (:meth:`Preprocess.normalize`) with the same element-wise operations, so
+the result is bit-identical while loader workers ship a quarter of the bytes. Training (``train=True``) keeps vlp's
+uint8 tensor transform (:class:`~vlp.data.transforms.ClipImageTransform`: random crops, and the same eval geometry
+for ``data.augment=none`` computed with torchvision's tensor kernel, which rounds differently from PIL's by up to a
+few levels of 255 on resampled images).
 
 JPEG draft decoding (libjpeg's reduced-scale DCT: faster, slightly different pixels) is off unless a record says
 ``jpeg_draft=True``; only training sets it, from ``data.jpeg_draft``.
@@ -30,7 +36,7 @@ from PIL import Image
 
 from vlp.config import ModelConfig, PreprocessConfig
 from vlp.data.decode import DecodeLimits, decode_image, decode_pixels, to_rgb
-from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch, pil_to_uint8
+from vlp.data.transforms import ImageTransform, build_image_transform, pil_to_uint8
 
 ALPHA_POLICIES = ("white", "convert")
 SOURCES = ("vlp", "open_clip")
@@ -118,31 +124,35 @@ class Preprocess:
         """An already decoded PIL image as RGB, with this record's alpha policy."""
         return to_rgb(image, self.alpha)
 
+    def open_clip_cfg(self) -> dict:
+        """The record as open_clip's ``preprocess_cfg`` (an ``open_clip.PreprocessCfg`` as a dict): what
+        ``create_model_and_transforms`` builds the same eval transform from."""
+        return {"size": self.image_size, "mode": "RGB", "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation, "resize_mode": self.resize, "fill_color": self.fill_color}
+
     def transform(self, augment: str = "none", train: bool = False) -> ImageTransform:
         """The per-sample transform: RGB PIL -> (3, H, W) uint8, normalised per batch by :meth:`normalize` (timm's
         training augmentation: normalised float32).
 
-        ``train`` with ``augment`` other than ``none`` gives the training augmentation (vlp records only)."""
-        if self.source == "open_clip":
-            if train and augment != "none":
-                raise ValueError("training augmentation is defined for vlp preprocessing records only")
+        Evaluation (``train=False``) and open_clip records: open_clip's eval transform of :meth:`open_clip_cfg` up to
+        its pixels (:class:`OpenClipPixels`). Training of vlp records: vlp's uint8 transform, with the training
+        augmentation ``augment`` (``none``: the eval geometry on uint8 tensors)."""
+        if self.source == "open_clip" and train and augment != "none":
+            raise ValueError("training augmentation is defined for vlp preprocessing records only")
+        if self.source == "open_clip" or not train:
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
-            config = PreprocessCfg(size=self.image_size, mean=self.mean, std=self.std,
-                                   interpolation=self.interpolation, resize_mode=self.resize,
-                                   fill_color=self.fill_color)
+            config = PreprocessCfg(**{**self.open_clip_cfg(), "mean": self.mean, "std": self.std})
             return OpenClipPixels(image_transform_v2(config, is_train=False))
         return build_image_transform(augment, self.image_size, train=train, interpolation=self.interpolation,
                                      resize=self.resize, mean=self.mean, std=self.std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """A (B, 3, H, W) batch as the model's float32 input: uint8 pixels are normalised with this record's mean
-        and std (open_clip records: ``ToTensor`` then ``Normalize``, element for element as torchvision computes
-        them); float batches (already normalised per sample) pass unchanged."""
+        """A (B, 3, H, W) batch as the model's float32 input: uint8 pixels become ``ToTensor`` then ``Normalize`` with
+        this record's mean and std, element for element as torchvision computes them (x / 255, then (x - mean) /
+        std); float batches (already normalised per sample) pass unchanged."""
         if images.dtype != torch.uint8:
             return images
-        if self.source == "vlp":
-            return normalize_batch(images, self.mean, self.std)
         mean = torch.as_tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.as_tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
         return images.to(dtype=torch.float32).div_(255).sub_(mean).div_(std)  # in place: one (B, 3, H, W) buffer

@@ -69,6 +69,35 @@ def open_clip_sizes(arch: str) -> tuple[int, int]:
 OPEN_CLIP_LOCAL_DIR = "open_clip:local-dir:"  # an open_clip folder (config + weights) also serves as a checkpoint
 
 
+def _in_run_dir(run_dir: Path, path: str, what: str) -> str:
+    """``path`` of a run's config.yaml resolved against the run directory when relative; refused if it leads out."""
+    from vlp.models.open_clip_arch import leads_out
+
+    if not path or Path(path).is_absolute():
+        return path
+    if leads_out(path):
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {what} names {path!r}, which leads out of the run directory; "
+                          "paths in a model directory's config.yaml are relative to it and stay inside it")
+    return str(run_dir.resolve() / path)
+
+
+def read_run_config(config_path: Path) -> Config:
+    """A run's config.yaml with the paths a model directory names relative to itself resolved against it: an
+    ``open_clip:local-dir:DIR`` model (``vlp import`` writes ``open_clip:local-dir:open_clip``) and its
+    ``open_clip-hf:DIR`` tokenizer, so the directory can be moved or copied."""
+    from vlp.assets import OPEN_CLIP_HF
+
+    config = load_config(config_path)
+    model, data, run_dir = config.model, config.data, config_path.parent
+    if model.name.startswith(OPEN_CLIP_LOCAL_DIR):
+        name = OPEN_CLIP_LOCAL_DIR + _in_run_dir(run_dir, model.name[len(OPEN_CLIP_LOCAL_DIR):], "model.name")
+        model = replace(model, name=name)
+    if data.tokenizer.startswith(OPEN_CLIP_HF):
+        directory, mark, query = data.tokenizer[len(OPEN_CLIP_HF):].partition("?")
+        data = replace(data, tokenizer=OPEN_CLIP_HF + _in_run_dir(run_dir, directory, "data.tokenizer") + mark + query)
+    return replace(config, model=model, data=data)
+
+
 def _model_source(model: str, pretrained: str | None) -> str:
     """What the weights of ``--model`` are: the ``--pretrained`` file, a local-dir folder's file, or random init."""
     from vlp.models.open_clip_arch import is_local_dir, local_dir_weights
@@ -106,7 +135,7 @@ def load_model_for_eval(
         raise ConfigError("give exactly one of --checkpoint (a vlp run) or --model (e.g. open_clip:ViT-B-32)")
     if checkpoint is not None:
         weights, config_path = find_run_files(Path(checkpoint))
-        config = load_config(config_path).model
+        config = read_run_config(config_path).model
         if tokenizer_dir:  # the run's tokenizer directory moved
             config = replace(config, tokenizer_dir=tokenizer_dir)
         tokenizer = tokenizer_for(config)  # refuses a missing tokenizer before building the model
@@ -164,7 +193,7 @@ def init_from_run(config: Config, run: str) -> Config:
                           "weights: drop one")
     weights, config_path = find_run_files(Path(run))
     kept = {name: getattr(config.model, name) for name in TRAINING_MODEL_FIELDS}
-    model = replace(load_config(config_path).model, pretrained=str(weights), **kept)
+    model = replace(read_run_config(config_path).model, pretrained=str(weights), **kept)
     ignored = [f"model.{name}" for name in ("name", "image_size", "context_length", "embed_dim")
                if getattr(config.model, name) != getattr(model, name)]
     if ignored:

@@ -11,28 +11,34 @@ from vlp.export.common import ExportError, ExportSource, check_out_dir, load_sou
 FORMATS = ("open_clip", "hf", "onnx")
 
 OPEN_CLIP_SNIPPET = """
+import contextlib
+
 import open_clip
 import torch
 from PIL import Image
 
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out}")
-tokenizer = open_clip.get_tokenizer("local-dir:{out}")
+FOLDER = "{out}"  # wherever the folder now is (it names its parts relative to itself)
+with contextlib.chdir(FOLDER):  # open_clip resolves those relative names against the working directory
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{{FOLDER}}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{{FOLDER}}")
 model.eval()
+{load_image}
 with torch.no_grad():
-    image_features = model.encode_image(preprocess(Image.open("image.jpg")).unsqueeze(0), normalize=True)
+    image_features = model.encode_image(preprocess(load_image("image.jpg")).unsqueeze(0), normalize=True)
     text_features = model.encode_text(tokenizer(["a photo of a cat"]), normalize=True)
 print(image_features @ text_features.T)
 """
 
 
 def _export_open_clip(source: ExportSource, out: Path) -> ExportResult:
-    from vlp.export.open_clip_format import plan_open_clip, verify_open_clip, write_open_clip
+    from vlp.export.open_clip_format import ALPHA_LOADERS, plan_open_clip, verify_open_clip, write_open_clip
 
     plan = plan_open_clip(source, out)
     differences = write_checked(out, lambda: write_open_clip(plan, out), lambda: verify_open_clip(source, out))
     model_class = "open_clip `CustomTextCLIP` (`open_clip.create_model_and_transforms(\"local-dir:DIR\")`)"
-    return ExportResult("open_clip", out, model_class, OPEN_CLIP_SNIPPET.format(out=out.resolve()), differences,
-                        plan.notes)
+    load_image = ALPHA_LOADERS[source.config.model.preprocess.alpha]
+    snippet = OPEN_CLIP_SNIPPET.format(out=out.resolve(), load_image=load_image)
+    return ExportResult("open_clip", out, model_class, snippet, differences, plan.notes)
 
 
 def _export_hf(source: ExportSource, out: Path) -> ExportResult:

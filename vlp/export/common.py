@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlp.config import Config, load_config
+from vlp.config import Config
 from vlp.errors import VlpError
 
 logger = logging.getLogger("vlp.export")
@@ -59,11 +59,11 @@ class ExportSource:
 
 def load_source(checkpoint: str | Path) -> ExportSource:
     """The model of a vlp run, loaded as ``vlp eval`` loads it (:func:`vlp.evaluation.loading.load_model_for_eval`)."""
-    from vlp.evaluation.loading import find_run_files, load_model_for_eval
+    from vlp.evaluation.loading import find_run_files, load_model_for_eval, read_run_config
 
     weights, config_path = find_run_files(Path(checkpoint))
     loaded = load_model_for_eval(str(checkpoint))
-    return ExportSource(Path(checkpoint), weights, config_path, load_config(config_path), loaded.model,
+    return ExportSource(Path(checkpoint), weights, config_path, read_run_config(config_path), loaded.model,
                         loaded.tokenizer)
 
 

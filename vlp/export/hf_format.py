@@ -212,7 +212,8 @@ def image_processor(source: ExportSource):  # noqa: ANN201 - a transformers CLIP
 
 def preprocess_notes(source: ExportSource) -> list[str]:
     """Where transformers' image processor gives other pixels than vlp's for the same file."""
-    notes = []
+    notes = ["transformers' fast image processor resamples with torchvision's tensor kernel, vlp's evaluation with "
+             "PIL's (open_clip's transform): a resized image differs by a few levels of 255"]
     if source.config.model.preprocess.resize == "shortest":
         notes.append("transformers' CLIPImageProcessor centre-crops with the offset rounded down, vlp (as "
                      "torchvision) rounds half to even: when the resized image exceeds the crop by 4k + 3 pixels "

@@ -3,15 +3,15 @@
 Each becomes an :class:`ImportPlan`: the open_clip architecture (``model_cfg``, ``preprocess_cfg``) vlp will build
 as ``open_clip:local-dir:RUN/open_clip``, the files its towers read (copied from the source with the paths naming
 them rewritten to ``RUN/open_clip``), a weights file under open_clip's names, and the peer library's own model of
-the source folder with its own tokenizer, against which the written directory is checked. A ``CLIPModel`` is
-described as the open_clip architecture it is: a CLIP vision and text transformer (transformers' end-of-text pooling
-rule, its activations and LayerNorm eps), its own tokenizer read through open_clip's ``HFTokenizer``, its image
-processor as the preprocessing record.
+the source folder with its own tokenizer, against which the written directory is checked. The paths
+``RUN/open_clip`` names are relative to it (``local-dir:./timm_image``, ``./hf_text``, ``.``), so the directory can
+be moved. A ``CLIPModel`` is described as the open_clip architecture it is: a CLIP vision and text transformer
+(transformers' end-of-text pooling rule, its activations and LayerNorm eps), its own tokenizer read through
+open_clip's ``HFTokenizer``, its image processor as the preprocessing record.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from vlp.export.common import ExportError
-from vlp.export.open_clip_format import HF_TEXT_DIR, TIMM_DIR, TOKENIZER_FILES
+from vlp.export.open_clip_format import (
+    HF_TEXT_DIR,
+    HF_TEXT_NAME,
+    TIMM_DIR,
+    TIMM_NAME,
+    TOKENIZER_FILES,
+    TOKENIZER_NAME,
+    load_open_clip_folder,
+)
 
 ARCH_DIR = "open_clip"  # RUN/open_clip: the architecture folder of an imported model (no weights)
 Encoder = Callable[[object], torch.Tensor]
@@ -55,38 +63,39 @@ def _copies_of(directory: Path, names: tuple[str, ...], subdir: str) -> list[tup
             if (directory / name).is_file()]
 
 
-def plan_open_clip_import(folder: Path, out: Path) -> ImportPlan:
+def plan_open_clip_import(folder: Path) -> ImportPlan:
     """Read an open_clip local-dir folder (vlp's checks: config, weights, local Hugging Face files) and plan the
-    copy of its architecture with every path it names moved into ``out/open_clip``."""
-    import open_clip
-
-    from vlp.models.open_clip_arch import local_dir_weights, local_text_dirs, read_local_dir_config
+    copy of its architecture with every path it names moved into ``out/open_clip`` (named relative to it)."""
+    from vlp.models.open_clip_arch import (
+        local_dir_weights,
+        local_text_dirs,
+        open_clip_arch_config,
+        read_local_dir_config,
+    )
 
     arch = f"local-dir:{folder.resolve()}"
     source = read_local_dir_config(arch)
     if local_dir_weights(arch) is None:
         raise ExportError(f"{folder}: holds no weights file (open_clip_model.safetensors, open_clip_pytorch_model.bin,"
                           " ...) to import")
-    model_cfg, arch_dir = copy.deepcopy(source["model_cfg"]), (out / ARCH_DIR).resolve()
+    model_cfg = open_clip_arch_config(arch)  # its folder-relative paths resolved
     copies: list[tuple[Path, str]] = []
     dirs = local_text_dirs(arch)
     text_cfg, vision_cfg = model_cfg["text_cfg"], model_cfg["vision_cfg"]
     if "hf_model_name" in dirs:
-        text_cfg["hf_model_name"] = str(arch_dir / HF_TEXT_DIR)
+        text_cfg["hf_model_name"] = HF_TEXT_NAME
         copies += _copies_of(dirs["hf_model_name"], ("config.json",), HF_TEXT_DIR)
     if "hf_tokenizer_name" in dirs:
-        text_cfg["hf_tokenizer_name"] = str(arch_dir)
+        text_cfg["hf_tokenizer_name"] = TOKENIZER_NAME
         copies += _copies_of(dirs["hf_tokenizer_name"], TOKENIZER_FILES, "")
     timm_name = str(vision_cfg.get("timm_model_name") or "")
     if timm_name.startswith("local-dir:"):
-        vision_cfg["timm_model_name"] = f"local-dir:{arch_dir / TIMM_DIR}"
+        vision_cfg["timm_model_name"] = TIMM_NAME
         copies += _copies_of(Path(timm_name[len("local-dir:"):]), ("config.json",), TIMM_DIR)
     try:
-        peer, _, _ = open_clip.create_model_and_transforms(arch)
-        tokenizer = open_clip.get_tokenizer(arch)
+        peer, _, tokenizer = load_open_clip_folder(folder)  # open_clip's own code, inside the folder
     except (OSError, ValueError, RuntimeError) as err:
         raise ExportError(f"{folder}: open_clip cannot build this folder offline: {str(err).splitlines()[0]}") from None
-    peer.eval()
     return ImportPlan(model_cfg, source.get("preprocess_cfg", {}), "convert", copies, local_dir_weights(arch),
                       lambda pixels: peer.encode_image(pixels, normalize=True),
                       lambda captions: peer.encode_text(tokenizer(captions), normalize=True))
@@ -115,8 +124,8 @@ def _tower_cfg(tower_config: object) -> tuple[dict, int]:
     return cfg, heads
 
 
-def clip_model_cfg(config: object, arch_dir: Path) -> dict:
-    """The open_clip ``model_cfg`` of a transformers ``CLIPConfig`` (its tokenizer read from ``arch_dir``)."""
+def clip_model_cfg(config: object) -> dict:
+    """The open_clip ``model_cfg`` of a transformers ``CLIPConfig`` (its tokenizer read from the folder itself)."""
     vision, text = config.vision_config, config.text_config
     if vision.num_channels != 3:
         raise ExportError(f"vision_config.num_channels={vision.num_channels}: vlp models read RGB images")
@@ -126,7 +135,7 @@ def clip_model_cfg(config: object, arch_dir: Path) -> dict:
                       vision_heads)
     text_cfg, text_heads = _tower_cfg(text)
     text_cfg.update(context_length=text.max_position_embeddings, vocab_size=text.vocab_size, heads=text_heads,
-                    hf_tokenizer_name=str(arch_dir), eos_id=text.eos_token_id,
+                    hf_tokenizer_name=TOKENIZER_NAME, eos_id=text.eos_token_id,
                     pool_type="argmax" if text.eos_token_id == 2 else "eos")  # transformers' pooling rule
     for tower, kwargs in act_kwargs.items():
         (vision_cfg if tower == "vision_cfg" else text_cfg)["act_kwargs"] = kwargs
@@ -166,7 +175,7 @@ def clip_state_to_open_clip(peer: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous() for key, value in state.items()}
 
 
-def plan_hf_import(folder: Path, out: Path) -> ImportPlan:
+def plan_hf_import(folder: Path) -> ImportPlan:
     """Read a ``CLIPModel`` folder with transformers (offline; torch weights only through ``weights_only``) and
     describe it as an open_clip architecture."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -193,6 +202,6 @@ def plan_hf_import(folder: Path, out: Path) -> ImportPlan:
     if not copies:
         raise ExportError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     encode_image, encode_text = hf_encoders(peer, tokenizer, config.text_config.max_position_embeddings)
-    return ImportPlan(clip_model_cfg(config, (out / ARCH_DIR).resolve()),
+    return ImportPlan(clip_model_cfg(config),
                       clip_preprocess_cfg(processor, config.vision_config.image_size), "white", copies,
                       clip_state_to_open_clip(peer), encode_image, encode_text)

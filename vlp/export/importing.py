@@ -1,7 +1,8 @@
 """``import_model``: an open_clip ``local-dir`` folder or a transformers ``CLIPModel`` folder -> a vlp model directory.
 
 The directory is what a vlp run leaves for inference: ``config.yaml`` (the model section, and the tokenizer the data
-must use) and ``model.safetensors`` (DualEncoder names), so ``vlp eval --checkpoint``, ``vlp index build
+must use; both name ``RUN/open_clip`` relative to RUN, so the directory can be moved) and ``model.safetensors``
+(DualEncoder names), so ``vlp eval --checkpoint``, ``vlp index build
 --checkpoint`` and ``vlp train --init`` read it as they read a run. Its model is vlp's existing
 ``open_clip:local-dir:RUN/open_clip`` preset: ``RUN/open_clip/`` holds the architecture (``open_clip_config.json``,
 no weights) and the files its towers read (:mod:`vlp.export.import_plans`). The preprocessing record is the
@@ -18,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from vlp.config import Config, ModelConfig, PreprocessConfig, load_config, save_config
+from vlp.config import Config, ModelConfig, PreprocessConfig, save_config
 from vlp.export.common import ExportError, check_out_dir, check_parity, write_checked
 from vlp.export.import_plans import ARCH_DIR, ImportPlan, plan_hf_import, plan_open_clip_import
 from vlp.export.open_clip_format import CONFIG_FILE
@@ -69,6 +70,16 @@ def run_config(plan: ImportPlan, arch_dir: Path) -> Config:
     return replace(config, loss=replace(config.loss, kind="siglip")) if model.init_logit_bias is not None else config
 
 
+def relocatable(config: Config, arch_dir: Path) -> Config:
+    """``config`` as config.yaml stores it: the architecture folder ``arch_dir`` named relative to the model
+    directory (``open_clip:local-dir:open_clip``, and in ``data.tokenizer``), which
+    :func:`vlp.evaluation.loading.read_run_config` resolves against wherever the directory then is."""
+    absolute = str(arch_dir.resolve())
+    name = config.model.name.replace(absolute, ARCH_DIR, 1)
+    tokenizer = config.data.tokenizer.replace(absolute, ARCH_DIR, 1)
+    return replace(config, model=replace(config.model, name=name), data=replace(config.data, tokenizer=tokenizer))
+
+
 def _write(out: Path, plan: ImportPlan, config: Config) -> None:
     """RUN/open_clip (architecture + copied files), config.yaml, then model.safetensors under DualEncoder names."""
     from safetensors.torch import save_file, save_model
@@ -84,7 +95,7 @@ def _write(out: Path, plan: ImportPlan, config: Config) -> None:
     write_json_atomic(arch_dir / CONFIG_FILE, {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg},
                       sort_keys=False)
     config = replace(config, data=replace(config.data, tokenizer=tokenizer_for(config.model)))
-    save_config(config, out / RUN_CONFIG)
+    save_config(relocatable(config, arch_dir), out / RUN_CONFIG)
     weights = plan.weights
     if isinstance(weights, dict):  # converted tensors: a file under open_clip's names first, for vlp's loader
         with atomic_path(out / MODEL_FILE) as tmp:
@@ -108,13 +119,15 @@ def import_model(fmt: str, folder: str | Path, out: str | Path, *, overwrite: bo
     """Turn ``folder`` (``fmt``: ``open_clip`` local-dir or ``hf`` CLIPModel) into the vlp model directory ``out``.
 
     ``out`` must be absent or empty (``overwrite``: its contents are replaced) and must not hold ``folder``."""
+    from vlp.evaluation.loading import read_run_config
+
     if fmt not in IMPORT_FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(IMPORT_FORMATS)}")
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise ExportError(f"{folder}: not a directory (an open_clip local-dir or transformers CLIPModel folder)")
     check_out_dir(out, overwrite, protected=[folder])
-    plan = plan_open_clip_import(folder, out) if fmt == "open_clip" else plan_hf_import(folder, out)
+    plan = plan_open_clip_import(folder) if fmt == "open_clip" else plan_hf_import(folder)
     config = run_config(plan, (out / ARCH_DIR).resolve())
     differences = write_checked(out, lambda: _write(out, plan, config), lambda: _verify(out, plan))
-    return ImportResult(out, load_config(out / RUN_CONFIG), differences)
+    return ImportResult(out, read_run_config(out / RUN_CONFIG), differences)

@@ -10,10 +10,9 @@ the decoded image. Each step is a dict with an ``op`` name, its parameters and a
 - ``center_crop`` / ``center_crop_or_pad``;
 - ``to_float`` (x / 255), ``normalize`` ((x - mean) / std per channel), ``to_chw`` (HWC -> CHW, then a batch axis).
 
-Two references exist (:class:`~vlp.data.preprocess.Preprocess`): vlp's own transform (``source: vlp``) resamples
-uint8 pixels in two separable passes, width then height, each rounded to uint8, which Pillow reproduces with two
-single-axis ``Image.resize`` calls within one grey level; an ``open_clip:`` model's transform (``source:
-open_clip``) is Pillow's own ``Image.resize`` (one call), which a Pillow client reproduces exactly.
+The reference is the model's evaluation transform (:class:`~vlp.data.preprocess.Preprocess`): for a vlp record
+(``source: vlp``) and an ``open_clip:`` model's record (``source: open_clip``) alike, open_clip's eval transform of
+the record, whose resampling is Pillow's own ``Image.resize`` (one call), which a Pillow client reproduces exactly.
 """
 
 from __future__ import annotations
@@ -27,18 +26,13 @@ _ALPHA_RULES = {
     "convert": ("decode the file (no EXIF rotation) and convert to 8-bit RGB as Pillow's convert('RGB') does "
                 "(transparency is dropped, not composited)"),
 }
-_PASSES = {
-    "vlp": ("width_then_height", "two separable passes, width first, then height, each rounded to uint8 (Pillow: "
-                                 "img.resize((new_w, h), filter).resize((new_w, new_h), filter)); a pass whose side "
-                                 "does not change is skipped"),
-    "open_clip": ("pillow", "one Pillow call, img.resize((new_w, new_h), filter); skipped when the size is unchanged"),
-}
+_PILLOW = ("pillow", "one Pillow call, img.resize((new_w, new_h), filter); skipped when the size is unchanged")
 _ROUND = "round_half_even"
 
 
 def _filter(preprocess: Preprocess, interpolation: str) -> tuple[dict, str]:
     """(the resampling fields of a resize step, the sentence that says how its passes are computed)."""
-    passes, passes_text = _PASSES[preprocess.source]
+    passes, passes_text = _PILLOW
     return {"filter": interpolation, "antialias": True, "passes": passes}, passes_text
 
 

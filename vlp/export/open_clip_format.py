@@ -9,9 +9,17 @@ plus what a tower needs besides open_clip's own code:
   ``hf_text/config.json`` named by ``text_cfg.hf_model_name`` and the tokenizer files in the folder itself
   (open_clip reads a local-dir model's tokenizer there).
 
-Those two names are absolute paths into the folder (open_clip resolves them against the working directory
-otherwise), so a moved folder needs them edited. ``open_clip:`` models keep their architecture's ``model_cfg``;
-vlp's own presets are described tower by tower. A tower open_clip cannot express is refused by name.
+Those names are relative to the folder (``local-dir:./timm_image``, ``./hf_text``, ``.``), so the folder can be
+moved or copied: vlp resolves them against the folder (:func:`vlp.models.open_clip_arch.resolve_folder_paths`),
+open_clip against the working directory, so open_clip builds such a folder inside ``contextlib.chdir(DIR)`` (the
+card's snippet). ``open_clip:`` models keep their architecture's ``model_cfg``; vlp's own presets are described
+tower by tower. A tower open_clip cannot express is refused by name.
+
+The ``preprocess_cfg`` is the model's record (:meth:`vlp.data.preprocess.Preprocess.open_clip_cfg`); vlp evaluates
+with open_clip's own transform of that config, so the folder's ``preprocess`` gives vlp's tensors for the same
+decoded RGB image. What stays different is decoding: open_clip's transform resizes whatever mode ``Image.open``
+gives and converts to RGB afterwards (transparency dropped; palette images resized nearest-neighbour by PIL), where
+vlp converts first with the model's alpha policy; the card's snippet loads images as vlp does.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from vlp.models.text_encoder import HFTextTower, OpenClipTextTower
 
 CONFIG_FILE, WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 TIMM_DIR, HF_TEXT_DIR = "timm_image", "hf_text"
+# how open_clip_config.json names them: relative to the folder (see the module docstring)
+TIMM_NAME, HF_TEXT_NAME, TOKENIZER_NAME = f"local-dir:./{TIMM_DIR}", f"./{HF_TEXT_DIR}", "."
 HF_POOLERS = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}
 # the files a Hugging Face tokenizer directory may hold (copied as they are)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -54,20 +64,43 @@ class OpenClipPlan:
 
 
 def open_clip_preprocess_cfg(config: ModelConfig) -> dict:
-    """vlp's preprocessing record as open_clip's ``preprocess_cfg`` (same geometry, interpolation, mean / std)."""
-    record = config.preprocess
-    return {"size": config.image_size, "mode": "RGB", "mean": list(record.mean), "std": list(record.std),
-            "interpolation": record.interpolation, "resize_mode": record.resize, "fill_color": 0}
+    """vlp's preprocessing record as open_clip's ``preprocess_cfg``: the config of the very transform vlp evaluates
+    with (:meth:`~vlp.data.preprocess.Preprocess.open_clip_cfg`)."""
+    from vlp.data.preprocess import Preprocess
+
+    return Preprocess.from_model_config(config).open_clip_cfg()
+
+
+ALPHA_LOADERS = {  # the card snippet's load_image: an image file read as vlp reads it, per model.preprocess.alpha
+    "white": '''
+def load_image(path):
+    """The image as vlp reads it (model.preprocess.alpha=white): transparency composited onto white, then RGB."""
+    image = Image.open(path)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB")
+''',
+    "convert": '''
+def load_image(path):
+    """The image as vlp reads it (model.preprocess.alpha=convert): PIL's convert("RGB") before any resizing."""
+    return Image.open(path).convert("RGB")
+''',
+}
 
 
 def preprocess_notes(config: ModelConfig) -> list[str]:
-    """Where open_clip's transform gives other pixels than vlp's for the same file."""
-    notes = ["open_clip resizes with PIL, vlp with torchvision's antialiased uint8 kernel: the same geometry, crop "
-             "and normalisation; resampled pixel values can differ by a few levels of 255 (identical when the "
-             "image needs no resampling)"]
+    """What a user must know to get vlp's input tensors from the folder's transform."""
+    notes = ["the folder's preprocess is vlp's evaluation preprocessing (open_clip's transform of the same "
+             "preprocess_cfg: resize, crop, interpolation, mean / std), so it gives vlp's tensors bit for bit for the "
+             "same RGB image; load images with the snippet's load_image: open_clip's transform converts to RGB only "
+             "after resizing, which resizes palette images nearest-neighbour (PIL) and drops transparency"]
     if config.preprocess.alpha == "white":
-        notes.append("vlp composites transparent pixels onto white (model.preprocess.alpha=white); open_clip's "
-                     "transform converts with PIL's convert('RGB'), so images with an alpha channel get other pixels")
+        notes.append("transparency: vlp composites transparent pixels onto white (model.preprocess.alpha=white); "
+                     "open_clip's convert('RGB') drops the alpha channel instead, so an image with transparency gives "
+                     "other pixels unless it is loaded with load_image")
     return notes
 
 
@@ -86,7 +119,7 @@ def _linear_projection(projection: nn.Module, side: str) -> torch.Tensor:
 def _timm_image(tower: TimmImageTower, model: nn.Module, config: ModelConfig, out: Path) -> tuple[dict, dict, Writer]:
     from timm.models._hub import save_config_for_hf
 
-    vision_cfg = {"image_size": config.image_size, "timm_model_name": f"local-dir:{(out / TIMM_DIR).resolve()}",
+    vision_cfg = {"image_size": config.image_size, "timm_model_name": TIMM_NAME,
                   "timm_pool": "", "timm_proj": "linear", "timm_proj_bias": False}
     state = _prefixed("visual.trunk.", tower.model.state_dict())
     state["visual.head.proj.weight"] = _linear_projection(model.image_projection, "image")
@@ -146,7 +179,7 @@ def _hf_text(tower: HFTextTower, model: nn.Module, config: ModelConfig, tokenize
     if tower.pooling not in HF_POOLERS:
         raise ExportError(f"text tower: pooling {tower.pooling!r} (model.text_pooling) has no open_clip pooler "
                           f"(vlp's {' and '.join(HF_POOLERS)} have)")
-    text_cfg = {"hf_model_name": str((out / HF_TEXT_DIR).resolve()), "hf_tokenizer_name": str(out.resolve()),
+    text_cfg = {"hf_model_name": HF_TEXT_NAME, "hf_tokenizer_name": TOKENIZER_NAME,
                 "hf_model_pretrained": False, "hf_proj_type": "linear", "hf_pooler_type": HF_POOLERS[tower.pooling],
                 "context_length": config.context_length, "vocab_size": int(tower.model.config.vocab_size)}
     state = _prefixed("text.transformer.", tower.model.state_dict())
@@ -184,14 +217,14 @@ def _whole_arch_plan(source: ExportSource, out: Path) -> OpenClipPlan:
     dirs = local_text_dirs(arch, config.tokenizer_dir)
     writers: list[Writer] = []
     if "hf_model_name" in dirs:
-        text_cfg.update(hf_model_name=str((out / HF_TEXT_DIR).resolve()), hf_model_pretrained=False)
+        text_cfg.update(hf_model_name=HF_TEXT_NAME, hf_model_pretrained=False)
         writers.append(_copier(dirs["hf_model_name"], HF_TEXT_DIR, ("config.json",)))
     if "hf_tokenizer_name" in dirs:
-        text_cfg["hf_tokenizer_name"] = str(out.resolve())
+        text_cfg["hf_tokenizer_name"] = TOKENIZER_NAME
         writers.append(_copier(dirs["hf_tokenizer_name"], ".", TOKENIZER_FILES))
     timm_name = str(model_cfg["vision_cfg"].get("timm_model_name") or "")
     if timm_name.startswith("local-dir:"):  # e.g. an imported vlp export: its timm config travels with the folder
-        model_cfg["vision_cfg"]["timm_model_name"] = f"local-dir:{(out / TIMM_DIR).resolve()}"
+        model_cfg["vision_cfg"]["timm_model_name"] = TIMM_NAME
         writers.append(_copier(Path(timm_name[len("local-dir:"):]), TIMM_DIR, ("config.json",)))
     temperature_cfg, state = _temperature(source.model)
     model_cfg.update(temperature_cfg, custom_text=True)
@@ -252,7 +285,8 @@ def plan_open_clip(source: ExportSource, out: Path) -> OpenClipPlan:
     plan = _whole_arch_plan(source, out) if name.startswith("open_clip:") else _tower_plan(source, out)
     if plan.writers:
         plan.notes.append(f"open_clip_config.json names this folder's {TIMM_DIR}/ or {HF_TEXT_DIR}/ (and tokenizer) "
-                          f"by absolute path ({out.resolve()}): after moving the folder, edit those paths")
+                          "relative to the folder: it can be moved or copied; open_clip resolves such names against "
+                          "the working directory, so build it inside contextlib.chdir(folder) as the snippet does")
     plan.notes += preprocess_notes(source.config.model)
     return plan
 
@@ -271,13 +305,24 @@ def write_open_clip(plan: OpenClipPlan, out: Path) -> None:
         save_file({key: value.detach().contiguous() for key, value in plan.state.items()}, str(tmp))
 
 
+def load_open_clip_folder(folder: Path) -> tuple[nn.Module, Callable, Callable]:
+    """(model in eval mode, preprocess, tokenizer) of an open_clip local-dir folder, built by open_clip's own
+    ``create_model_and_transforms`` and ``get_tokenizer`` inside the folder (its relative names resolve there)."""
+    import contextlib
+
+    import open_clip
+
+    folder = folder.resolve()
+    with contextlib.chdir(folder):
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    return model.eval(), preprocess, tokenizer
+
+
 def verify_open_clip(source: ExportSource, out: Path) -> dict[str, float]:
     """Load ``out`` with open_clip's own ``create_model_and_transforms`` and ``get_tokenizer`` (strict weights) and
     compare normalised embeddings with vlp's (:func:`~vlp.export.common.check_parity`)."""
-    import open_clip
-
-    peer, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    peer, _, tokenizer = load_open_clip_folder(out)
     peer.eval()
     config = source.config.model
     return check_parity(source.model, source.tokenizer, config.image_size, config.context_length,

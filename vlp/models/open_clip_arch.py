@@ -14,12 +14,19 @@ An architecture whose text tower names a Hugging Face tokenizer (``text_cfg.hf_t
 the names when given. Otherwise a ``local-dir:`` folder holds the tokenizer (open_clip's rule), a name that is
 itself an existing directory is used as is, and a ``local-dir:`` folder with a config.json holds the text model.
 Anything else is refused with a :class:`ModelError` naming what is missing; nothing ever reaches the network.
+
+Paths a ``local-dir:`` folder's ``model_cfg`` names (``vision_cfg.timm_model_name = "local-dir:./timm_image"``,
+``text_cfg.hf_model_name`` / ``hf_tokenizer_name``) may be relative to the folder, so the folder can be moved or
+copied: :func:`open_clip_arch_config` resolves them against it (a relative name that is no path in the folder, such
+as a hub id, stays as it is), and refuses one that leads out of the folder. open_clip itself resolves such names
+against the working directory: build a moved folder with open_clip inside ``contextlib.chdir(DIR)``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from vlp.assets import OPEN_CLIP_HF
@@ -67,6 +74,41 @@ def read_local_dir_config(arch: str) -> dict:
     return config
 
 
+def leads_out(name: str) -> bool:
+    """True for a relative path that leaves the directory it is relative to (``..``, ``a/../../b``)."""
+    inside = os.path.normpath(name)
+    return inside == ".." or inside.startswith(".." + os.sep)
+
+
+def _folder_path(folder: Path, where: str, name: str) -> str:
+    """``name`` resolved against ``folder`` when it is a relative path into it (``./x``, ``x/y``, or an existing
+    entry of the folder); absolute paths and names that are no path in the folder (hub ids) stay as they are.
+    A relative path leading out of the folder is refused."""
+    if not name or Path(name).is_absolute():
+        return name
+    if leads_out(name):
+        raise ModelError(f"{folder / 'open_clip_config.json'}: {where}={name!r} leads out of the folder; paths in an "
+                         "open_clip local-dir folder are relative to it and stay inside it")
+    inside = os.path.normpath(name)
+    if name.startswith(("./", "." + os.sep)) or name == "." or (folder / inside).exists():
+        return str(folder.resolve() / inside) if inside != "." else str(folder.resolve())
+    return name
+
+
+def resolve_folder_paths(model_cfg: dict, folder: Path) -> dict:
+    """``model_cfg`` of the ``local-dir:`` folder ``folder`` with its folder-relative paths made absolute (timm
+    ``local-dir:`` tower, Hugging Face text model and tokenizer names); see the module docstring."""
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    timm_name = str(vision_cfg.get("timm_model_name") or "")
+    if timm_name.startswith(LOCAL_DIR_PREFIX):
+        path = _folder_path(folder, "vision_cfg.timm_model_name", timm_name[len(LOCAL_DIR_PREFIX):])
+        vision_cfg["timm_model_name"] = LOCAL_DIR_PREFIX + path
+    for key in HF_TEXT_KEYS:
+        if text_cfg.get(key):
+            text_cfg[key] = _folder_path(folder, f"text_cfg.{key}", str(text_cfg[key]))
+    return model_cfg
+
+
 def local_dir_weights(arch: str) -> Path | None:
     """The weights file open_clip would load from ``local-dir:DIR`` (safetensors first), or None."""
     from open_clip.factory import _find_checkpoint_in_dir
@@ -96,7 +138,7 @@ def open_clip_arch_config(arch: str) -> dict:
 
     arch = resolve_open_clip_arch(arch)
     if is_local_dir(arch):
-        return copy.deepcopy(read_local_dir_config(arch)["model_cfg"])
+        return resolve_folder_paths(copy.deepcopy(read_local_dir_config(arch)["model_cfg"]), local_dir_path(arch))
     if arch not in open_clip.list_models():
         import difflib
 

@@ -98,6 +98,11 @@ def create_open_clip(
         model_kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None and "init_logit_bias" not in arch_config:
         model_kwargs["init_logit_bias"] = init_logit_bias
+    if is_local_dir(arch):  # the folder's vision_cfg with its folder-relative paths resolved (open_clip: cwd-relative)
+        vision_cfg = dict(arch_config["vision_cfg"], **({} if image_size is None else {"image_size": image_size}))
+        if "timm_model_name" in vision_cfg:
+            vision_cfg["timm_model_pretrained"] = False  # as open_clip sets it with pretrained_image=False
+        model_kwargs["vision_cfg"] = vision_cfg
     text_cfg = local_text_cfg(arch, tokenizer_dir, context_length)
     if text_cfg is not None:
         model_kwargs["text_cfg"] = text_cfg  # replaces the whole text_cfg: hub names -> local directories
