@@ -15,7 +15,7 @@ from vlp.data.preprocess import Preprocess
 from vlp.distributed import DistInfo
 from vlp.training.parallelize import build_sharded_task
 from vlp.training.rng import capture_rng, restore_rng
-from vlp.training.task_registry import Task, create_task, task_name
+from vlp.training.task_registry import Task, create_task, task_class, task_name
 from vlp.types import Batch
 
 logger = logging.getLogger("vlp.train")
@@ -27,7 +27,7 @@ def build_training_objects(config: Config, device: torch.device) -> nn.Module:
     from vlp.losses import check_loss_config
     from vlp.models import create_model, tokenizer_for
 
-    task_name(config)  # an explicit train.task agrees with albef.enabled
+    task_class(task_name(config))  # a registered train.task that agrees with albef.enabled
     check_loss_config(config.loss, config.model, config.albef)  # before anything is built
     expected = tokenizer_for(config.model)
     if config.data.tokenizer != expected:
