@@ -158,7 +158,7 @@ class ShardedTask:
     bias) over ranks, as DDP would. Everything else is the wrapped task's.
 
     Args:
-        task: a ``ContrastiveTask`` or ``AlbefTask`` built on the sharded model.
+        task: a :class:`~vlp.training.task_registry.Task` built on the (then) sharded model.
         replicated: the model's parameters that are plain tensors on every rank.
     """
 
