@@ -238,15 +238,14 @@ def open_clip_batches(settings: Settings) -> Iterator[Iterator[tuple[int, tuple,
                   tarfile_to_samples_nothrow=_open_clip_tar_samples):
         info = oc_data.get_wds_dataset(args, image_transform(settings.image_size, is_train=True), is_train=True,
                                        tokenizer=SimpleTokenizer(context_length=CONTEXT_LENGTH))
-    torch_loader = info.dataloader.pipeline[0]  # WebLoader wraps one torch DataLoader (persistent workers)
     batches = iter(info.dataloader)
     try:
         yield ((len(images), (*images.shape, images.dtype), tuple(texts.shape)) for images, texts in batches)
     finally:
         batches.close()
-        if torch_loader._iterator is not None:  # persistent workers outlive the iterator: stop them explicitly
-            torch_loader._iterator._shutdown_workers()
-            torch_loader._iterator = None
+        # the torch DataLoader inside keeps its persistent workers until it is freed: drop the last references here
+        # (measure() then collects it, which stops and joins the workers, and checks that none is left)
+        del batches, info
 
 
 LOADERS = {"ours": ours_batches, "open_clip": open_clip_batches}

@@ -24,7 +24,8 @@ class SyntheticBatches:
         self.nan_at = nan_at or set()
         self.position = 0
 
-    def _global_batch(self, index: int) -> Batch:
+    def global_batch(self, index: int) -> Batch:
+        """The batch of every rank at step ``index`` (W * B rows; rank r's rows are [r*B, (r+1)*B))."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         n = self.batch_size * self.world_size
         images = torch.randn(n, 3, self.image_size, self.image_size, generator=generator)
@@ -44,7 +45,7 @@ class SyntheticBatches:
 
     def __iter__(self):  # noqa: ANN204
         while True:
-            batch = self._global_batch(self.position)
+            batch = self.global_batch(self.position)
             rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             local = Batch(batch.images[rows], batch.text_ids[rows], batch.text_mask[rows], batch.sample_ids[rows],
                           batch.labels[rows], batch.keys[rows],

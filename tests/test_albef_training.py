@@ -215,13 +215,13 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
     task.train_model = record
     torch.manual_seed(0)  # scale 100 x gap 0.9: another candidate has probability ~3e-5 (ALBEF's epsilon) per draw
     for _ in range(3):
-        task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t))
+        task.itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t))
         # rows: B positive pairs, B (image, negative text), B (text, negative image)
         assert fused["image_tokens"][:, 0, 0].tolist() == [*range(b), *range(b), *t2i_hardest]
         assert fused["text_hidden"][:, 0, 0].tolist() == [*range(b), *i2t_hardest, *range(b)]
     drawn = []  # hardness 0 (albef.itm_hard_warmup_steps, at its start): uniform over the non-positives
     for _ in range(60):
-        task._itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t), hardness=0.0)
+        task.itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t), hardness=0.0)
         drawn.append(fused["text_hidden"][b:2 * b, 0, 0].long())
     counts = torch.stack(drawn).T  # (B images, 60 draws): the text each image got as its negative
     for image in range(b):
@@ -253,7 +253,7 @@ def test_itm_positives_label_never_draws_a_same_label_negative(tmp_path: Path, i
     task.train_model = record
     torch.manual_seed(0)
     for _ in range(5):
-        task._itm(batch, student, image_m=_one_hot_rows(sim), text_m=_one_hot_rows(sim))
+        task.itm(batch, student, image_m=_one_hot_rows(sim), text_m=_one_hot_rows(sim))
         negatives = fused["text_hidden"][b:2 * b, 0, 0].long().tolist()
         if itm_positives == "label":
             assert all(batch.labels[n] != batch.labels[i] for i, n in enumerate(negatives)), negatives
@@ -270,9 +270,9 @@ def test_queue_switch_off_keeps_the_keys_to_the_batch(tmp_path: Path) -> None:
                          "train.checkpoint_every=100")
         trainer = Trainer(config, batches=_batches(config), progress=False)
         stream = iter(_batches(config))
-        trainer._optimizer_step([next(stream)])
+        trainer.step([next(stream)])
         assert int(trainer.task.queue.count) == (8 if switch == "true" else 0)
-        losses[switch] = float(trainer._optimizer_step([next(stream)])[0].loss)
+        losses[switch] = float(trainer.step([next(stream)]).loss.loss)
         assert int(trainer.task.queue.count) == (16 if switch == "true" else 0)
     assert losses["true"] != losses["false"]
 

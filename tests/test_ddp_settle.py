@@ -33,9 +33,9 @@ def one_rank_group(tmp_path: Path) -> Iterator[None]:
 def test_settling_leaves_weights_task_state_and_random_generators_alone(one_rank_group: None) -> None:
     config = load_config(None, ALBEF)
     torch.manual_seed(0)
-    model, loss_fn = build_training_objects(config, torch.device("cpu"))
+    model = build_training_objects(config, torch.device("cpu"))
     # world_size 2 in DistInfo asks build_task for DDP; the group itself has one process
-    task = build_task(config, model, loss_fn, DistInfo(0, 2, 0, torch.device("cpu")))
+    task = build_task(config, model, DistInfo(0, 2, 0, torch.device("cpu")))
     assert isinstance(task.train_model, torch.nn.parallel.DistributedDataParallel)
     batch = next(iter(SyntheticBatches(4, 32, 16, vocab=30522)))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -50,7 +50,7 @@ def test_settling_leaves_weights_task_state_and_random_generators_alone(one_rank
     after = task.state_dict()
     for section in ("momentum", "queue"):
         assert all(torch.equal(v, after[section][k]) for k, v in task_state[section].items()), section
-    assert task._pending is None  # nothing from the throw-away pass is enqueued by the next step
+    assert task.pending_keys is None  # nothing from the throw-away pass is enqueued by the next step
     # the pass did run a DDP backward: DDP rebuilds its buckets at the next forward (with grad) from the gradient
     # order it recorded there (a private flag of DDP; torch is pinned)
     assert not task.train_model._has_rebuilt_buckets

@@ -36,10 +36,10 @@ class RepeatedCaptions(SyntheticBatches):
     def __init__(self, *args, pool: int = 10, **kwargs) -> None:  # noqa: ANN002, ANN003
         super().__init__(*args, **kwargs)
         self.pool = SyntheticBatches(pool, self.image_size, self.context_length, seed=10_000 + self.seed,
-                                     vocab=self.vocab)._global_batch(0)
+                                     vocab=self.vocab).global_batch(0)
 
-    def _global_batch(self, index: int) -> Batch:
-        batch = super()._global_batch(index)
+    def global_batch(self, index: int) -> Batch:
+        batch = super().global_batch(index)
         generator = torch.Generator().manual_seed(20_000 + index)
         rows = torch.randint(0, self.pool.text_ids.shape[0], (batch.text_ids.shape[0],), generator=generator)
         batch.text_ids, batch.text_mask = self.pool.text_ids[rows], self.pool.text_mask[rows]
@@ -136,7 +136,7 @@ def lit_config() -> ModelConfig:
 
 
 def _tokens(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pool = RepeatedCaptions(count, 32, 16, vocab=MINILM_VOCAB, seed=seed, pool=5)._global_batch(0)
+    pool = RepeatedCaptions(count, 32, 16, vocab=MINILM_VOCAB, seed=seed, pool=5).global_batch(0)
     return pool.text_ids, pool.text_mask
 
 

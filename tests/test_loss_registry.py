@@ -12,18 +12,17 @@ from synthetic import SyntheticBatches
 from torch import nn
 
 from vlp.config import ConfigError, LossConfig, load_config
-from vlp.losses import ClipLoss, check_loss_config, list_losses, register_loss
-from vlp.losses import registry as loss_registry
+from vlp.losses import ClipLoss, check_loss_config, list_losses, register_loss, unregister_loss
 from vlp.training.trainer import Trainer
 from vlp.types import LossOutput
 
 
 @pytest.fixture
 def clean_registry() -> Iterator[None]:
-    saved = dict(loss_registry._LOSSES)
+    before = set(list_losses())
     yield
-    loss_registry._LOSSES.clear()
-    loss_registry._LOSSES.update(saved)
+    for name in set(list_losses()) - before:
+        unregister_loss(name)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -111,4 +111,4 @@ def test_state_dict_round_trip_and_dtype_moves(online: AlbefModel) -> None:
         assert torch.equal(param, torch.lerp(before[name], online_params[name].detach(), 0.5)), name
     clone = copy.deepcopy(momentum)  # a copy pairs with the online model again on its first update
     clone.update(online, 0.0)
-    assert torch.equal(clone.model.logit_scale, online.logit_scale) and clone._online_ref() is online
+    assert torch.equal(clone.model.logit_scale, online.logit_scale) and clone.paired_online is online

@@ -335,7 +335,7 @@ def test_accumulation_with_groups_equals_one_big_batch(tmp_path: Path, extra: tu
         trainer.optimizer.zero_grad()
         loss = float(trainer.task.forward_backward(micro).loss.detach())
         with torch.no_grad():  # the same rows with index positives, for contrast
-            output = trainer.task._forward(trainer.model, full)
+            output = trainer.task.encode(trainer.model, full)
             index = trainer.task.loss_fn(output.image_features, output.text_features, output.logit_scale,
                                          output.logit_bias)
         results.append((loss, _grads(trainer), float(index.loss)))
@@ -406,7 +406,7 @@ def test_itm_hard_negatives_skip_samples_of_the_same_label(tmp_path: Path, posit
     torch.manual_seed(0)
     same_label = 0
     for _ in range(10):
-        task._itm(batch, student, image_m=sim.T.contiguous(), text_m=sim.T.contiguous())
+        task.itm(batch, student, image_m=sim.T.contiguous(), text_m=sim.T.contiguous())
         negative_texts = fused["text_hidden"][b: 2 * b, 0, 0].long()  # each image's negative text
         negative_images = fused["image_tokens"][2 * b:, 0, 0].long()  # each text's negative image
         same_label += int((labels[negative_texts] == labels).sum() + (labels[negative_images] == labels).sum())

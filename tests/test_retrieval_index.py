@@ -61,7 +61,7 @@ def test_search_equals_brute_force_over_the_models_embeddings(corpus: tuple[Path
     _, run, out = corpus
     index = Index.load(out)
     model = load_model_for_eval(str(run)).model
-    images = index._pixels([index.read_image(row)[0] for row in range(index.size)])
+    images = index.pixels([index.read_image(row)[0] for row in range(index.size)])
     with torch.no_grad():
         expected_corpus = model.encode_image(images, normalize=True)
     torch.testing.assert_close(index.image_embeddings.float(), expected_corpus, atol=2e-3, rtol=0)
@@ -195,7 +195,7 @@ def test_itm_rerank_reorders_the_top_k_with_an_albef_model(tmp_path: Path) -> No
     reranked = index.search(texts=["caption 2"], k=12, rerank=4)[0]
     assert {h.row for h in reranked[:4]} == {h.row for h in plain[:4]}  # the top 4 rescored among themselves
     assert [h.row for h in reranked[4:]] == [h.row for h in plain[4:]]
-    itm = index._itm_row("caption 2", torch.tensor([h.row for h in plain[:4]]), "image")
+    itm = index.itm_scores("caption 2", torch.tensor([h.row for h in plain[:4]]), "image")
     expected = sorted((float(itm[n]) + plain[n].score for n in range(4)), reverse=True)
     assert [h.score for h in reranked[:4]] == pytest.approx(expected, abs=1e-5)
     to_text = index.search(images=[png_bytes(2)], k=3, target="text", rerank=3)[0]

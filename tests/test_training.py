@@ -49,7 +49,7 @@ def test_schedules_are_pure_functions_of_the_step() -> None:
 def test_training_writes_curves_exports_and_lowers_the_loss(tmp_path: Path) -> None:
     config = _config(tmp_path, "train.steps=20", "train.checkpoint_every=10", "train.tensorboard=true")
     data = _batches(config)
-    data._global_batch = _memorised(data._global_batch, 4)  # a small repeated set: the loss must fall
+    data.global_batch = _memorised(data.global_batch, 4)  # a small repeated set: the loss must fall
     summary = Trainer(config, batches=data, progress=False).fit()
     run = tmp_path / "run"
     losses = _losses(run)

@@ -170,6 +170,8 @@ class TrainConfig:
 
     steps: int = 1000
     output_dir: str = "runs/default"
+    # what a step computes: a registered task (vlp.training.task_registry); auto = albef if albef.enabled else clip
+    task: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accum: int = 1
     checkpoint_every: int = 500

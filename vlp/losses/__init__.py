@@ -11,7 +11,7 @@ from vlp.losses.contrastive import GATHER_MODES, ClipLoss, clip_loss
 from vlp.losses.distillation import momentum_distilled_itc
 from vlp.losses.itm import itm_loss, sample_hard_negatives
 from vlp.losses.mlm import mask_tokens, mlm_loss
-from vlp.losses.registry import build_loss, check_loss_config, list_losses, register_loss
+from vlp.losses.registry import build_loss, check_loss_config, list_losses, register_loss, unregister_loss
 from vlp.losses.siglip import SigLipLoss, siglip_loss
 
 __all__ = [
@@ -31,4 +31,5 @@ __all__ = [
     "register_loss",
     "sample_hard_negatives",
     "siglip_loss",
+    "unregister_loss",
 ]

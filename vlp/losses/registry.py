@@ -54,6 +54,12 @@ def register_loss(name: str, *, uses_bias: bool, softmax: bool) -> Callable[[Los
     return decorate
 
 
+def unregister_loss(name: str) -> None:
+    """Remove ``loss.kind=name`` (a loss registered for a while, e.g. by a test); an unknown name fails."""
+    loss_entry(name)
+    del _LOSSES[name]
+
+
 def list_losses() -> list[str]:
     """The registered ``loss.kind`` names."""
     return sorted(_LOSSES)

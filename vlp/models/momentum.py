@@ -90,6 +90,12 @@ class MomentumEncoder(nn.Module):
         self._online_buffers = [buffers[name] for name in self._buffer_names]
         self._online_ref = weakref.ref(online)
 
+    @property
+    def paired_online(self) -> nn.Module | None:
+        """The (unwrapped) online model :meth:`update` last paired the copy's tensors with; None after a move, cast or
+        copy of the momentum encoder, until the next update pairs them again."""
+        return None if self._online_ref is None else self._online_ref()
+
     def _apply(self, fn: Any, recurse: bool = True) -> MomentumEncoder:
         """``.to()`` / ``.cuda()`` / ``.float()`` may replace buffers (and parameters): index the copy again."""
         super()._apply(fn, recurse)

@@ -170,6 +170,11 @@ class Index:
         transform = preprocess.transform()
         return preprocess.collate([transform(self.decode_query_image(image)) for image in images]).to(self._device())
 
+    def pixels(self, images: Sequence[ImageQuery]) -> torch.Tensor:
+        """Query images (bytes, paths or PIL images) decoded and preprocessed as the index's model reads them:
+        (Q, 3, H, W) on the index's device."""
+        return self._pixels(images)
+
     def embed_images(self, images: Sequence[ImageQuery]) -> torch.Tensor:
         """Normalised image embeddings (Q, D)."""
         with torch.no_grad():
@@ -238,6 +243,11 @@ class Index:
         order = rescored.argsort(dim=1, descending=True, stable=True)
         return (torch.cat([rescored.gather(1, order), scores[:, rerank:]], dim=1),
                 torch.cat([ids[:, :rerank].gather(1, order), ids[:, rerank:]], dim=1))
+
+    def itm_scores(self, query: str | ImageQuery, candidates: torch.Tensor, target: Target) -> torch.Tensor:
+        """ITM match logits (K,) of one query (a caption for ``target="image"``, an image for ``"text"``) against the
+        candidate rows (K,) of ``target``: what ``search(..., rerank=K)`` adds to their scores (ALBEF models)."""
+        return self._itm_row(query, candidates, target)
 
     def _itm_row(self, query: str | ImageQuery, candidates: torch.Tensor, target: Target) -> torch.Tensor:
         """ITM match logits (K,) of one query against its candidate rows."""

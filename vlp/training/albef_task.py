@@ -28,22 +28,23 @@ a resumed run is identical.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlp import distributed
-from vlp.config import Config
+from vlp.config import Config, ConfigError
 from vlp.losses import itm_loss, mask_tokens, mlm_loss, momentum_distilled_itc, sample_hard_negatives
 from vlp.models.momentum import MomentumEncoder
-from vlp.precision import attention_context, autocast_context
 from vlp.training.queue import FeatureQueue
 from vlp.training.rng import capture_rng, restore_rng
 from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
+from vlp.training.step_context import StepContext, gradient_sync, trainable_parameters
 from vlp.training.task import batch_groups, clamp_logit_scale, splice_features, spread_gradient, step_groups
+from vlp.training.task_registry import register_task
 from vlp.types import Batch, LossOutput, ModelOutput
 
 MATMUL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype of each precision
@@ -62,8 +63,10 @@ class StepValues:
     itm_hardness: float = 1.0
 
 
+@register_task("albef")
 class AlbefTask:
-    """Owns the online model (maybe DDP-wrapped), its momentum copy, the feature queues and the ALBEF objectives.
+    """Owns the online model (maybe DDP-wrapped), its momentum copy, the feature queues and the ALBEF objectives
+    (``train.task=albef``, the default under ``albef.enabled``; ITC, ITM and MLM are its own: no ``loss.kind`` loss).
 
     Args:
         model: the unwrapped online model: a ``DualEncoder`` (ITC + momentum distillation only) or an
@@ -78,6 +81,7 @@ class AlbefTask:
         self.model, self.train_model, self.config = model, train_model, config
         self.settings = config.albef
         self.device, self.precision, self.attention = device, precision, attention
+        self.context = StepContext(device, precision, attention)
         self.momentum = MomentumEncoder(model).to(device)
         self.queue = FeatureQueue(self.settings.queue_size, int(model.embed_dim)).to(device)
         has_fusion = bool(getattr(model, "has_fusion", False))
@@ -89,16 +93,17 @@ class AlbefTask:
                               "image_grad": self.settings.fusion_image_grad}
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
-    # ------------------------------------------------------------------------------------------------ passes
-    def _context(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(autocast_context(self.device, self.precision))
-        stack.enter_context(attention_context(self.device, self.precision, self.attention))
-        return stack
+    @classmethod
+    def from_config(cls, config: Config, model: nn.Module, train_model: nn.Module, device: torch.device) -> AlbefTask:
+        """The task of a run (``albef``, ``loss.gather``, ``loss.chunk_size``, ``train.precision``, ``train.attention``,
+        ``train.steps`` are read)."""
+        return cls(model, train_model, config, device, config.train.precision, config.train.attention)
 
-    def _features(self, module: nn.Module, batch: Batch) -> ModelOutput:
-        with self._context():
-            return module(batch.images, batch.text_ids, batch.text_mask)
+    # ------------------------------------------------------------------------------------------------ passes
+    def encode(self, module: nn.Module, batch: Batch) -> ModelOutput:
+        """The features (and token states) of ``batch`` from ``module`` (``model``, ``train_model`` or ``momentum``)
+        in the step's precision and attention kernel."""
+        return self.context.encode(module, batch)
 
     def alpha(self, step: int) -> float:
         """The distillation weight at ``step`` (0 when ``albef.distill`` is off)."""
@@ -117,7 +122,7 @@ class AlbefTask:
     def forward_backward(self, micro_batches: list[Batch], scale_loss=lambda loss: loss, step: int = 0) -> LossOutput:  # noqa: ANN001
         """All objectives over the step's micro-batches, back-propagated; returns their mean over micro-batches."""
         now = self.values_at(step)
-        teachers = [self._features(self.momentum, batch) for batch in micro_batches]
+        teachers = [self.encode(self.momentum, batch) for batch in micro_batches]
         image_m = torch.cat([t.image_features for t in teachers]).float()  # (B_rank, D)
         text_m = torch.cat([t.text_features for t in teachers]).float()
         ids = torch.cat([batch.sample_ids for batch in micro_batches])
@@ -152,8 +157,8 @@ class AlbefTask:
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))
             offset += len(batch)
-            with self._maybe_no_sync(index < len(micro_batches) - 1):
-                student = self._features(self.train_model, batch)
+            with gradient_sync(self.train_model, enabled=index == len(micro_batches) - 1):
+                student = self.encode(self.train_model, batch)
                 itc = self._itc(student.image_features, student.text_features, student.logit_scale,
                                 (image_m[rows], text_m[rows], ids[rows], None if groups is None else groups[rows]),
                                 keys, now.alpha)
@@ -178,17 +183,17 @@ class AlbefTask:
             with torch.no_grad():
                 for batch in micro_batches:
                     rng_states.append(capture_rng(self.device))
-                    cached.append(self._features(self.model, batch))
+                    cached.append(self.encode(self.model, batch))
         # with replayed passes, negatives and masks draw from one stream of their own, after every cached pass
         sampling_rng = capture_rng(self.device) if count > 1 else None
         outputs, offset = [], 0
         for index, batch in enumerate(micro_batches):
             rows = slice(offset, offset + len(batch))
             offset += len(batch)
-            with self._maybe_no_sync(index < count - 1):
+            with gradient_sync(self.train_model, enabled=index == count - 1):
                 if count > 1:
                     restore_rng(rng_states[index])
-                student = self._features(self.train_model, batch)
+                student = self.encode(self.train_model, batch)
                 if sampling_rng is not None:
                     restore_rng(sampling_rng)
                 image, text = student.image_features, student.text_features
@@ -244,7 +249,7 @@ class AlbefTask:
         """MoD-ITC of the rows ``image``, ``text`` (R, D); ``rows``: their (image_m, text_m, ids, groups);
         ``keys``: (image (K, D), text (K, D), ids (K,), groups (K,) or None) of the batch and queue."""
         image_m, text_m, ids, groups = rows
-        with autocast_context(self.device, self.precision):
+        with self.context.autocast():
             return momentum_distilled_itc(image, text, image_m, text_m, keys[0], keys[1], ids, keys[2], logit_scale,
                                           alpha, chunk_size=self.config.loss.chunk_size, groups=groups,
                                           key_groups=keys[3], teacher_keys=teacher_keys)
@@ -255,18 +260,20 @@ class AlbefTask:
         ``albef.fusion_warmup_steps``)."""
         results = []
         if self.use_itm:
-            itm = self._itm(batch, student, image_m, text_m, now.itm_hardness)
+            itm = self.itm(batch, student, image_m, text_m, now.itm_hardness)
             results.append((self.settings.itm_weight * now.fusion_scale, itm))
         if self.use_mlm:
             results.append((self.settings.mlm_weight * now.fusion_scale, self._mlm(batch, student, teacher, now.alpha)))
         return results
 
-    def _itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
-             hardness: float = 1.0) -> LossOutput:
+    def itm(self, batch: Batch, student: ModelOutput, image_m: torch.Tensor, text_m: torch.Tensor,
+            hardness: float = 1.0) -> LossOutput:
         """ITM on the B positive pairs, each image with a hard negative text and each text with a hard negative
         image, drawn with probability softmax(hardness * similarity) among the candidates that are not positives
         (equal sample ids, and with ``albef.itm_positives`` (or ``loss.positives``) ``caption|label`` equal groups
-        too); hardness 0: uniformly."""
+        too); hardness 0: uniformly. ``student``: the micro-batch's online output (features (B, D), image tokens,
+        text hidden states); ``image_m``, ``text_m``: its momentum features (B, D). The fused pairs go through
+        ``train_model(task="itm", ...)``."""
         image_tokens, text_hidden, text_mask = student.image_tokens, student.text_hidden, batch.text_mask
         candidate_ids, candidate_image_m, candidate_text_m = batch.sample_ids, image_m, text_m
         groups = candidate_groups = batch_groups(batch, self.itm_positives)
@@ -292,7 +299,7 @@ class AlbefTask:
         fused_tokens = torch.cat([own_tokens, own_tokens, image_tokens[negative_image]])  # (3B, N, C)
         fused_hidden = torch.cat([own_hidden, text_hidden[negative_text], own_hidden])  # (3B, L, H)
         fused_mask = torch.cat([own_mask, text_mask[negative_text], own_mask])
-        with self._context():
+        with self.context.passes():
             logits = self.train_model(task="itm", image_tokens=fused_tokens, text_hidden=fused_hidden,
                                       text_mask=fused_mask, **self._fusion_grads)  # (3B, 2)
         ignore = torch.full_like(batch.sample_ids, -100)
@@ -306,7 +313,7 @@ class AlbefTask:
         masked_ids, positions, labels = mask_tokens(
             batch.text_ids, batch.text_mask, vocab_size=model.vocab_size, mask_token_id=model.mask_token_id,
             special_ids=model.special_token_ids, probability=self.settings.mlm_probability)
-        with self._context():
+        with self.context.passes():
             logits = self.train_model(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
                                       image_tokens=student.image_tokens, positions=positions,
                                       **self._fusion_grads)  # (M, V)
@@ -315,11 +322,6 @@ class AlbefTask:
                 soft = self.momentum(task="mlm", text_ids=masked_ids, text_mask=batch.text_mask,
                                      image_tokens=teacher.image_tokens, positions=positions)
         return mlm_loss(logits, labels, soft, alpha)
-
-    def _maybe_no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        if skip_sync and hasattr(self.train_model, "no_sync"):
-            return self.train_model.no_sync()
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ post-step hook
     @torch.no_grad()
@@ -332,20 +334,44 @@ class AlbefTask:
             self.queue.enqueue(*self._pending)
             self._pending = None
 
+    @property
+    def pending_keys(self) -> tuple | None:
+        """The gathered momentum keys (image, text, ids, groups) the next :meth:`after_optimizer_step` enqueues
+        (None: nothing pending)."""
+        return self._pending
+
     def discard_step(self) -> None:
         """A skipped (non-finite) step changes nothing: its momentum features are not enqueued."""
         self._pending = None
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.model.parameters() if p.requires_grad)
+        """The online model's trainable parameters (the momentum copy is frozen)."""
+        return trainable_parameters(self.model)
 
     def state_dict(self) -> dict:
         """Momentum weights and queues (tensors only: checkpoints load them with ``weights_only=True``)."""
         return {"momentum": self.momentum.state_dict(), "queue": self.queue.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the momentum weights and queues of :meth:`state_dict`."""
         self.momentum.load_state_dict(state["momentum"])
         self.queue.load_state_dict(state["queue"])
+
+    def check_state(self, state: dict, source: Path) -> None:
+        """A checkpoint without a momentum copy, or with queues of another ``albef.queue_size``, cannot resume."""
+        if not state:
+            raise ConfigError(f"{source} holds no momentum encoder or feature queues (written by a run without "
+                              "albef.enabled?): an ALBEF run cannot resume from it")
+        if "queue" in state:
+            saved = int(state["queue"]["sample_ids"].shape[0])
+            if saved != self.settings.queue_size:
+                raise ConfigError(f"{source} holds feature queues of {saved} entries but albef.queue_size is "
+                                  f"{self.settings.queue_size}: set albef.queue_size={saved} to resume from it")
+
+    def shard(self, shard_module: Callable[[nn.Module], nn.Module]) -> None:
+        """FSDP: the momentum copy sharded as the online model is, so the EMA update pairs shards of equal layout."""
+        shard_module(self.momentum.model)
+        self.momentum.reindex()
 
 
 def _step_order(sizes: list[int]) -> torch.Tensor | None:

@@ -137,24 +137,18 @@ def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     return full_tensor(norm)
 
 
-def build_sharded_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistInfo) -> ShardedTask:
-    """The step computation under ``train.parallel=fsdp``: the online model sharded in place and, for ALBEF, its
-    momentum copy (deep-copied from the unsharded model first) sharded the same way, so the EMA update pairs
-    local shards of equal layout. Gradient accumulation reduce-scatters after every micro-batch (FSDP2 has no
-    ``no_sync``; deferring would keep unsharded gradients alive)."""
-    from vlp.training.albef_task import AlbefTask
-    from vlp.training.task import ContrastiveTask
+def build_sharded_task(config: Config, model: nn.Module, dist: DistInfo) -> ShardedTask:
+    """The step computation under ``train.parallel=fsdp``: the task ``train.task`` selects, built on the unsharded
+    model (an ALBEF momentum copy is deep-copied from it), then the online model sharded in place and the task's own
+    modules (``Task.shard``: the momentum copy) sharded the same way, so the EMA update pairs local shards of equal
+    layout. Gradient accumulation reduce-scatters after every micro-batch (FSDP2 has no ``no_sync``; deferring
+    would keep unsharded gradients alive)."""
+    from vlp.training.task_registry import create_task
 
     mesh = build_mesh(dist)
-    train = config.train
-    if config.albef.enabled:
-        task = AlbefTask(model, model, config, dist.device, train.precision, train.attention)
-        parallelize(model, config, mesh)
-        parallelize(task.momentum.model, config, mesh)
-        task.momentum.reindex()
-    else:
-        parallelize(model, config, mesh)
-        task = ContrastiveTask(model, model, loss_fn, dist.device, train.precision, train.attention)
+    task = create_task(config, model, model, dist.device)
+    parallelize(model, config, mesh)
+    task.shard(lambda module: parallelize(module, config, mesh))
     return ShardedTask(task, replicated_parameters(model) if mesh is not None else [])
 
 
@@ -164,7 +158,7 @@ class ShardedTask:
     bias) over ranks, as DDP would. Everything else is the wrapped task's.
 
     Args:
-        task: a ``ContrastiveTask`` or ``AlbefTask`` built on the sharded model.
+        task: a :class:`~vlp.training.task_registry.Task` built on the (then) sharded model.
         replicated: the model's parameters that are plain tensors on every rank.
     """
 

@@ -13,20 +13,21 @@ from vlp.config import AlbefConfig, Config, ConfigError
 from vlp.data.pipeline import ShardLoader
 from vlp.data.preprocess import Preprocess
 from vlp.distributed import DistInfo
-from vlp.training.albef_task import AlbefTask
 from vlp.training.parallelize import build_sharded_task
 from vlp.training.rng import capture_rng, restore_rng
-from vlp.training.task import ContrastiveTask
+from vlp.training.task_registry import Task, create_task, task_class, task_name
 from vlp.types import Batch
 
 logger = logging.getLogger("vlp.train")
 
 
-def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The dual encoder on ``device`` and the loss module; the data tokenizer must be the model's."""
-    from vlp.losses import build_loss, check_loss_config
+def build_training_objects(config: Config, device: torch.device) -> nn.Module:
+    """The dual encoder on ``device``, after the config's rules between task, loss, model and tokenizer (the task,
+    with its loss if it uses one, comes from :func:`build_task`)."""
+    from vlp.losses import check_loss_config
     from vlp.models import create_model, tokenizer_for
 
+    task_class(task_name(config))  # a registered train.task that agrees with albef.enabled
     check_loss_config(config.loss, config.model, config.albef)  # before anything is built
     expected = tokenizer_for(config.model)
     if config.data.tokenizer != expected:
@@ -34,7 +35,7 @@ def build_training_objects(config: Config, device: torch.device) -> tuple[nn.Mod
                           f"{expected!r} token ids: set data.tokenizer={expected}")
     model = create_model(config.model).to(device)
     _check_albef(config, bool(getattr(model, "has_fusion", False)))
-    return model, build_loss(config.loss)
+    return model
 
 
 def _check_albef(config: Config, has_fusion: bool) -> None:
@@ -91,31 +92,27 @@ def enable_lock_cache(config: Config, model: nn.Module) -> list[str]:
     return cached
 
 
-def build_task(config: Config, model: nn.Module, loss_fn: nn.Module, dist: DistInfo) -> ContrastiveTask | AlbefTask:
-    """The step computation: locked-tower caches, DDP around the trainable model (momentum copies stay outside),
-    optional compile; ``train.parallel=fsdp``: the model (and momentum copy) sharded in place
-    (``vlp.training.parallelize``)."""
+def build_task(config: Config, model: nn.Module, dist: DistInfo) -> Task:
+    """The step computation ``train.task`` selects (``vlp.training.task_registry``): locked-tower caches, DDP around
+    the trainable model (momentum copies stay outside), optional compile; ``train.parallel=fsdp``: the model (and
+    the task's own modules, e.g. a momentum copy) sharded in place (``vlp.training.parallelize``)."""
     enable_lock_cache(config, model)
     if getattr(model, "has_fusion", False):
         frozen = model.freeze_idle_heads(_objective_on(config.albef, "itm"), _objective_on(config.albef, "mlm"))
         if frozen:
             logger.info("frozen (their objective is off): %s", ", ".join(frozen))
     if config.train.parallel == "fsdp":
-        return build_sharded_task(config, model, loss_fn, dist)
+        return build_sharded_task(config, model, dist)
     train_model = model
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     if config.train.compile:
         train_model = torch.compile(train_model)
-    train = config.train
-    if config.albef.enabled:
-        return AlbefTask(model, train_model, config, dist.device, train.precision, train.attention)
-    return ContrastiveTask(model, train_model, loss_fn, dist.device, train.precision, train.attention,
-                           positives=config.loss.positives)
+    return create_task(config, model, train_model, dist.device)
 
 
-def settle_ddp_buckets(task: ContrastiveTask | AlbefTask, batch: Batch, step: int) -> None:
+def settle_ddp_buckets(task: Task, batch: Batch, step: int) -> None:
     """Under DDP, one throw-away forward and backward on ``batch`` (every rank takes part) that leaves the weights,
     the task's state and every random generator as they were, and drops the gradients; a no-op without DDP.
 

@@ -13,17 +13,19 @@ micro-steps exactly one full gradient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from vlp.config import ConfigError
+from vlp.config import Config, ConfigError
+from vlp.losses import build_loss
 from vlp.models.albef import scale_gradient
-from vlp.precision import attention_context, autocast_context
 from vlp.training.rng import capture_rng, restore_rng
+from vlp.training.step_context import StepContext, gradient_sync, trainable_parameters
+from vlp.training.task_registry import register_task
 from vlp.types import Batch, LossOutput, ModelOutput
 
 
@@ -58,8 +60,10 @@ def spread_gradient(value: torch.Tensor | None, fraction: float) -> torch.Tensor
     return None if value is None else scale_gradient(value, fraction)
 
 
+@register_task("clip")
 class ContrastiveTask:
-    """Owns the trainable model (possibly DDP-wrapped) and the loss; computes and back-propagates one step.
+    """Owns the trainable model (possibly DDP-wrapped) and the loss; computes and back-propagates one step
+    (``train.task=clip``, the default without ``albef.enabled``; the loss is ``loss.kind``'s from the loss registry).
 
     Args:
         model: the unwrapped dual encoder (for no-grad passes and checkpoints).
@@ -77,14 +81,23 @@ class ContrastiveTask:
         self.model, self.train_model, self.loss_fn = model, train_model, loss_fn
         self.device, self.precision, self.attention = device, precision, attention
         self.positives = positives
+        self.context = StepContext(device, precision, attention)
 
-    def _forward(self, module: nn.Module, batch: Batch) -> ModelOutput:
-        with autocast_context(self.device, self.precision), attention_context(self.device, self.precision,
-                                                                              self.attention):
-            return module(batch.images, batch.text_ids, batch.text_mask)
+    @classmethod
+    def from_config(cls, config: Config, model: nn.Module, train_model: nn.Module,
+                    device: torch.device) -> ContrastiveTask:
+        """The task of a run: the loss ``loss.kind`` names (``vlp.losses.build_loss``), ``train.precision``,
+        ``train.attention`` and ``loss.positives``."""
+        return cls(model, train_model, build_loss(config.loss), device, config.train.precision,
+                   config.train.attention, positives=config.loss.positives)
+
+    def encode(self, module: nn.Module, batch: Batch) -> ModelOutput:
+        """The features of ``batch`` from ``module`` (``model`` or ``train_model``) in the step's precision and
+        attention kernel, as every pass of a step computes them."""
+        return self.context.encode(module, batch)
 
     def _loss(self, output: ModelOutput, groups: torch.Tensor | None) -> LossOutput:
-        with autocast_context(self.device, self.precision):
+        with self.context.autocast():
             if groups is None:
                 return self.loss_fn(output.image_features, output.text_features, output.logit_scale,
                                     output.logit_bias)
@@ -96,7 +109,7 @@ class ContrastiveTask:
         (``step`` is unused: nothing here depends on it.)"""
         groups = step_groups(micro_batches, self.positives)  # (B_step,) or None, in the spliced features' order
         if len(micro_batches) == 1:
-            result = self._loss(self._forward(self.train_model, micro_batches[0]), groups)
+            result = self._loss(self.encode(self.train_model, micro_batches[0]), groups)
             scale_loss(result.loss).backward()
             return result
         return self._accumulate(micro_batches, scale_loss, groups)
@@ -106,14 +119,14 @@ class ContrastiveTask:
         with torch.no_grad():
             for batch in micro_batches:
                 rng_states.append(capture_rng(self.device))
-                cached.append(self._forward(self.model, batch))
+                cached.append(self.encode(self.model, batch))
         fraction = 1.0 / len(micro_batches)
         result = None
         for index, batch in enumerate(micro_batches):
             restore_rng(rng_states[index])
             last = index == len(micro_batches) - 1
-            with self._maybe_no_sync(not last):
-                fresh = self._forward(self.train_model, batch)
+            with gradient_sync(self.train_model, enabled=last):
+                fresh = self.encode(self.train_model, batch)
                 images = splice_features([c.image_features for c in cached], fresh.image_features, index)
                 texts = splice_features([c.text_features for c in cached], fresh.text_features, index)
                 output = ModelOutput(images, texts, spread_gradient(fresh.logit_scale, fraction),
@@ -121,11 +134,6 @@ class ContrastiveTask:
                 result = self._loss(output, groups)
                 scale_loss(result.loss).backward()
         return result
-
-    def _maybe_no_sync(self, skip_sync: bool) -> contextlib.AbstractContextManager:
-        if skip_sync and hasattr(self.train_model, "no_sync"):
-            return self.train_model.no_sync()
-        return contextlib.nullcontext()
 
     def after_optimizer_step(self, step: int = 0) -> None:
         """The once-per-optimizer-step hook: clamp the temperature."""
@@ -135,14 +143,21 @@ class ContrastiveTask:
         """Nothing to undo for a skipped step."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.model.parameters() if p.requires_grad)
+        """The model's trainable parameters."""
+        return trainable_parameters(self.model)
 
     def state_dict(self) -> dict:
         """No state beyond the model's own."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        """Nothing to restore."""
+
+    def check_state(self, state: dict, source: Path) -> None:
+        """Any checkpoint fits (an ALBEF one's momentum copy and queues are simply not used)."""
+
+    def shard(self, shard_module) -> None:  # noqa: ANN001 -- Callable[[nn.Module], nn.Module]
+        """Nothing to shard besides the model."""
 
 
 @torch.no_grad()

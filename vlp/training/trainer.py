@@ -112,8 +112,8 @@ class Trainer:
             keep_freed_memory()
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
-        self.model, loss_fn = build_training_objects(config, self.dist.device)
-        self.task = build_task(config, self.model, loss_fn, self.dist)
+        self.model = build_training_objects(config, self.dist.device)
+        self.task = build_task(config, self.model, self.dist)
         self.optimizer = build_optimizer(self.model.param_groups(config.optim.weight_decay), config.optim)
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=config.train.precision == "fp16")
         self.batches = batches if batches is not None else build_batches(config, self.dist)
@@ -195,7 +195,7 @@ class Trainer:
         """
         directory = find_checkpoint(self.run_dir, spec)
         state = self._load_checkpoint(directory)
-        self._check_task_state(directory, state.get("task") or {})
+        self.task.check_state(state.get("task") or {}, directory)  # before anything is loaded into the task
         self.task.load_state_dict(state.get("task", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -217,18 +217,6 @@ class Trainer:
                         batch * self.dist.world_size,
                         "restored" if same_world else "derived from train.seed, the rank and the step")
         logger.info("resumed from %s at step %d", directory, self.global_step)
-
-    def _check_task_state(self, directory: Path, task_state: dict) -> None:
-        """What the task cannot take from the checkpoint, named before anything is loaded into it."""
-        albef = self.config.albef
-        if albef.enabled and not task_state:
-            raise ConfigError(f"{directory} holds no momentum encoder or feature queues (written by a run without "
-                              "albef.enabled?): an ALBEF run cannot resume from it")
-        if albef.enabled and "queue" in task_state:
-            saved = int(task_state["queue"]["sample_ids"].shape[0])
-            if saved != albef.queue_size:
-                raise ConfigError(f"{directory} holds feature queues of {saved} entries but albef.queue_size is "
-                                  f"{albef.queue_size}: set albef.queue_size={saved} to resume from it")
 
     # ------------------------------------------------------------------------------------------------ loop
     def _on_sigterm(self, signum: int, frame: object) -> None:
