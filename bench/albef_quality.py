@@ -18,8 +18,9 @@ Fashion-MNIST test set (10k) and image R@10 on the Tux Paint test set (108). Row
 - ``queue``: + the feature queue; ``mod``: + momentum distillation;
 - ``itm``: + ITM on hard negatives (``model.fusion_layers=2``: the 5 BERT layers split 3 text + 2 fusion);
 - ``albef``: + MLM: full ALBEF, exactly the demo config;
-- ``albef_paper``: full ALBEF without this repo's fixes (``albef.fusion_text_grad=1``, ``loss.positives=index``,
-  no ITM/MLM warm-up): what the fixes buy.
+- ``albef_paper``: full ALBEF as the paper trains it, without the demo's fusion settings: ITM and MLM gradients
+  reach the towers (``albef.fusion_text_grad=1``, ``albef.fusion_image_grad=1``), no ITM/MLM or hardness warm-up,
+  and only a pair itself is an ITM positive (``albef.itm_positives=index``): what those settings buy.
 
 Each row runs ``vlp train`` in a child process with ``OMP_NUM_THREADS=1`` and ``train.threads=1`` (a shared
 machine). With ``--steps`` other than the demo's, the warm-ups (lr, alpha, fusion objectives) scale with it.
@@ -55,12 +56,13 @@ ROWS: dict[str, list[str]] = {
     "mod": [*ITC_ONLY, "albef.batch_keys=momentum"],
     "itm": ["albef.batch_keys=momentum", "albef.mlm=false"],
     "albef": [],
-    "albef_paper": ["albef.batch_keys=momentum", "albef.fusion_text_grad=1", "loss.positives=index",
-                    "albef.fusion_warmup_steps=0"],
+    "albef_paper": ["albef.fusion_text_grad=1", "albef.fusion_image_grad=1", "albef.fusion_warmup_steps=0",
+                    "albef.itm_hard_warmup_steps=0", "albef.itm_positives=index"],
 }
 FUSION_ROWS = ("itm", "albef", "albef_paper")
 RERANK_K = 16
-WARMUPS = ("schedule.warmup_steps", "albef.alpha_warmup_steps", "albef.fusion_warmup_steps")  # scale with --steps
+WARMUPS = ("schedule.warmup_steps", "albef.alpha_warmup_steps", "albef.fusion_warmup_steps",
+           "albef.itm_hard_warmup_steps")  # scale with --steps
 
 
 def base_config(data: Path, work: Path) -> tuple[Path, dict[str, Any]]:
