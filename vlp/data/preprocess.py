@@ -36,7 +36,7 @@ from PIL import Image
 
 from vlp.config import ModelConfig, PreprocessConfig
 from vlp.data.decode import DecodeLimits, decode_image, decode_pixels, to_rgb
-from vlp.data.transforms import ImageTransform, build_image_transform, pil_to_uint8
+from vlp.data.transforms import ImageTransform, build_image_transform, normalize_batch, pil_to_uint8
 
 ALPHA_POLICIES = ("white", "convert")
 SOURCES = ("vlp", "open_clip")
@@ -151,11 +151,7 @@ class Preprocess:
         """A (B, 3, H, W) batch as the model's float32 input: uint8 pixels become ``ToTensor`` then ``Normalize`` with
         this record's mean and std, element for element as torchvision computes them (x / 255, then (x - mean) /
         std); float batches (already normalised per sample) pass unchanged."""
-        if images.dtype != torch.uint8:
-            return images
-        mean = torch.as_tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return images.to(dtype=torch.float32).div_(255).sub_(mean).div_(std)  # in place: one (B, 3, H, W) buffer
+        return normalize_batch(images, self.mean, self.std) if images.dtype == torch.uint8 else images
 
     def collate(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Stack per-sample transform outputs into the model's float32 (B, 3, H, W) input."""

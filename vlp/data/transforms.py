@@ -25,8 +25,6 @@ ImageTransform = Callable[[Image.Image], torch.Tensor]
 AUGMENTATIONS = ("open_clip", "timm", "none")
 CLIP_CROP_SCALE = (0.9, 1.0)  # open_clip's training default
 CLIP_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255.0
-_STD = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255.0
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -105,10 +103,11 @@ class ClipImageTransform:
 
 def normalize_batch(images: torch.Tensor, mean: Sequence[float] | None = None,
                     std: Sequence[float] | None = None) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 normalised with ``mean`` / ``std`` (0-1 scale; default: the CLIP values)."""
-    mean_255 = _MEAN if mean is None else torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-    std_255 = _STD if std is None else torch.tensor(std).view(1, 3, 1, 1) * 255.0
-    return images.float().sub_(mean_255).div_(std_255)
+    """(B, 3, H, W) uint8 -> float32 normalised with ``mean`` / ``std`` (0-1 scale; default: the CLIP values),
+    element for element as torchvision's ``ToTensor`` then ``Normalize`` compute it: x / 255, then (x - mean) / std."""
+    mean_01 = torch.as_tensor(OPENAI_DATASET_MEAN if mean is None else mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_01 = torch.as_tensor(OPENAI_DATASET_STD if std is None else std, dtype=torch.float32).view(1, -1, 1, 1)
+    return images.to(dtype=torch.float32).div_(255).sub_(mean_01).div_(std_01)  # in place: one (B, 3, H, W) buffer
 
 
 def build_image_transform(augment: str, image_size: int, *, train: bool = True, interpolation: str = "bicubic",
