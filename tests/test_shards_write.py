@@ -16,7 +16,7 @@ from PIL import Image
 from vlp.cli.main import main
 from vlp.data import layout
 from vlp.data.records import list_images as list_folder_images
-from vlp.data.records import read_folder, read_table
+from vlp.data.records import read_folder, read_table, write_shards_from
 from vlp.data.writer import SourceSample, write_shards
 
 
@@ -287,3 +287,17 @@ def test_cli_write(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert "not empty" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["shards", "write", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 1
     assert "input not found" in capsys.readouterr().err
+
+
+def test_write_shards_from_reads_folders_and_tables(image_folder: Path, tmp_path: Path) -> None:
+    """The library call behind ``vlp shards write``: the same shards as reading the input and writing it."""
+    write_shards(read_folder(image_folder), tmp_path / "direct", samples_per_shard=3, progress=False)
+    report = write_shards_from(image_folder, tmp_path / "from", samples_per_shard=3, progress=False)
+    assert (report.samples, report.shards, report.skipped) == (7, 3, 1)
+    assert dir_bytes(tmp_path / "from") == dir_bytes(tmp_path / "direct")
+    table = tmp_path / "table.jsonl"
+    table.write_text(json.dumps({"image": str(image_folder / "a.jpg"), "caption": "a"}) + "\n")
+    assert write_shards_from(table, tmp_path / "table", progress=False).samples == 1
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        write_shards_from(tmp_path / "missing.jsonl", tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()

@@ -82,15 +82,13 @@ def _fail(command: str, err: Exception) -> int:
 
 def run_write(args: argparse.Namespace) -> int:
     """Write shards from ``args.input``; print the report summary. Exit 0 even with skipped inputs."""
-    from vlp.data.records import count_inputs, read_input
-    from vlp.data.writer import write_shards
+    from vlp.data.records import write_shards_from
 
     try:
-        report = write_shards(
-            read_input(args.input), args.out, samples_per_shard=args.samples_per_shard, max_side=args.max_side,
+        report = write_shards_from(
+            args.input, args.out, samples_per_shard=args.samples_per_shard, max_side=args.max_side,
             image_format=args.image_format, quality=args.quality, workers=args.workers,
-            progress=not args.no_progress, total=count_inputs(args.input), overwrite=args.overwrite,
-            max_image_pixels=args.max_image_pixels,
+            progress=not args.no_progress, overwrite=args.overwrite, max_image_pixels=args.max_image_pixels,
         )
     except (OSError, ValueError) as err:  # user errors: bad paths, existing output, bad options, bad tables
         return _fail("write", err)

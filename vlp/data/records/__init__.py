@@ -14,16 +14,17 @@ model's preprocessing and the pixel cap (:mod:`vlp.data.decode`), from the one e
 :data:`vlp.data.layout.IMAGE_EXTENSIONS`. The caption policy (one caption per non-empty line of a caption text,
 json ``captions`` first in shards, the first caption primary, the caps) is :mod:`vlp.data.records.captions`.
 
-Who reads through it: ``vlp shards write`` (:func:`read_input`, records as writer samples), ``vlp index build``
-(:mod:`vlp.retrieval.reading`), evaluation on ImageFolder trees, Karpathy splits and multi-caption shards, and the
-retrieval grid. The training loader keeps its own streaming, resumable stages (:mod:`vlp.data.pipeline`) over the
-same member whitelist, extension list and decoders.
+Who reads through it: ``vlp shards write`` (:func:`write_shards_from`, :func:`read_input`: records as writer
+samples), ``vlp index build`` (:mod:`vlp.retrieval.reading`), evaluation on ImageFolder trees, Karpathy splits and
+multi-caption shards, and the retrieval grid. The training loader keeps its own streaming, resumable stages
+(:mod:`vlp.data.pipeline`) over the same member whitelist, extension list and decoders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vlp.data.counters import SkipCounters
 from vlp.data.decode import DecodeLimits
@@ -42,14 +43,14 @@ from vlp.data.records.record import Record, RetrievalSet, SourceError, retrieval
 from vlp.data.records.shards import find_multi_caption, records_by_key, shard_records
 from vlp.data.records.tables import TABLE_SUFFIXES, count_table_rows, table_records
 from vlp.data.urls import expand_urls
-from vlp.data.writer import SourceSample
+from vlp.data.writer import SourceSample, WriteReport, write_shards
 
 __all__ = [
     "MAX_CAPTIONS_PER_SAMPLE", "Record", "RetrievalSet", "SourceError", "caption_lines", "count_inputs",
     "file_record", "find_multi_caption", "folder_records", "imagefolder_records", "imagenet_synsets",
     "is_imagefolder", "karpathy_records", "karpathy_split", "list_images", "read_folder", "read_input",
     "read_records", "read_table", "records_by_key", "retrieval_set", "sample_captions", "scan_imagefolder",
-    "shard_records", "table_records", "text_captions", "writer_sample",
+    "shard_records", "table_records", "text_captions", "write_shards_from", "writer_sample",
 ]
 
 
@@ -105,3 +106,11 @@ def count_inputs(path: str | Path) -> int | None:
     if path.is_dir():
         return len(list_images(path))
     return count_table_rows(path) if path.suffix.lower() in TABLE_SUFFIXES else None
+
+
+def write_shards_from(path: str | Path, out_dir: str | Path, **options: Any) -> WriteReport:
+    """``vlp shards write``: the samples of ``path`` (:func:`read_input`, a folder or a table) written as shards into
+    ``out_dir`` by :func:`~vlp.data.writer.write_shards` (``options``: its keyword options), the progress bar sized
+    by :func:`count_inputs`. Raises ``OSError`` / ``ValueError`` for a missing input, an occupied output or a bad
+    option, as ``write_shards`` does."""
+    return write_shards(read_input(path), out_dir, total=count_inputs(path), **options)
