@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from vlp.cli.shards import add_max_image_pixels
@@ -75,10 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    """Build (or resume) the index; exit 2 on a bad option, 1 on a model, data or index error."""
     from vlp import distributed
     from vlp.data.decode import DecodeLimits
     from vlp.retrieval.backends import BackendSpec, SearchBackendError
-    from vlp.retrieval.build import build_index
+    from vlp.retrieval.build import build_index_launched
     from vlp.retrieval.reading import BuildOptions
     from vlp.retrieval.store import IndexStoreError
 
@@ -86,53 +86,40 @@ def run_build(args: argparse.Namespace) -> int:
         print("error: --batch-size and --files-per-part must be >= 1, --workers >= 0", file=sys.stderr)
         return 2
     try:
-        info = distributed.init_distributed(args.device)
         options = BuildOptions(batch_size=args.batch_size, workers=args.workers, files_per_part=args.files_per_part,
-                               device=str(info.device), precision=args.precision,
-                               progress=args.progress and distributed.get_rank() == 0,
+                               precision=args.precision, progress=args.progress,
                                limits=DecodeLimits(max_image_pixels=args.max_image_pixels))
-        backends = tuple(BackendSpec(kind=kind, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist)
-                         for kind in dict.fromkeys(args.backend))
-        report = build_index(args.checkpoint, args.data, args.out, options=options, backends=backends)
+        backends = [BackendSpec(kind=kind, hnsw_m=args.hnsw_m, ivf_nlist=args.ivf_nlist) for kind in args.backend]
+        report = build_index_launched(args.checkpoint, args.data, args.out, options=options, backends=backends,
+                                      device=args.device)
     except (ConfigError, IndexStoreError, SearchBackendError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    finally:
-        distributed.cleanup()
     if distributed.get_rank() == 0:
-        print(f"{report.rows} images, {report.captions} captions in {args.out}: {report.parts_embedded} parts "
-              f"embedded ({report.images_per_s:.0f} images/s), {report.parts_reused} already done; skipped: "
-              f"{report.skipped or 'none'}" + (f"; back ends: {', '.join(report.backends)}" if report.backends else ""))
+        print(report.summary(args.out))
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
+    """Print the hits of every query (a table, or one JSON line per query); exit 1 on an index or query error."""
     from vlp.retrieval.backends import SearchBackendError
-    from vlp.retrieval.index import Index, QueryError
+    from vlp.retrieval.index import QueryError
+    from vlp.retrieval.search import search_index
     from vlp.retrieval.store import IndexStoreError
 
     try:
-        index = Index.load(args.index, checkpoint=args.checkpoint, backend=args.backend)
-        queries = args.text or args.image
-        hits = index.search(texts=args.text, images=args.image, k=args.k, target=args.target, rerank=args.rerank)
+        results = search_index(args.index, texts=args.text, images=args.image, k=args.k, target=args.target,
+                               rerank=args.rerank, checkpoint=args.checkpoint, backend=args.backend)
     except (ConfigError, IndexStoreError, SearchBackendError, QueryError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for query, results in zip(queries, hits, strict=True):
-        if args.json:
-            print(json.dumps({"query": query, "results": [
-                {"rank": n + 1, "row": h.row, "key": h.key, "score": round(h.score, 6), **h.metadata}
-                for n, h in enumerate(results)]}))
-            continue
-        print(f"query: {query}")
-        print(f"  {'rank':>4}  {'score':>8}  {'key':<14} caption / source")
-        for n, hit in enumerate(results):
-            where = hit.metadata.get("caption") or hit.metadata.get("path") or hit.metadata.get("member", "")
-            print(f"  {n + 1:>4}  {hit.score:8.4f}  {hit.key:<14} {where}")
+    for result in results:
+        print(result.to_json() if args.json else result.format())
     return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Load the index and serve it until interrupted; exit 2 on a bad option, 1 when the index cannot be loaded."""
     from vlp.retrieval.backends import SearchBackendError
     from vlp.retrieval.index import Index
     from vlp.retrieval.server import ServiceLimits, serve

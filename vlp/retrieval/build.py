@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,13 @@ class BuildReport:
     seconds: float
     images_per_s: float
     backends: list[str] = field(default_factory=list)
+
+    def summary(self, out: str | Path) -> str:
+        """One line for a person: rows and captions in ``out``, parts embedded (and speed) or reused, skips by
+        reason, the back ends written."""
+        return (f"{self.rows} images, {self.captions} captions in {out}: {self.parts_embedded} parts embedded "
+                f"({self.images_per_s:.0f} images/s), {self.parts_reused} already done; skipped: "
+                f"{self.skipped or 'none'}" + (f"; back ends: {', '.join(self.backends)}" if self.backends else ""))
 
 
 @dataclass
@@ -189,6 +197,22 @@ def build_index(checkpoint: str, data: str, out: str | Path, *, options: BuildOp
     report = distributed.all_gather_objects(report)[0]
     parts_embedded = sum(distributed.all_gather_objects(len(todo)))
     return dataclasses.replace(report, parts_embedded=parts_embedded, parts_reused=len(units) - parts_embedded)
+
+
+def build_index_launched(checkpoint: str, data: str, out: str | Path, *, options: BuildOptions | None = None,
+                         backends: Sequence[BackendSpec] = (), device: str = "auto") -> BuildReport:
+    """``vlp index build``: :func:`build_index` in one process of a launch (one process, or each rank under
+    torchrun): join the process group, embed on this rank's ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``;
+    it replaces ``options.device``), show the progress bar (if ``options.progress``) on rank 0 only, build each
+    back end once, and leave the group, also on an error."""
+    options = options or BuildOptions()
+    try:
+        info = distributed.init_distributed(device)
+        options = dataclasses.replace(options, device=str(info.device),
+                                      progress=options.progress and distributed.get_rank() == 0)
+        return build_index(checkpoint, data, out, options=options, backends=tuple(dict.fromkeys(backends)))
+    finally:
+        distributed.cleanup()
 
 
 def _write_index(out: Path, units: list[SourceUnit], loaded: LoadedModel, reference: str, fingerprint: str,
