@@ -109,16 +109,21 @@ def test_clip_model_folder_made_by_transformers(hidden_act: str, eos_token_id: i
 
 ROUND_TRIPS = {"tiny open_clip": (lambda _: TINY, "open_clip"), "small open_clip": (lambda _: SMALL, "open_clip"),
                "minilm-lit open_clip": (lambda _: MINILM_LIT, "open_clip"),
-               "open_clip: open_clip": (open_clip_preset, "open_clip"), "open_clip: hf": (open_clip_preset, "hf")}
+               "open_clip: open_clip": (open_clip_preset, "open_clip"), "open_clip: hf": (open_clip_preset, "hf"),
+               # VisionTextDualEncoderModel: TimmWrapperModel + CLIPTextModel (tiny, small) or BertModel (minilm-lit)
+               "tiny hf": (lambda _: TINY, "hf"), "small hf": (lambda _: SMALL, "hf"),
+               "minilm-lit hf": (lambda _: MINILM_LIT, "hf")}
 
 
 @pytest.mark.parametrize("case", list(ROUND_TRIPS))
-def test_round_trip_gives_identical_embeddings(case: str, tmp_path: Path) -> None:
+def test_round_trip_gives_identical_embeddings(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """vlp -> format -> vlp: the imported directory embeds exactly as the run it came from, on its own (the exported
-    folder is deleted first: every file the model reads was copied) and after a move (its paths are relative)."""
+    folder is deleted first: every file the model reads was copied) and after a move (its paths are relative);
+    nothing touches the network."""
     build, fmt = ROUND_TRIPS[case]
     config = build(tmp_path)
     run, model = make_run(tmp_path / "run", config)
+    attempts = block_network(monkeypatch)
     export_model(run, fmt, tmp_path / "exported")
     import_model(fmt, tmp_path / "exported", tmp_path / "imported")
     shutil.rmtree(tmp_path / "exported")
@@ -131,6 +136,7 @@ def test_round_trip_gives_identical_embeddings(case: str, tmp_path: Path) -> Non
     original = embeddings(model, load_model_for_eval(str(run)).tokenizer, config.context_length, pixels)
     for new, old in zip(ours, original, strict=True):
         assert (new - old).abs().max() <= 1e-5
+    assert attempts == []
 
 
 def test_imported_model_serves_eval_index_and_train_init(tmp_path: Path) -> None:
@@ -172,7 +178,8 @@ def test_import_refusals(tmp_path: Path) -> None:
         import_model("open_clip", no_weights, tmp_path / "out")
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
         str(tmp_path / "bert"))
-    with pytest.raises(ExportError, match="a transformers 'bert' model; vlp imports CLIPModel folders"):
+    with pytest.raises(ExportError, match="a transformers 'bert' model; vlp imports CLIPModel and "
+                                          "VisionTextDualEncoderModel folders"):
         import_model("hf", tmp_path / "bert", tmp_path / "out")
     folder = clip_model_folder(tmp_path / "hostile", "gelu", 49407)  # weights as a pickle payload: never run
     (folder / "model.safetensors").unlink()

@@ -28,11 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.set_defaults(func=run_export)
 
     imported = subparsers.add_parser(
-        "import", help="an open_clip local-dir or transformers CLIPModel folder -> a vlp model directory",
+        "import", help="an open_clip local-dir folder or a transformers CLIPModel or VisionTextDualEncoderModel "
+                       "folder -> a vlp model directory",
         description="Write RUN/config.yaml, RUN/model.safetensors and RUN/open_clip/ (the architecture) so that "
                     "vlp eval --checkpoint RUN, vlp index build --checkpoint RUN and vlp train --init RUN use the "
                     "model; its embeddings are checked against the peer library's on the source folder.")
-    imported.add_argument("folder", metavar="DIR", help="the open_clip local-dir folder or CLIPModel folder")
+    imported.add_argument("folder", metavar="DIR", help="the open_clip local-dir folder (--format open_clip), or the "
+                          "CLIPModel or VisionTextDualEncoderModel folder (--format hf)")
     imported.add_argument("--format", dest="fmt", required=True, choices=["open_clip", "hf"])
     imported.add_argument("--out", required=True, metavar="RUN", help="output directory (absent or empty)")
     imported.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")

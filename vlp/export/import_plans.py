@@ -1,19 +1,20 @@
-"""Reading the folders ``vlp import`` accepts: an open_clip ``local-dir`` folder or a transformers ``CLIPModel`` folder.
+"""Reading the folders ``vlp import`` accepts: an open_clip ``local-dir`` folder or a transformers ``CLIPModel`` or
+``VisionTextDualEncoderModel`` folder.
 
 Each becomes an :class:`ImportPlan`: the open_clip architecture (``model_cfg``, ``preprocess_cfg``) vlp will build
 as ``open_clip:local-dir:RUN/open_clip``, the files its towers read (copied from the source with the paths naming
 them rewritten to ``RUN/open_clip``), a weights file under open_clip's names, and the peer library's own model of
 the source folder with its own tokenizer, against which the written directory is checked. The paths
 ``RUN/open_clip`` names are relative to it (``local-dir:./timm_image``, ``./hf_text``, ``.``), so the directory can
-be moved. A ``CLIPModel`` is described as the open_clip architecture it is: a CLIP vision and text transformer
-(transformers' end-of-text pooling rule, its activations and LayerNorm eps), its own tokenizer read through
-open_clip's ``HFTokenizer``, its image processor as the preprocessing record.
+be moved. A transformers dual encoder is described tower by tower as the open_clip architecture it is
+(:mod:`vlp.export.import_hf`), its own tokenizer read through open_clip's ``HFTokenizer``, its image processor as
+the preprocessing record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ class ImportPlan:
             the source folder, or tensors converted from a ``CLIPModel``).
         encode_image / encode_text: the peer's normalised embeddings of pixels (B, 3, H, W) / of a list of captions
             through the peer's own tokenizer.
+        writers: files the architecture names that the source folder does not hold as such (timm's config of a
+            ``TimmWrapperModel``, a text model's config), each written into ``RUN/open_clip``.
     """
 
     model_cfg: dict
@@ -54,6 +57,7 @@ class ImportPlan:
     weights: Path | dict[str, torch.Tensor]
     encode_image: Encoder
     encode_text: Encoder
+    writers: list[Callable[[Path], None]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- open_clip folders
@@ -101,107 +105,56 @@ def plan_open_clip_import(folder: Path) -> ImportPlan:
                       lambda captions: peer.encode_text(tokenizer(captions), normalize=True))
 
 
-# --------------------------------------------------------------------------------------------- CLIPModel folders
+# ------------------------------------------------------------------------------------------ transformers folders
 
-def _activations(config: object) -> tuple[bool, dict[str, dict]]:
-    """(open_clip's quick_gelu switch, act_kwargs per tower) for the two towers' ``hidden_act``."""
-    acts = {"vision_cfg": config.vision_config.hidden_act, "text_cfg": config.text_config.hidden_act}
-    unknown = {tower: act for tower, act in acts.items() if act not in ("gelu", "quick_gelu", "gelu_pytorch_tanh")}
-    if unknown:
-        raise ExportError(f"hidden_act {unknown}: open_clip's transformers use gelu, gelu_pytorch_tanh or quick_gelu")
-    quick = {act == "quick_gelu" for act in acts.values()}
-    if len(quick) > 1:
-        raise ExportError(f"hidden_act {acts}: open_clip's quick_gelu switch sets both towers alike")
-    return quick.pop(), {tower: {"approximate": "tanh"} for tower, act in acts.items() if act == "gelu_pytorch_tanh"}
+HF_MODELS = {"clip": "CLIPModel", "vision-text-dual-encoder": "VisionTextDualEncoderModel"}  # model_type -> class
 
 
-def _tower_cfg(tower_config: object) -> tuple[dict, int]:
-    width, heads = tower_config.hidden_size, tower_config.num_attention_heads
-    cfg = {"width": width, "layers": tower_config.num_hidden_layers,
-           "mlp_ratio": tower_config.intermediate_size / width}
-    if tower_config.layer_norm_eps != 1e-5:
-        cfg["norm_kwargs"] = {"eps": tower_config.layer_norm_eps}
-    return cfg, heads
+def _read_hf_folder(folder: Path) -> tuple[nn.Module, object, object]:
+    """(model in eval mode, image processor, tokenizer) of a ``CLIPModel`` or ``VisionTextDualEncoderModel`` folder,
+    read by transformers offline (torch weights only through ``weights_only``)."""
+    import transformers
 
-
-def clip_model_cfg(config: object) -> dict:
-    """The open_clip ``model_cfg`` of a transformers ``CLIPConfig`` (its tokenizer read from the folder itself)."""
-    vision, text = config.vision_config, config.text_config
-    if vision.num_channels != 3:
-        raise ExportError(f"vision_config.num_channels={vision.num_channels}: vlp models read RGB images")
-    quick_gelu, act_kwargs = _activations(config)
-    vision_cfg, vision_heads = _tower_cfg(vision)
-    vision_cfg.update(image_size=vision.image_size, patch_size=vision.patch_size, head_width=vision.hidden_size //
-                      vision_heads)
-    text_cfg, text_heads = _tower_cfg(text)
-    text_cfg.update(context_length=text.max_position_embeddings, vocab_size=text.vocab_size, heads=text_heads,
-                    hf_tokenizer_name=TOKENIZER_NAME, eos_id=text.eos_token_id,
-                    pool_type="argmax" if text.eos_token_id == 2 else "eos")  # transformers' pooling rule
-    for tower, kwargs in act_kwargs.items():
-        (vision_cfg if tower == "vision_cfg" else text_cfg)["act_kwargs"] = kwargs
-    return {"embed_dim": config.projection_dim, "quick_gelu": quick_gelu, "custom_text": True,
-            "vision_cfg": vision_cfg, "text_cfg": text_cfg}
-
-
-def clip_preprocess_cfg(processor: object, image_size: int) -> dict:
-    """open_clip's ``preprocess_cfg`` of a ``CLIPImageProcessor`` (resize short side + centre crop, or squash)."""
-    size, crop = dict(processor.size or {}), dict(getattr(processor, "crop_size", None) or {})
-    if size.get("shortest_edge") == image_size and processor.do_center_crop and crop == {"height": image_size,
-                                                                                            "width": image_size}:
-        resize = "shortest"
-    elif size == {"height": image_size, "width": image_size} and not processor.do_center_crop:
-        resize = "squash"
-    else:
-        raise ExportError(f"image processor: size {size}, crop {crop if processor.do_center_crop else None} for a "
-                          f"{image_size} px model; vlp records 'shortest side + centre crop' or 'squash' to that size")
-    interpolation = {3: "bicubic", 2: "bilinear"}.get(int(processor.resample))
-    if interpolation is None:
-        raise ExportError(f"image processor: resample={processor.resample}; vlp records bicubic (3) or bilinear (2)")
-    return {"size": image_size, "mode": "RGB", "mean": list(processor.image_mean), "std": list(processor.image_std),
-            "interpolation": interpolation, "resize_mode": resize, "fill_color": 0}
-
-
-def clip_state_to_open_clip(peer: nn.Module) -> dict[str, torch.Tensor]:
-    """A transformers ``CLIPModel``'s weights under open_clip's ``CustomTextCLIP`` names."""
-    from vlp.export.hf_clip import text_from_hf, vision_from_hf
-
-    vision = vision_from_hf(peer.vision_model.state_dict(), peer.visual_projection.weight,
-                            peer.config.vision_config.num_hidden_layers)
-    text = text_from_hf(peer.text_model.state_dict(), peer.text_projection.weight,
-                        peer.config.text_config.num_hidden_layers)
-    state = {f"visual.{key}": value for key, value in vision.items()}
-    state.update({f"text.{key}": value for key, value in text.items()})
-    state["logit_scale"] = peer.logit_scale.detach().reshape(())
-    return {key: value.detach().contiguous() for key, value in state.items()}
-
-
-def plan_hf_import(folder: Path) -> ImportPlan:
-    """Read a ``CLIPModel`` folder with transformers (offline; torch weights only through ``weights_only``) and
-    describe it as an open_clip architecture."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
-
-    from vlp.export.hf_clip import hf_encoders
     from vlp.models.text_encoder import _check_hf_weights, _quiet_transformers
 
     if not (folder / "config.json").is_file():
-        raise ExportError(f"{folder}: no config.json (a transformers CLIPModel folder is expected)")
+        raise ExportError(f"{folder}: no config.json (a transformers CLIPModel or VisionTextDualEncoderModel folder "
+                          "is expected)")
     with _quiet_transformers():
-        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        if config.model_type != "clip":
-            raise ExportError(f"{folder}: a transformers {config.model_type!r} model; vlp imports CLIPModel folders "
-                              "(model_type 'clip'), and open_clip local-dir folders with --format open_clip")
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        if config.model_type not in HF_MODELS:
+            raise ExportError(f"{folder}: a transformers {config.model_type!r} model; vlp imports CLIPModel and "
+                              "VisionTextDualEncoderModel folders (model_type 'clip', 'vision-text-dual-encoder'), "
+                              "and open_clip local-dir folders with --format open_clip")
         use_safetensors = _check_hf_weights(folder)
-        peer = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=use_safetensors).eval()
+        model_class = getattr(transformers, HF_MODELS[config.model_type])
+        peer = model_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=use_safetensors)
         try:
-            processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as err:
             raise ExportError(f"{folder}: no usable image processor and tokenizer files ({str(err).splitlines()[0]}); "
                               "vlp records the model's preprocessing and tokenizer from them") from None
+    return peer.eval(), processor, tokenizer
+
+
+def plan_hf_import(folder: Path) -> ImportPlan:
+    """Read a ``CLIPModel`` or ``VisionTextDualEncoderModel`` folder with transformers and describe it as an
+    open_clip architecture (:mod:`vlp.export.import_hf`), or refuse the tower that has no counterpart."""
+    from vlp.export.hf_clip import hf_encoders
+    from vlp.export.import_hf import clip_preprocess_cfg, dual_encoder_cfg, dual_encoder_towers, processor_size
+
+    peer, processor, tokenizer = _read_hf_folder(folder)
     copies = _copies_of(folder, TOKENIZER_FILES, "")
     if not copies:
         raise ExportError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
-    encode_image, encode_text = hf_encoders(peer, tokenizer, config.text_config.max_position_embeddings)
-    return ImportPlan(clip_model_cfg(config),
-                      clip_preprocess_cfg(processor, config.vision_config.image_size), "white", copies,
-                      clip_state_to_open_clip(peer), encode_image, encode_text)
+    vision_config = peer.config.vision_config
+    image_size = (vision_config.image_size if vision_config.model_type == "clip_vision_model"
+                  else processor_size(processor))
+    preprocess_cfg = clip_preprocess_cfg(processor, image_size)
+    vision, text = dual_encoder_towers(peer, tokenizer, image_size, preprocess_cfg)
+    state = {**vision.state, **text.state, "logit_scale": peer.logit_scale.detach().reshape(())}
+    encode_image, encode_text = hf_encoders(peer, tokenizer, text.cfg["context_length"])
+    return ImportPlan(dual_encoder_cfg(vision, text, peer.config.projection_dim), preprocess_cfg, "white", copies,
+                      {key: value.contiguous() for key, value in state.items()}, encode_image, encode_text,
+                      vision.writers + text.writers)

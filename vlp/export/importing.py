@@ -1,4 +1,4 @@
-"""``import_model``: an open_clip ``local-dir`` folder or a transformers ``CLIPModel`` folder -> a vlp model directory.
+"""``import_model``: an open_clip ``local-dir`` folder or a transformers dual encoder folder -> a vlp model directory.
 
 The directory is what a vlp run leaves for inference: ``config.yaml`` (the model section, and the tokenizer the data
 must use; both name ``RUN/open_clip`` relative to RUN, so the directory can be moved) and ``model.safetensors``
@@ -92,6 +92,8 @@ def _write(out: Path, plan: ImportPlan, config: Config) -> None:
         (arch_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(arch_dir / relative) as tmp:
             shutil.copyfile(source, tmp)
+    for write in plan.writers:
+        write(arch_dir)
     write_json_atomic(arch_dir / CONFIG_FILE, {"model_cfg": plan.model_cfg, "preprocess_cfg": plan.preprocess_cfg},
                       sort_keys=False)
     config = replace(config, data=replace(config.data, tokenizer=tokenizer_for(config.model)))
@@ -116,7 +118,8 @@ def _verify(out: Path, plan: ImportPlan) -> dict[str, float]:
 
 
 def import_model(fmt: str, folder: str | Path, out: str | Path, *, overwrite: bool = False) -> ImportResult:
-    """Turn ``folder`` (``fmt``: ``open_clip`` local-dir or ``hf`` CLIPModel) into the vlp model directory ``out``.
+    """Turn ``folder`` (``fmt``: ``open_clip`` local-dir, or ``hf``: a ``CLIPModel`` or ``VisionTextDualEncoderModel``)
+    into the vlp model directory ``out``.
 
     ``out`` must be absent or empty (``overwrite``: its contents are replaced) and must not hold ``folder``."""
     from vlp.evaluation.loading import read_run_config
@@ -125,7 +128,8 @@ def import_model(fmt: str, folder: str | Path, out: str | Path, *, overwrite: bo
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(IMPORT_FORMATS)}")
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
-        raise ExportError(f"{folder}: not a directory (an open_clip local-dir or transformers CLIPModel folder)")
+        raise ExportError(f"{folder}: not a directory (an open_clip local-dir folder, or a transformers CLIPModel or "
+                          "VisionTextDualEncoderModel folder)")
     check_out_dir(out, overwrite, protected=[folder])
     plan = plan_open_clip_import(folder) if fmt == "open_clip" else plan_hf_import(folder)
     config = run_config(plan, (out / ARCH_DIR).resolve())
