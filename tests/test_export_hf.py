@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from export_factory import MINILM_LIT, SMALL, TINY, make_run
 from open_clip_factory import CLIP_TINY, block_network
 from PIL import Image
-from test_export_open_clip import CAPTIONS, vlp_pixels
+from test_export_open_clip import CAPTIONS, image_files, vlp_pixels  # noqa: F401 - image_files: a fixture
 
 from vlp.config import ModelConfig
 from vlp.data.tokenizer import TextTokenizer
@@ -83,6 +83,51 @@ def test_hf_processor_gives_vlps_pixels(tmp_path: Path) -> None:
             theirs = processor.image_processor(images=image, return_tensors="pt").pixel_values[0]
         ours = vlp_pixels(path, TINY)  # vlp's default record composites transparency onto white, as transformers
         assert (theirs - torch.roll(ours, shifts=shift, dims=2))[:, :, 1:].abs().max() <= 1e-5, name
+
+
+def card_processor(folder: Path):  # noqa: ANN201 - the model card snippet's processor line, run as written
+    import transformers
+
+    snippet = (folder / "README.md").read_text().split("```python")[1].split("```")[0]
+    line = next(line for line in snippet.splitlines() if line.startswith("processor = "))
+    namespace = {name: getattr(transformers, name) for name in ("CLIPProcessor", "VisionTextDualEncoderProcessor")}
+    exec(line, namespace)  # noqa: S102 - the card's own code, written by this test's export
+    return namespace["processor"].image_processor
+
+
+def crop_shift(path: Path, size: int) -> tuple[int, int]:
+    """(axis of the long side, 1 if the resized long side exceeds ``size`` by 4k + 3 pixels else 0): where
+    transformers' rounded-down crop offset is one pixel short of torchvision's round-half-to-even one."""
+    with Image.open(path) as image:
+        width, height = image.size
+    margin = int(size * max(width, height) / min(width, height)) - size
+    return (1 if height > width else 2), int(margin % 4 == 3)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_card_processor_gives_vlps_pixels_for_resized_files(size: int, image_files: list[Path],  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    """The card's processor (``backend="pil"``) resamples with PIL as vlp's evaluation does: bit for bit vlp's
+    tensor for stamps of every mode, upsampled Fashion-MNIST images and JPEGs, the crop one pixel apart exactly
+    where the card says; transformers' default (fast) processor stays within 4 levels of 255 elsewhere."""
+    config = ModelConfig(name="tiny", image_size=size, context_length=16, embed_dim=32)
+    run, _ = make_run(tmp_path / "run", config)
+    export_model(run, "hf", tmp_path / "out")
+    processor, (_, fast) = card_processor(tmp_path / "out"), load_peer(tmp_path / "out")
+    assert type(processor).__name__ == "CLIPImageProcessorPil"
+    std, shifted = torch.tensor(config.preprocess.std).view(3, 1, 1), 0
+    for path in image_files:
+        ours = vlp_pixels(path, config)
+        with Image.open(path) as image:
+            theirs = processor(images=image, return_tensors="pt").pixel_values[0]
+            theirs_fast = fast.image_processor(images=image, return_tensors="pt").pixel_values[0]
+        axis, shift = crop_shift(path, size)
+        kept = (slice(None),) * axis + (slice(shift, None),)  # the first row / column enters only transformers' crop
+        assert torch.equal(theirs[kept], torch.roll(ours, shifts=shift, dims=axis)[kept]), path
+        shifted += shift
+        if not shift:
+            assert ((theirs_fast - ours).abs() * std * 255).max() <= 4 + 1e-3, path
+    assert shifted > 0  # the crop rounding case is among the files
 
 
 def test_pooler_trick_stays_exact_for_large_hidden_values(tmp_path: Path) -> None:

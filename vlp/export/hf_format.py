@@ -37,7 +37,7 @@ from PIL import Image
 from transformers import {model_class}, {processor_class}
 
 model = {model_class}.from_pretrained("{out}").eval()
-processor = {processor_class}.from_pretrained("{out}")
+processor = {processor_class}.from_pretrained("{out}", backend="pil")  # PIL resampling: vlp's pixels
 inputs = processor(text=["a photo of a cat"], images=Image.open("image.jpg"), return_tensors="pt",
                    padding="max_length", truncation=True)
 with torch.no_grad():
@@ -198,7 +198,10 @@ def _text_tower(model: nn.Module, tokenizer_spec: str, context_length: int) -> H
 # -------------------------------------------------------------------------------------------------------- plan
 
 def image_processor(source: ExportSource):  # noqa: ANN201 - a transformers CLIPImageProcessor
-    """vlp's preprocessing record as a ``CLIPImageProcessor`` (resize, crop, rescale, normalise, white alpha)."""
+    """vlp's preprocessing record as a ``CLIPImageProcessor`` (resize, crop, rescale, normalise, white alpha).
+
+    The saved config cannot choose transformers' backend (``AutoImageProcessor`` picks the torchvision one unless
+    the caller passes ``backend="pil"``; a saved ``backend`` key breaks loading): the card's snippet passes it."""
     from transformers import CLIPImageProcessor
 
     config = source.config.model
@@ -212,12 +215,16 @@ def image_processor(source: ExportSource):  # noqa: ANN201 - a transformers CLIP
 
 def preprocess_notes(source: ExportSource) -> list[str]:
     """Where transformers' image processor gives other pixels than vlp's for the same file."""
-    notes = ["transformers' fast image processor resamples with torchvision's tensor kernel, vlp's evaluation with "
-             "PIL's (open_clip's transform): a resized image differs by a few levels of 255"]
+    notes = ["load the processor with backend=\"pil\" as the snippet does (transformers 5; use_fast=False is its "
+             "deprecated spelling): it resamples with PIL as vlp's evaluation does (open_clip's transform) and gives "
+             "vlp's tensors bit for bit; transformers' default (fast) image processor resamples with torchvision's "
+             "tensor kernel, which differs by up to 4 levels of 255 on a resized image (measured on Tux Paint "
+             "stamps, Fashion-MNIST and JPEGs at 32, 64 and 224 px)"]
     if source.config.model.preprocess.resize == "shortest":
         notes.append("transformers' CLIPImageProcessor centre-crops with the offset rounded down, vlp (as "
                      "torchvision) rounds half to even: when the resized image exceeds the crop by 4k + 3 pixels "
-                     "the crop sits one pixel apart; otherwise the pixels are identical")
+                     "the crop sits one pixel apart (no processor setting changes this); otherwise the pixels are "
+                     "identical")
     if source.config.model.preprocess.alpha == "convert":
         notes.append("transformers' image processor composites transparency onto white; this model was trained "
                      "with PIL's convert('RGB') (model.preprocess.alpha=convert)")
