@@ -42,6 +42,25 @@ def _rows(batch: Batch, rows: slice) -> Batch:
                  batch.labels[rows], batch.keys[rows])
 
 
+def _one_batch_and_accumulated(tmp_path: Path, settings: list[str]) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """(loss, gradients) of one batch of 12 and of 3 accumulated micro-batches of 4 of it, at step 5 (alpha fully
+    ramped), each with the same partly filled queue holding duplicates of batch ids (extra positives)."""
+    big = _config(tmp_path / "a", settings, "data.batch_size=12", "train.grad_accum=1")
+    small = _config(tmp_path / "b", settings, "data.batch_size=4", "train.grad_accum=3")
+    full = next(iter(_batches(big)))
+    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
+    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
+    results = []
+    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
+        trainer = Trainer(config, batches=_batches(big), progress=False)
+        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
+        trainer.optimizer.zero_grad()
+        result = trainer.task.forward_backward(micro, step=5)
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((float(result.loss), grads))
+    return results
+
+
 def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -79,20 +98,7 @@ def test_fusion_objectives_ramp_in_and_itm_hardness_follows_its_schedule(tmp_pat
 def test_mod_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     """Keys are momentum features (constants): 3 micro-batches of 4 give the loss and gradients of one batch of
     12, with a partly filled queue holding duplicates of batch ids (extra positives)."""
-    big = _config(tmp_path / "a", MOD_ONLY, "data.batch_size=12", "train.grad_accum=1")
-    small = _config(tmp_path / "b", MOD_ONLY, "data.batch_size=4", "train.grad_accum=3")
-    full = next(iter(_batches(big)))
-    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
-    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
-    results = []
-    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
-        trainer = Trainer(config, batches=_batches(big), progress=False)
-        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
-        trainer.optimizer.zero_grad()
-        result = trainer.task.forward_backward(micro, step=5)  # alpha fully ramped
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((float(result.loss), grads))
-    (loss_big, grads_big), (loss_small, grads_small) = results
+    (loss_big, grads_big), (loss_small, grads_small) = _one_batch_and_accumulated(tmp_path, MOD_ONLY)
     assert loss_small == pytest.approx(loss_big, rel=1e-6)
     assert grads_big.keys() == grads_small.keys() and len(grads_big) > 10
     for name, grad in grads_big.items():
@@ -312,20 +318,7 @@ def test_online_key_accumulation_equals_one_big_batch(tmp_path: Path, extra: tup
     batch of 12 (the other micro-batches' keys are cached, each micro-step back-propagates through its own rows and
     keys, and the temperature's gradient is spread over the micro-steps)."""
     online = [*MOD_ONLY, "albef.batch_keys=online", "albef.momentum=0.9", *extra]
-    big = _config(tmp_path / "a", online, "data.batch_size=12", "train.grad_accum=1")
-    small = _config(tmp_path / "b", online, "data.batch_size=4", "train.grad_accum=3")
-    full = next(iter(_batches(big)))
-    queued = torch.nn.functional.normalize(torch.randn(9, 32, generator=torch.Generator().manual_seed(1)), dim=-1)
-    queue_ids = torch.cat([full.sample_ids[:3], torch.arange(1000, 1006)])
-    results = []
-    for config, micro in ((big, [full]), (small, [_rows(full, slice(i * 4, (i + 1) * 4)) for i in range(3)])):
-        trainer = Trainer(config, batches=_batches(big), progress=False)
-        trainer.task.queue.enqueue(queued, queued.flip(0), queue_ids)
-        trainer.optimizer.zero_grad()
-        result = trainer.task.forward_backward(micro, step=5)  # alpha fully ramped
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results.append((float(result.loss), grads))
-    (loss_big, grads_big), (loss_small, grads_small) = results
+    (loss_big, grads_big), (loss_small, grads_small) = _one_batch_and_accumulated(tmp_path, online)
     assert loss_small == pytest.approx(loss_big, rel=1e-6)
     _assert_grads_close(grads_small, grads_big)
 
