@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from itm_probe import itm_probe
 from synthetic import SyntheticBatches
 
 from vlp.config import Config, ConfigError, load_config
@@ -17,7 +18,7 @@ from vlp.training.albef_task import AlbefTask
 from vlp.training.schedules import alpha_at, linear_warmup, momentum_at
 from vlp.training.task import ContrastiveTask
 from vlp.training.trainer import Trainer
-from vlp.types import Batch, ModelOutput
+from vlp.types import Batch
 
 MINILM_VOCAB = 30522
 MOD_ONLY = ["model.name=tiny", "model.image_size=32", "model.context_length=16", "model.embed_dim=32",
@@ -206,19 +207,8 @@ def test_itm_hard_negatives_are_the_most_similar_non_positives(tmp_path: Path) -
     sim_i2t, sim_t2i = torch.zeros(b, b), torch.zeros(b, b)
     sim_i2t[range(b), i2t_hardest] = 0.9
     sim_t2i[range(b), t2i_hardest] = 0.9
-    basis = torch.eye(b)  # online features e_i: similarities are then the momentum features' coordinates
-    student = ModelOutput(image_features=basis, text_features=basis, logit_scale=torch.tensor(100.0),
-                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
-                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
-    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
-                  torch.arange(b), torch.full((b,), -1), [str(i) for i in range(b)])
-    fused = {}
-
-    def record(**inputs: torch.Tensor) -> torch.Tensor:
-        fused.update(inputs)
-        return torch.zeros(3 * b, 2, requires_grad=True)
-
-    task.train_model = record
+    # online features e_i: similarities are then the momentum features' coordinates
+    batch, student, fused = itm_probe(task, torch.full((b,), -1), logit_scale=100.0)
     torch.manual_seed(0)  # scale 100 x gap 0.9: another candidate has probability ~3e-5 (ALBEF's epsilon) per draw
     for _ in range(3):
         task.itm(batch, student, image_m=_one_hot_rows(sim_t2i), text_m=_one_hot_rows(sim_i2t))
@@ -245,18 +235,7 @@ def test_itm_positives_label_never_draws_a_same_label_negative(tmp_path: Path, i
     assert task.positives == "index"
     sim = torch.zeros(b, b)
     sim[range(b), [1, 0, 3, 2]] = 0.9  # the hardest text of each image: the other one of its label
-    student = ModelOutput(image_features=torch.eye(b), text_features=torch.eye(b), logit_scale=torch.tensor(100.0),
-                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
-                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
-    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
-                  torch.arange(b), torch.tensor([7, 7, 9, 9]), [str(i) for i in range(b)])
-    fused = {}
-
-    def record(**inputs: torch.Tensor) -> torch.Tensor:
-        fused.update(inputs)
-        return torch.zeros(3 * b, 2, requires_grad=True)
-
-    task.train_model = record
+    batch, student, fused = itm_probe(task, torch.tensor([7, 7, 9, 9]), logit_scale=100.0)
     torch.manual_seed(0)
     for _ in range(5):
         task.itm(batch, student, image_m=_one_hot_rows(sim), text_m=_one_hot_rows(sim))

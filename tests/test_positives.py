@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from index_expectation import PATH as EXPECTATION_PATH
 from index_expectation import compute as compute_index_losses
+from itm_probe import itm_probe
 from shard_factory import add_member, png_bytes
 from synthetic import SyntheticBatches
 
@@ -27,7 +28,7 @@ from vlp.losses import clip_loss, momentum_distilled_itc, siglip_loss
 from vlp.losses.positives import GroupError
 from vlp.training.queue import FeatureQueue
 from vlp.training.trainer import Trainer
-from vlp.types import Batch, ModelOutput
+from vlp.types import Batch
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 # groups with duplicates, singletons and "no group" (-1) rows; row i of every test problem gets GROUPS[i % 13]
@@ -391,18 +392,7 @@ def test_itm_hard_negatives_skip_samples_of_the_same_label(tmp_path: Path, posit
     sim = torch.zeros(b, b)
     sim[range(b), mate] = 0.6
     sim[range(b), other] = 0.5
-    student = ModelOutput(image_features=torch.eye(b), text_features=torch.eye(b), logit_scale=torch.tensor(40.0),
-                          image_tokens=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1),
-                          text_hidden=torch.arange(b, dtype=torch.float32).reshape(b, 1, 1))
-    batch = Batch(torch.zeros(b, 3, 32, 32), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool),
-                  torch.arange(b), labels, [str(i) for i in range(b)])
-    fused = {}
-
-    def record(**inputs: torch.Tensor) -> torch.Tensor:
-        fused.update(inputs)
-        return torch.zeros(3 * b, 2, requires_grad=True)
-
-    task.train_model = record
+    batch, student, fused = itm_probe(task, labels, logit_scale=40.0)
     torch.manual_seed(0)
     same_label = 0
     for _ in range(10):
